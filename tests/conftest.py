@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny synthetic cohort (generated once per test session) and helpers to
+copy one patient into a scratch site folder where a test can damage it."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ccmr_core.config import IngestConfig
+from ccmr_core.synth.cohort import generate_cohort
+
+SMALL = IngestConfig(slices=4, frames=8, size=32, spacing_mm=4.0, workers=1)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
+    generate_cohort(out, sites=3, patients=15, seed=3, with_masks=True, workers=2, progress=False)
+    return out
+
+
+def patient_files(site_dir: Path, patient_id: str) -> list[Path]:
+    """All DICOM files of one patient, whatever the site's layout."""
+    out = []
+    for p in sorted(site_dir.rglob("*")):
+        if p.is_file() and p.name not in ("labels.csv", "biomechanics.csv"):
+            if str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["PatientID"]).PatientID) == patient_id:
+                out.append(p)
+    return out
+
+
+def labels_of(site_dir: Path) -> dict[str, str]:
+    with open(site_dir / "labels.csv") as f:
+        return {r["patient_id"]: r["diagnosis"] for r in csv.DictReader(f)}
+
+
+def write_labels(site_dir: Path, rows: dict[str, str]) -> None:
+    with open(site_dir / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "diagnosis"])
+        w.writerows(rows.items())
+
+
+@pytest.fixture
+def make_site(cohort, tmp_path):
+    """make_site(patients=[(site, pid), ...]) -> a fresh site folder holding copies of them."""
+
+    def _make(patients, name="site", layout="keep") -> Path:
+        site = tmp_path / name
+        site.mkdir()
+        labels = {}
+        for k, (src_site, pid) in enumerate(patients):
+            src = cohort / src_site
+            for i, f in enumerate(patient_files(src, pid)):
+                rel = f.relative_to(src) if layout == "keep" else Path(f"p{k}/f{i:05d}")
+                dst = site / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst)
+            labels[pid] = labels_of(src)[pid]
+        write_labels(site, labels)
+        return site
+
+    return _make

@@ -1,0 +1,58 @@
+import pytest
+
+from ccmr_core.config import ConfigError, available_presets, dump_config, load_config
+
+
+def test_defaults_load_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg.data.classes == ("NOR", "MINF", "DCM", "HCM", "ARV")
+    assert cfg.data.synth.patients == 231
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+
+
+def test_preset_overrides_defaults():
+    assert "smoke" in available_presets()
+    cfg = load_config(preset="smoke")
+    assert cfg.data.ingest.size == 32 and cfg.data.synth.patients == 24
+
+
+def test_unknown_key_names_file_key_and_allowed(tmp_path):
+    p = tmp_path / "site.yaml"
+    p.write_text("data:\n  ingest:\n    sizee: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "data.ingest.sizee" in msg and "spacing_mm" in msg
+
+
+def test_wrong_type_is_not_coerced(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  ingest:\n    frames: '16'\n")
+    with pytest.raises(ConfigError, match=r"data\.ingest\.frames.*valid integer"):
+        load_config(p)
+
+
+def test_out_of_range_names_the_bound():
+    with pytest.raises(ConfigError, match=r"override.*data\.ingest\.size.*greater than or equal to 16"):
+        load_config(overrides=["data.ingest.size=8"])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="available presets: .*smoke"):
+        load_config(preset="nope")
+
+
+def test_bad_yaml_and_bad_override(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config(overrides=["data.ingest.size"])
+
+
+def test_duplicate_classes_rejected():
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(overrides=["data.classes=[NOR, NOR]"])

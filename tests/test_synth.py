@@ -1,0 +1,180 @@
+"""The synthetic cohort: class physics measured on masks, DICOM as scanners write it, site
+effects and determinism."""
+
+import hashlib
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from ccmr_core.synth import measure
+from ccmr_core.synth.anatomy import sample_heart
+from ccmr_core.synth.cohort import CohortExistsError, generate_cohort
+from ccmr_core.synth.dicom_writer import SeriesTemplate, base_dataset, stable_uid
+from ccmr_core.synth.render import Grid, render
+from ccmr_core.synth.sites import BASE_SITES
+
+SPACING = 10.0  # slice spacing (mm)
+GRID = Grid(96, 1.6)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Eight patients per class rendered with masks and measured."""
+    rng = np.random.default_rng(11)
+    out = {}
+    for dx in ("NOR", "MINF", "DCM", "HCM", "ARV"):
+        rows = []
+        for _ in range(8):
+            h = sample_heart(dx, rng, SPACING)
+            o = render(h, GRID, 20, rng, with_masks=True)
+            m = o["cine_mask"]
+            vols = measure.volumes_ml(m, 1, GRID.spacing, SPACING)
+            ed = int(np.argmax(vols))
+            walls = np.stack([measure.wall_thickness(m[ed, s], GRID.spacing) for s in range(h.n_slices - 1)])
+            rows.append({
+                "variant": h.variant,
+                "ef": measure.ejection_fraction(vols),
+                "edv": float(vols.max()),
+                "rv_ef": measure.rv_ef(m, GRID.spacing, SPACING),
+                "rv_edv": float(measure.volumes_ml(m, 3, GRID.spacing, SPACING).max()),
+                "wall_mean": float(np.nanmean(walls)),
+                "wall_max": float(np.nanpercentile(walls, 98)),
+                "septal_vs_lateral": float(np.nanmean(walls[:, 15:22]) - np.nanmean(walls[:, [33, 34, 35, 0, 1, 2, 3]])),  # septum faces the RV, image left
+                "scar": measure.scar_fraction(o["lge_mask"]),
+                "n_slices": h.n_slices,
+                "frames_es": int(np.argmin(vols)),
+            })
+        out[dx] = rows
+    return out
+
+
+def test_normal_physics(measured):
+    for r in measured["NOR"]:
+        assert 0.55 <= r["ef"] <= 0.70
+        assert 7.0 <= r["wall_mean"] <= 11.0
+        assert r["scar"] == 0.0
+        assert 6 <= r["n_slices"] <= 12
+        assert 5 <= r["frames_es"] <= 10  # systole is about a third of a 20-frame cycle
+
+
+def test_dcm_is_dilated_thin_and_poorly_contracting(measured):
+    nor_edv = max(r["edv"] for r in measured["NOR"])
+    for r in measured["DCM"]:
+        assert r["ef"] < 0.40
+        assert r["edv"] > nor_edv
+        assert r["wall_mean"] < 7.5
+
+
+def test_hcm_walls_and_cavity(measured):
+    nor_edv = np.median([r["edv"] for r in measured["NOR"]])
+    for r in measured["HCM"]:
+        assert r["wall_max"] >= 15.0
+        assert r["ef"] >= 0.55
+        assert r["edv"] < nor_edv
+    asym = [r for r in measured["HCM"] if r["septal_vs_lateral"] > 3.0]
+    assert len(asym) >= len(measured["HCM"]) // 2  # asymmetric septal in most
+
+
+def test_minf_has_territorial_scar_and_reduced_function(measured):
+    for r in measured["MINF"]:
+        assert r["scar"] > 0.03
+        assert r["ef"] < 0.58
+    nor_ef = min(r["ef"] for r in measured["NOR"])
+    assert sum(r["ef"] < nor_ef for r in measured["MINF"]) >= 5
+
+
+def test_arv_right_ventricle(measured):
+    for r in measured["ARV"]:
+        assert r["rv_ef"] < 0.38
+        assert 0.50 <= r["ef"] <= 0.70
+    assert min(r["rv_edv"] for r in measured["ARV"]) > np.median([r["rv_edv"] for r in measured["NOR"]])
+    assert min(r["rv_ef"] for r in measured["NOR"]) > 0.40
+
+
+def test_hard_cases_exist():
+    rng = np.random.default_rng(5)
+    variants = [sample_heart("MINF", rng, SPACING, hard_share=1.0) for _ in range(40)]
+    preserved = [h for h in variants if h.variant == "preserved-ef"]
+    dilated = [h for h in variants if h.variant == "dilated"]
+    assert preserved and dilated
+    assert all(h.ef_target >= 0.5 and h.scars for h in preserved)
+    assert all(h.r_endo_ed[0] >= 29 for h in dilated)
+
+
+def test_template_writer_matches_pydicom(tmp_path):
+    ds = base_dataset(patient_id="P", study_uid=stable_uid("s"), series_uid=stable_uid("se"),
+                      frame_of_reference=stable_uid("f"), series_number=3, series_description="cine",
+                      manufacturer="X", model="Y", field_strength=1.5, rows=8, cols=8, pixel_spacing=1.5,
+                      slice_thickness=8, spacing_between_slices=10, orientation=np.array([1, 0, 0, 0, 1, 0.0]),
+                      signed=False, study_date="20260101", cardiac={"rr": 900, "frames": 25})
+    tpl = SeriesTemplate.build(ds, 128, implicit_vr=True, slice_location=True)
+    px = np.arange(64, dtype="<u2").reshape(8, 8)
+    uid = stable_uid("inst", 7)
+    f = tmp_path / "x"
+    f.write_bytes(tpl.instance(uid, 7, np.array([-12.5, 300.25, 0.0]), px.tobytes(), 42.0, 123.4567))
+    got = pydicom.dcmread(f)
+    assert got.SOPInstanceUID == uid == got.file_meta.MediaStorageSOPInstanceUID
+    assert got.InstanceNumber == 7 and float(got.TriggerTime) == pytest.approx(123.4567)
+    assert [float(v) for v in got.ImagePositionPatient] == [-12.5, 300.25, 0.0]
+    assert float(got.SliceLocation) == 42.0 and got.CardiacNumberOfImages == 25
+    assert np.array_equal(got.pixel_array, px)
+
+
+def test_cohort_dicom_and_site_effects(cohort):
+    desc = json.loads((cohort / "cohort.json").read_text())
+    assert [s["name"] for s in desc["sites"]] == ["site-a", "site-b", "site-c"]
+    assert sum(s["patients"] for s in desc["sites"]) == 15
+    mixes = [s["classes"] for s in desc["sites"]]
+    assert len({json.dumps(m) for m in mixes}) == 3  # non-IID class mixes
+    required = ["StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription", "PatientID", "ImagePositionPatient",
+                "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "TriggerTime",
+                "CardiacNumberOfImages", "InstanceNumber"]
+    for prof in BASE_SITES:
+        site = cohort / prof.name
+        files = [p for p in site.rglob("*") if p.is_file() and p.suffix != ".csv"]
+        ds = pydicom.dcmread(files[0])
+        assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR"
+        for k in required:
+            assert k in ds, k
+        assert ds.Rows == prof.matrix and float(ds.PixelSpacing[0]) == prof.pixel_spacing
+        assert ("SliceLocation" in ds) == prof.slice_location
+        assert (ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian) == prof.implicit_vr
+        lge = [f for f in files if "InversionTime" in pydicom.dcmread(f, stop_before_pixels=True)]
+        assert lge, f"{prof.name} has no LGE files"
+        assert (site / "biomechanics.csv").read_text().startswith("patient_id,t,lv_volume_ml")
+    truth = [t for s in ("site-a", "site-b", "site-c") for t in json.loads((cohort / "groundtruth" / f"{s}.json").read_text())]
+    assert any(not t["has_lge"] for t in truth) or len(truth) < 20
+    assert (cohort / "groundtruth" / "masks" / "site-a").is_dir()
+    assert not list((cohort / "site-a").rglob("*.npz"))  # masks stay outside the DICOM tree
+
+
+def _tree_hash(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = generate_cohort(tmp_path / "a", sites=2, patients=3, seed=9, workers=2, progress=False)
+    b = generate_cohort(tmp_path / "b", sites=2, patients=3, seed=9, workers=1, progress=False)
+    c = generate_cohort(tmp_path / "c", sites=2, patients=3, seed=10, workers=1, progress=False)
+    assert a == b
+    assert _tree_hash(tmp_path / "a") == _tree_hash(tmp_path / "b")
+    assert _tree_hash(tmp_path / "a") != _tree_hash(tmp_path / "c")
+
+
+def test_existing_folder_is_not_overwritten(tmp_path):
+    out = tmp_path / "c"
+    generate_cohort(out, sites=1, patients=1, seed=1, workers=1, progress=False)
+    again = generate_cohort(out, sites=1, patients=1, seed=1, workers=1, progress=False)  # same: no-op
+    assert again["parameters"]["seed"] == 1
+    with pytest.raises(CohortExistsError, match="--force"):
+        generate_cohort(out, sites=1, patients=1, seed=2, workers=1, progress=False)
+    generate_cohort(out, sites=1, patients=1, seed=2, workers=1, progress=False, force=True)
+    assert json.loads((out / "cohort.json").read_text())["parameters"]["seed"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary folders left behind
