@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,8 +73,40 @@ class DataConfig(_Section):
         return v
 
 
+class ModelConfig(_Section):
+    name: Literal["cc-cmr", "cine-only", "dual-path", "lge-only"] = "cc-cmr"
+    width: int = Field(8, ge=2, le=256, description="channels of the first block (doubles per block)")
+    dim: int = Field(128, ge=8, le=4096, description="feature size of each encoder")
+    proj: int = Field(64, ge=4, le=1024, description="contrastive projection size")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="head dropout (also drives MC-dropout uncertainty)")
+    alignment: Literal["batch", "slice"] = Field(
+        "batch", description="contrastive negatives: other patients in the batch, or the patient's own slices "
+        "(the per-patient form required with DP-SGD)")
+    temperature: float = Field(0.07, gt=0.0, le=10.0)
+    learn_temperature: bool = True
+    mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
+    bio_length: int = Field(32, ge=4, le=1024, description="biomechanics samples per cycle (dual-path)")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    patience: int = Field(8, ge=1, le=10_000, description="epochs without validation improvement before stopping")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    augment: bool = True
+    seed: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, le=512, description="torch CPU threads (0 = all cores)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +235,8 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "IngestConfig",
+    "ModelConfig",
+    "TrainConfig",
     "SynthConfig",
     "available_presets",
     "dump_config",

@@ -1,0 +1,49 @@
+"""The model file (model.pt): weights plus everything needed to use them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ccmr_core.models.registry import build_model
+
+FORMAT = 1
+
+
+def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict, classes: list[str], ingest: dict,
+               config: dict, info: dict | None = None) -> None:
+    base = getattr(model, "_module", model)
+    blob = {
+        "format": FORMAT,
+        "kind": "ccmr-model",
+        "model": name,
+        "model_kwargs": kwargs,
+        "state_dict": {k: v.detach().cpu() for k, v in base.state_dict().items()},
+        "classes": list(classes),
+        "ingest": ingest,
+        "config": config,
+        "info": {"saved": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(info or {})},
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is not a readable model file ({e})") from None
+    if not isinstance(blob, dict) or blob.get("kind") != "ccmr-model":
+        raise ValueError(f"{path} is not a CC-CMR model file (expected one written by 'ccmr train' or a federated run)")
+    model = build_model(blob["model"], **blob["model_kwargs"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), blob

@@ -1,0 +1,204 @@
+"""The metrics a clinical paper reports, from per-patient outputs or from mergeable statistics.
+
+Per-patient arrays (probabilities, labels, uncertainties) never leave a site. What a site can
+share is :class:`EvalStats`: a confusion matrix, per-class histograms of the predicted
+probability for positives and negatives, calibration bins and loss sums. Statistics from several
+sites add up, and :func:`metrics_from_stats` turns the pooled statistics into global accuracy,
+macro AUC (from the histograms), ECE and per-class sensitivity/specificity/F1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+N_BINS = 20  # probability histogram and calibration bins
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties counted as half); NaN if one class."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    i = 0
+    while i < len(allv):  # average ranks over ties
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = N_BINS) -> float:
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of accuracy (patients resampled with replacement)."""
+    if len(correct) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(correct), size=(n_boot, len(correct)))
+    accs = correct[idx].mean(1)
+    return float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))
+
+
+def per_class(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    total = cm.sum()
+    for k, c in enumerate(classes):
+        tp = cm[k, k]
+        fn = cm[k].sum() - tp
+        fp = cm[:, k].sum() - tp
+        tn = total - tp - fn - fp
+        sens = tp / (tp + fn) if tp + fn else float("nan")
+        spec = tn / (tn + fp) if tn + fp else float("nan")
+        prec = tp / (tp + fp) if tp + fp else float("nan")
+        f1 = 2 * prec * sens / (prec + sens) if (tp + fp) and (tp + fn) and (prec + sens) > 0 else 0.0
+        out[c] = {"sensitivity": float(sens), "specificity": float(spec), "f1": float(f1), "support": int(cm[k].sum())}
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    v = [x for x in values if not np.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str],
+                           uncertainty: np.ndarray | None = None, seed: int = 0) -> dict:
+    """Everything metrics.json holds, from per-patient outputs (used inside a site)."""
+    n_cls = len(classes)
+    pred = probs.argmax(1)
+    correct = pred == labels
+    cm = np.zeros((n_cls, n_cls), dtype=int)
+    np.add.at(cm, (labels, pred), 1)
+    aucs = {c: roc_auc(probs[:, k], labels == k) for k, c in enumerate(classes)}
+    lo, hi = bootstrap_accuracy_ci(correct, seed=seed)
+    out = {
+        "n": int(len(labels)),
+        "accuracy": float(correct.mean()) if len(labels) else float("nan"),
+        "accuracy_ci95": [lo, hi],
+        "macro_auc": _nanmean(list(aucs.values())),
+        "auc_per_class": aucs,
+        "per_class": per_class(cm, classes),
+        "macro_f1": _nanmean([v["f1"] for v in per_class(cm, classes).values()]),
+        "confusion_matrix": cm.tolist(),
+        "ece": expected_calibration_error(probs, labels) if len(labels) else float("nan"),
+        "classes": list(classes),
+    }
+    if uncertainty is not None and len(labels) > 2:
+        err = (~correct).astype(float)
+        if err.std() > 0 and uncertainty.std() > 0:
+            out["uncertainty_error_correlation"] = float(np.corrcoef(uncertainty, err)[0, 1])
+            out["uncertainty_error_auc"] = roc_auc(uncertainty, ~correct)
+        else:
+            out["uncertainty_error_correlation"] = float("nan")
+            out["uncertainty_error_auc"] = float("nan")
+        out["mean_uncertainty_correct"] = float(uncertainty[correct].mean()) if correct.any() else float("nan")
+        out["mean_uncertainty_wrong"] = float(uncertainty[~correct].mean()) if (~correct).any() else float("nan")
+    return out
+
+
+# --- mergeable statistics (what federated evaluation may share) -------------------------------
+
+
+@dataclass
+class EvalStats:
+    confusion: np.ndarray  # (C, C) counts, rows = truth
+    pos_hist: np.ndarray  # (C, N_BINS) counts of p_k for patients of class k
+    neg_hist: np.ndarray  # (C, N_BINS) counts of p_k for patients not of class k
+    calib_count: np.ndarray  # (N_BINS,) patients per confidence bin
+    calib_correct: np.ndarray  # (N_BINS,) correct predictions per bin
+    calib_conf: np.ndarray  # (N_BINS,) summed confidence per bin
+    loss_sum: float
+    n: int
+
+    @classmethod
+    def from_outputs(cls, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray | None = None) -> EvalStats:
+        n, c = probs.shape
+        pred = probs.argmax(1)
+        cm = np.zeros((c, c), dtype=np.int64)
+        np.add.at(cm, (labels, pred), 1)
+        b = np.minimum((probs * N_BINS).astype(int), N_BINS - 1)
+        pos = np.zeros((c, N_BINS), dtype=np.int64)
+        neg = np.zeros((c, N_BINS), dtype=np.int64)
+        for k in range(c):
+            np.add.at(pos[k], b[labels == k, k], 1)
+            np.add.at(neg[k], b[labels != k, k], 1)
+        conf = probs.max(1)
+        cb = np.minimum((conf * N_BINS).astype(int), N_BINS - 1)
+        count = np.bincount(cb, minlength=N_BINS)
+        corr = np.bincount(cb, weights=(pred == labels).astype(float), minlength=N_BINS)
+        csum = np.bincount(cb, weights=conf, minlength=N_BINS)
+        return cls(cm, pos, neg, count, corr, csum, float(losses.sum()) if losses is not None else 0.0, int(n))
+
+    def __add__(self, other: EvalStats) -> EvalStats:
+        return EvalStats(*(a + b for a, b in zip(self.arrays(), other.arrays())), self.loss_sum + other.loss_sum,
+                         self.n + other.n)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.confusion, self.pos_hist, self.neg_hist, self.calib_count, self.calib_correct, self.calib_conf)
+
+    def to_flat(self) -> dict[str, list[float]]:
+        """Flat lists of numbers (for a Flower MetricRecord)."""
+        names = ("confusion", "pos_hist", "neg_hist", "calib_count", "calib_correct", "calib_conf")
+        out = {k: np.asarray(v, dtype=float).ravel().tolist() for k, v in zip(names, self.arrays())}
+        out["loss_sum"] = [self.loss_sum]
+        out["n"] = [float(self.n)]
+        return out
+
+    @classmethod
+    def from_flat(cls, d: dict, n_classes: int) -> EvalStats:
+        c = n_classes
+        return cls(
+            np.asarray(d["confusion"]).reshape(c, c).astype(np.int64),
+            np.asarray(d["pos_hist"]).reshape(c, N_BINS).astype(np.int64),
+            np.asarray(d["neg_hist"]).reshape(c, N_BINS).astype(np.int64),
+            np.asarray(d["calib_count"]).astype(np.int64),
+            np.asarray(d["calib_correct"]).astype(float),
+            np.asarray(d["calib_conf"]).astype(float),
+            float(d["loss_sum"][0]),
+            int(d["n"][0]),
+        )
+
+
+def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUC from binned scores: P(score_pos > score_neg) + 0.5 P(same bin)."""
+    if pos.sum() == 0 or neg.sum() == 0:
+        return float("nan")
+    neg_below = np.concatenate([[0], np.cumsum(neg)[:-1]])
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+
+
+def metrics_from_stats(stats: EvalStats, classes: list[str]) -> dict:
+    cm = stats.confusion
+    n = int(cm.sum())
+    acc = float(np.trace(cm) / n) if n else float("nan")
+    aucs = {c: auc_from_histograms(stats.pos_hist[k], stats.neg_hist[k]) for k, c in enumerate(classes)}
+    ece = float(np.abs(stats.calib_correct - stats.calib_conf).sum() / n) if n else float("nan")
+    pc = per_class(cm, classes)
+    return {
+        "n": n,
+        "accuracy": acc,
+        "macro_auc": _nanmean(list(aucs.values())),
+        "auc_per_class": aucs,
+        "per_class": pc,
+        "macro_f1": _nanmean([v["f1"] for v in pc.values()]),
+        "confusion_matrix": cm.tolist(),
+        "ece": ece,
+        "loss": stats.loss_sum / n if n else float("nan"),
+        "classes": list(classes),
+    }

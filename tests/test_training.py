@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ccmr_core.checkpoint import load_model
+from ccmr_core.config import load_config
+from ccmr_core.data.splits import stratified_split
+from ccmr_core.training import evaluate_saved, train_central
+
+
+def test_stratified_split_is_patient_level_and_balanced():
+    labels = [i % 5 for i in range(100)]
+    s = stratified_split(labels, 0.15, 0.15, seed=0)
+    all_idx = s["train"] + s["val"] + s["test"]
+    assert sorted(all_idx) == list(range(100))  # every patient exactly once
+    for part in ("val", "test"):
+        assert sorted({labels[i] for i in s[part]}) == [0, 1, 2, 3, 4]
+    assert stratified_split(labels, 0.15, 0.15, seed=0) == s
+    assert stratified_split(labels, 0.15, 0.15, seed=1) != s
+    given = ["test" if i < 10 else None for i in range(100)]
+    g = stratified_split(labels, 0.15, 0.15, seed=0, given=given)
+    assert set(range(10)) <= set(g["test"])
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ccmr"
+    cfg = load_config(preset="smoke", overrides=["train.epochs=2"])
+    metrics = train_central(cohort, out, cfg, test_site="site-c", progress=False,
+                            cache_root=tmp_path_factory.mktemp("cache"))
+    return out, metrics
+
+
+def test_run_folder_contract(run):
+    out, metrics = run
+    for f in ("config.yaml", "metrics.jsonl", "model.pt", "metrics.json"):
+        assert (out / f).is_file(), f
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and "loss" in lines[0]["val"]
+    m = json.loads((out / "metrics.json").read_text())["test"]
+    lo, hi = m["accuracy_ci95"]
+    assert lo <= m["accuracy"] <= hi
+    for k in ("macro_auc", "ece", "confusion_matrix", "uncertainty_error_correlation", "per_class"):
+        assert k in m
+    assert set(m["per_class"]["NOR"]) >= {"sensitivity", "specificity", "f1"}
+    assert metrics["test_site"] == "site-c" and metrics["n_test"] == m["n"]
+    assert np.array(m["confusion_matrix"]).sum() == m["n"]
+
+
+def test_saved_model_reloads_and_evaluates_externally(run, cohort, tmp_path):
+    out, _ = run
+    model, blob = load_model(out / "model.pt")
+    assert blob["classes"] == ["NOR", "MINF", "DCM", "HCM", "ARV"] and blob["model"] == "cc-cmr"
+    ext = evaluate_saved(out / "model.pt", cohort / "site-c", tmp_path / "ext", progress=False,
+                         cache_root=tmp_path / "cache")
+    assert (tmp_path / "ext" / "metrics.json").is_file()
+    assert ext["test"]["n"] == json.loads((out / "metrics.json").read_text())["test"]["n"]
+
+
+def test_existing_run_is_not_overwritten(run, cohort):
+    out, _ = run
+    with pytest.raises(FileExistsError, match="already holds"):
+        train_central(cohort, out, load_config(preset="smoke"), progress=False)
+
+
+def test_not_a_model_file(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"weights": 1}, p)
+    with pytest.raises(ValueError, match="not a CC-CMR model file"):
+        load_model(p)
