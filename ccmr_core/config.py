@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ccmr_core.classes import DEFAULT_CLASSES
 
@@ -103,10 +103,44 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class FederatedConfig(_Section):
+    rounds: int = Field(15, ge=1, le=100_000)
+    strategy: Literal["fedprox", "fedavg"] = "fedprox"
+    proximal_mu: float = Field(0.01, ge=0.0, le=100.0)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_sites: int = Field(1, ge=1, le=10_000, description="sites that must reply before a round closes")
+    validation_patients: int = Field(45, ge=0, le=100_000,
+                                     description="coordinator-held synthetic validation set (0 = none)")
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+
+
+class PrivacyConfig(_Section):
+    mode: Literal["none", "sample", "site"] = Field(
+        "none", description="sample: patient-level DP-SGD at each site; site: clip each site's update, noise at the server")
+    target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="per-site budget for the whole run")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1000.0, description="per-patient clipping norm (sample mode)")
+    noise_multiplier: float = Field(1.0, ge=0.0, le=100.0, description="server noise (site mode)")
+    clipping_norm: float = Field(1.0, gt=0.0, le=1e6, description="per-site update clipping (site mode)")
+
+
 class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    federated: FederatedConfig = FederatedConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _dp_needs_per_patient_losses(self) -> "ExperimentConfig":
+        if self.privacy.mode == "sample" and self.model.name == "cc-cmr" and self.model.alignment == "batch":
+            raise ValueError(
+                "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'batch': "
+                "in-batch contrastive negatives couple patients, so the reported epsilon would be false; set "
+                "model.alignment to 'slice' (run config alignment='slice') or use privacy.mode 'site'")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,20 +204,25 @@ def _describe(err: dict[str, Any]) -> str:
         allowed = ", ".join(parent.model_fields) if parent else "?"
         where = ".".join(str(p) for p in loc[:-1]) or "top level"
         return f"unknown key '{key}'; allowed keys in {where}: {allowed}"
+    if not loc:  # a rule across several keys
+        return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     return f"key '{key}': {err['msg']} (got {got!r})"
 
 
-def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
-    """Validate a merged mapping; errors name ``source`` (a file or 'override')."""
+def validate(data: dict[str, Any], source: str, cross_key_rules: bool = True) -> ExperimentConfig | None:
+    """Validate a merged mapping; errors name ``source`` (a file or 'override'). Intermediate
+    layers skip the rules across keys (a later layer may complete the combination)."""
     try:
         # JSON mode: YAML lists may fill tuples and ints may fill floats, but "3" is not an int.
         return ExperimentConfig.model_validate_json(json.dumps(data))
     except (TypeError, ValueError) as e:
         if not isinstance(e, ValidationError):
             raise ConfigError(f"{source}: values must be plain YAML scalars, lists and mappings ({e})") from None
-        lines = [_describe(err) for err in e.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+        errors = [err for err in e.errors() if cross_key_rules or err["loc"]]
+        if not errors:
+            return None
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in errors)) from None
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -221,8 +260,55 @@ def load_config(
         layers.append((f"override {o!r}", parse_override(o)))
     for source, data in layers:
         merged = _deep_merge(merged, data)
-        validate(merged, source)
+        validate(merged, source, cross_key_rules=False)
     return validate(merged, layers[-1][0])
+
+
+# Flower run-config keys (kebab-case, in pyproject.toml [tool.flwr.app.config]) -> schema keys.
+# In pyproject every key defaults to a sentinel ("" or -1) meaning "as the preset says".
+RUN_CONFIG_KEYS: dict[str, str] = {
+    "num-server-rounds": "federated.rounds",
+    "strategy": "federated.strategy",
+    "proximal-mu": "federated.proximal_mu",
+    "local-epochs": "federated.local_epochs",
+    "fraction-train": "federated.fraction_train",
+    "min-sites": "federated.min_sites",
+    "batch-size": "train.batch_size",
+    "lr": "train.lr",
+    "model": "model.name",
+    "alignment": "model.alignment",
+    "dp": "privacy.mode",
+    "target-epsilon": "privacy.target_epsilon",
+    "delta": "privacy.delta",
+    "max-grad-norm": "privacy.max_grad_norm",
+    "noise-multiplier": "privacy.noise_multiplier",
+    "synthetic-sites": "data.synth.sites",
+    "synthetic-patients": "data.synth.patients",
+    "seed": "data.synth.seed",
+    "validation-patients": "federated.validation_patients",
+}
+RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink")
+
+
+def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
+    """The experiment config for a Flower run: preset, optional config file, then the run-config
+    keys that are not left at their sentinel ("" or -1)."""
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS) - set(RUN_CONFIG_EXTRA))
+    if unknown:
+        raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(sorted([*RUN_CONFIG_KEYS, *RUN_CONFIG_EXTRA]))}")
+    overrides = []
+    for key, path in RUN_CONFIG_KEYS.items():
+        v = run_config.get(key, "")
+        if v == "" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == -1):
+            continue
+        overrides.append(f"{path}={json.dumps(v)}")
+    preset = str(run_config.get("preset", "") or "default")
+    path = str(run_config.get("config", "") or "") or None
+    try:
+        return load_config(path, preset, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"run config: {e}") from None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
@@ -234,7 +320,11 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "FederatedConfig",
     "IngestConfig",
+    "PrivacyConfig",
+    "RUN_CONFIG_KEYS",
+    "from_run_config",
     "ModelConfig",
     "TrainConfig",
     "SynthConfig",

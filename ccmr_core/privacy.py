@@ -1,0 +1,120 @@
+"""Patient-level differential privacy (DP-SGD with Opacus) for a site's local training.
+
+One patient is one record. The noise multiplier is chosen once, for the whole run, so that
+``rounds x local_epochs`` epochs of Poisson-sampled DP-SGD spend at most ``target_epsilon`` at
+``delta`` (RDP accountant). The accountant's history travels between rounds (Flower re-creates
+the client each round), epsilon and delta are reported every round, and a site whose next round
+would exceed its budget declines to train.
+
+Refused: DP-SGD with in-batch contrastive negatives. With in-batch InfoNCE, changing one patient
+changes every other patient's per-sample gradient, so Opacus' epsilon would not hold (see
+DESIGN.md, Privacy rules). Use ``model.alignment: slice`` (negatives from the patient's own
+slices) or site-level DP.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+
+from ccmr_core.config import ConfigError, ExperimentConfig
+
+
+class BudgetExhausted(RuntimeError):
+    """The site's next round would exceed its privacy budget."""
+
+
+def check_dp_compatible(cfg: ExperimentConfig) -> None:
+    if cfg.privacy.mode == "sample" and cfg.model.name == "cc-cmr" and cfg.model.alignment == "batch":
+        raise ConfigError(
+            "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'batch': "
+            "in-batch contrastive negatives couple patients, so the reported epsilon would be false. "
+            "Set model.alignment to 'slice' (run config: alignment='slice') or use privacy.mode 'site'."
+        )
+
+
+@dataclass
+class Ledger:
+    """A site's privacy accounting across rounds (what the accountant needs, nothing else)."""
+
+    noise_multiplier: float | None = None
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps)
+
+    def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
+        acc = RDPAccountant()
+        acc.history = list(self.history) + ([extra] if extra else [])
+        if not acc.history:
+            return 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha" is not an error
+            return float(acc.get_epsilon(delta))
+
+    def to_json(self) -> str:
+        return json.dumps({"noise_multiplier": self.noise_multiplier, "history": self.history})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Ledger:
+        if not text:
+            return cls()
+        d = json.loads(text)
+        return cls(d["noise_multiplier"], [tuple(h) for h in d["history"]])
+
+
+def plan_noise(cfg: ExperimentConfig, n_patients: int) -> tuple[float, float, int]:
+    """(noise multiplier, sample rate, steps per epoch) for the whole run's budget."""
+    q = min(1.0, cfg.train.batch_size / max(n_patients, 1))
+    steps_per_epoch = max(1, int(round(1 / q)))
+    total = steps_per_epoch * cfg.federated.local_epochs * cfg.federated.rounds
+    sigma = get_noise_multiplier(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.delta,
+                                 sample_rate=q, steps=total, accountant="rdp")
+    return float(sigma), q, steps_per_epoch
+
+
+class PrivateTraining:
+    """Wrap a model, optimiser and loader for one round of patient-level DP-SGD."""
+
+    def __init__(self, cfg: ExperimentConfig, ledger: Ledger, n_patients: int):
+        check_dp_compatible(cfg)
+        self.cfg = cfg
+        self.ledger = ledger
+        sigma, self.q, self.steps_per_epoch = plan_noise(cfg, n_patients)
+        if ledger.noise_multiplier is None:
+            ledger.noise_multiplier = sigma
+
+    def round_cost(self) -> tuple[float, float, int]:
+        return (self.ledger.noise_multiplier, self.q, self.steps_per_epoch * self.cfg.federated.local_epochs)
+
+    def check_budget(self) -> float:
+        """Epsilon after the coming round; raises BudgetExhausted if it would exceed the target."""
+        after = self.ledger.epsilon(self.cfg.privacy.delta, self.round_cost())
+        if after > self.cfg.privacy.target_epsilon * (1 + 1e-6):
+            spent = self.ledger.epsilon(self.cfg.privacy.delta)
+            raise BudgetExhausted(
+                f"privacy budget: epsilon spent {spent:.2f}, the next round would reach {after:.2f} > "
+                f"target {self.cfg.privacy.target_epsilon:g} (delta {self.cfg.privacy.delta:g}); this site "
+                "declines to train")
+        return after
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
+        self.engine = PrivacyEngine(accountant="rdp")
+        self.engine.accountant.history = list(self.ledger.history)
+        return self.engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                        noise_multiplier=self.ledger.noise_multiplier,
+                                        max_grad_norm=self.cfg.privacy.max_grad_norm, poisson_sampling=True)
+
+    def finish(self) -> float:
+        self.ledger.history = [tuple(h) for h in copy.deepcopy(self.engine.accountant.history)]
+        return self.ledger.epsilon(self.cfg.privacy.delta)
+
+
+def strip_opacus_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Opacus wraps the model as ``_module``; weights leaving a site carry the plain names."""
+    return {(k[len("_module."):] if k.startswith("_module.") else k): v for k, v in state.items()}

@@ -1,0 +1,135 @@
+"""Privacy properties: per-sample gradients are per-patient, one patient's change touches only
+that patient's gradient, the coupling contrastive form is refused, and the budget is enforced."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch.utils.data import DataLoader
+
+from ccmr_core.config import ConfigError, load_config
+from ccmr_core.engine import make_optimizer, train_epoch
+from ccmr_core.models import build_model
+from ccmr_core.models.registry import model_inputs
+from ccmr_core.privacy import BudgetExhausted, Ledger, PrivateTraining, strip_opacus_prefix
+
+from .test_engine import Toy
+
+S, T, H = 3, 4, 16
+
+
+def _batch(seed=0, b=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"cine": torch.rand(b, S, T, H, H, generator=g), "lge": torch.rand(b, S, H, H, generator=g),
+            "bio": torch.randn(b, 4, 32, generator=g), "label": torch.tensor([0, 1, 2, 1][:b]),
+            "has_lge": torch.tensor([True, True, False, True][:b]), "has_bio": torch.ones(b, dtype=torch.bool)}
+
+
+def _per_sample(model, batch):
+    m = copy.deepcopy(model)
+    gsm = GradSampleModule(m, batch_first=True, loss_reduction="sum")
+    out = gsm(**model_inputs(m, batch, training=True))
+    total, _ = m.losses(out, batch)
+    total.sum().backward()
+    n = len(batch["label"])
+    return torch.stack([torch.cat([p.grad_sample[i].flatten() for p in m.parameters()]) for i in range(n)])
+
+
+def _single(model, batch, i):
+    m = copy.deepcopy(model)
+    one = {k: v[i : i + 1] for k, v in batch.items()}
+    total, _ = m.losses(m(**model_inputs(m, one, training=True)), one)
+    total.sum().backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("name", ["cc-cmr", "cine-only", "dual-path", "lge-only"])
+def test_per_sample_gradients_are_per_patient(name):
+    torch.manual_seed(0)
+    model = build_model(name, 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="slice")
+    b = _batch()
+    ps = _per_sample(model, b)
+    for i in range(len(b["label"])):
+        brute = _single(model, b, i)
+        assert _rel(ps[i], brute) < 1e-4, f"patient {i}"
+
+
+def _rel(a, b):
+    return float((a - b).norm() / max(float(b.norm()), 1e-12))
+
+
+def _change_patient(b, i):
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["cine"][i] = torch.rand_like(b2["cine"][i])
+    b2["lge"][i] = torch.rand_like(b2["lge"][i])
+    return b2
+
+
+def test_changing_one_patient_changes_only_that_patients_gradient():
+    torch.manual_seed(0)
+    model = build_model("cc-cmr", 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="slice")
+    b = _batch()
+    g1, g2 = _per_sample(model, b), _per_sample(model, _change_patient(b, 3))
+    for i in range(3):
+        assert _rel(g1[i], g2[i]) < 1e-5, f"patient {i} changed"
+    assert _rel(g1[3], g2[3]) > 1e-2
+
+
+def test_in_batch_contrastive_couples_patients_and_is_refused():
+    torch.manual_seed(0)
+    model = build_model("cc-cmr", 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="batch")
+    b = _batch()
+    b["has_lge"][:] = True
+    g1, g2 = _per_sample(model, b), _per_sample(model, _change_patient(b, 3))
+    assert _rel(g1[0], g2[0]) > 1e-3  # another patient's gradient moved: Opacus' epsilon would be false
+    with pytest.raises(ConfigError, match="in-batch contrastive negatives couple patients"):
+        load_config(overrides=["privacy.mode=sample"])
+
+
+def _dp_cfg(**kw):
+    o = ["privacy.mode=sample", "model.alignment=slice", "train.batch_size=4", "federated.rounds=3",
+         "privacy.target_epsilon=5.0"] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(preset="smoke", overrides=o)
+
+
+def test_dp_round_trains_reports_epsilon_and_keeps_prox():
+    torch.manual_seed(0)
+    cfg = _dp_cfg()
+    ds = Toy(16)
+    ledger = Ledger()
+    eps = []
+    final = {}
+    for mu in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = build_model("cc-cmr", 2, S, width=4, dim=16, proj=8, alignment="slice")
+        g = [p.detach().clone() for p in model.parameters()]
+        led = Ledger()
+        dp = PrivateTraining(cfg, led, len(ds))
+        dp.check_budget()
+        opt = make_optimizer(model, cfg.train)
+        pm, popt, pdl = dp.wrap(model, opt, DataLoader(ds, batch_size=4))
+        train_epoch(pm, pdl, popt, torch.device("cpu"), prox_mu=mu, global_params=g)
+        eps.append(dp.finish())
+        state = strip_opacus_prefix(pm.state_dict())
+        assert not any(k.startswith("_module.") for k in state)
+        final[mu] = float(sum(((state[k] - p) ** 2).sum() for k, p in zip(model._module.state_dict() if hasattr(model, "_module") else model.state_dict(), g)))
+    assert eps[0] > 0 and eps[0] == pytest.approx(eps[1])
+    assert final[10.0] != final[0.0]  # the proximal step still acts under DP-SGD
+
+
+def test_ledger_persists_and_budget_declines():
+    cfg = _dp_cfg()
+    ledger = Ledger()
+    spent = []
+    for _ in range(3):
+        dp = PrivateTraining(cfg, Ledger.from_json(ledger.to_json()), 16)
+        dp.check_budget()
+        dp.ledger.history.append(dp.round_cost())  # what a round's accountant records
+        ledger = dp.ledger
+        spent.append(ledger.epsilon(cfg.privacy.delta))
+    assert spent[0] < spent[1] < spent[2] <= 5.0 + 1e-6
+    assert spent[2] == pytest.approx(5.0, rel=0.05)  # the planned noise spends the budget over the run
+    with pytest.raises(BudgetExhausted, match="declines to train"):
+        PrivateTraining(cfg, ledger, 16).check_budget()
