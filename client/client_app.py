@@ -1,0 +1,122 @@
+"""Flower ClientApp: one hospital's SuperNode trains locally and reports aggregate statistics.
+
+What leaves the site: the model's parameters (train) and fixed-size aggregate statistics
+(counts, histograms, loss sums, epsilon); never an image, a per-patient output or an identifier.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader, Subset
+
+from ccmr_core.config import from_run_config
+from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
+from ccmr_core.metrics import EvalStats
+from ccmr_core.models.registry import build_model
+from ccmr_core.privacy import BudgetExhausted, PrivateTraining, strip_opacus_prefix
+from ccmr_core.training import model_kwargs
+from client.local import average_states, load_sites, read_ledger, write_ledger
+
+app = ClientApp()
+log = logging.getLogger("ccmr.client")
+
+
+def _setup(msg: Message, context: Context):
+    cfg = from_run_config(context.run_config)
+    c = msg.content["config"]
+    set_threads(cfg.train.threads or 1)
+    sites = load_sites(context.node_config, cfg, str(c["cohort-dir"]))
+    n_sites = int(c["num-sites"])
+    kwargs = model_kwargs(cfg, len(cfg.data.classes), cfg.data.ingest.slices, int(c["bio-channels"]))
+    return cfg, c, sites, n_sites, kwargs
+
+
+def _model(cfg, kwargs, arrays: ArrayRecord, device):
+    model = build_model(cfg.model.name, **kwargs)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model.to(device)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, c, sites, n_sites, kwargs = _setup(msg, context)
+    device = resolve_device(cfg.train.device)
+    mu = float(c.get("proximal-mu", 0.0))
+    run_key = str(c["run-key"])
+    states, weights, losses = [], [], []
+    eps = np.zeros(n_sites)
+    declined = np.zeros(n_sites)
+    for site in sites:
+        torch.manual_seed(cfg.train.seed * 1000 + int(c["global-round"]) * 31 + site.index)
+        model = _model(cfg, kwargs, msg.content["arrays"], device)
+        global_params = [p.detach().clone() for p in model.parameters()]
+        idx = site.split["train"]
+        loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True)
+        opt = make_optimizer(model, cfg.train)
+        dp = None
+        if cfg.privacy.mode == "sample":
+            ledger = read_ledger(site, run_key)
+            dp = PrivateTraining(cfg, ledger, len(idx))
+            try:
+                dp.check_budget()
+            except BudgetExhausted as e:
+                log.warning("%s: %s", site.name, e)
+                print(f"[{site.name}] {e}", flush=True)
+                eps[site.index] = ledger.epsilon(cfg.privacy.delta)
+                declined[site.index] = 1
+                continue
+            model, opt, loader = dp.wrap(model, opt, loader)
+        for epoch in range(cfg.federated.local_epochs):
+            res = train_epoch(model, loader, opt, device, prox_mu=mu, global_params=global_params)
+        if dp is not None:
+            eps[site.index] = dp.finish()
+            write_ledger(site, run_key, dp.ledger)
+        states.append(strip_opacus_prefix(model.state_dict()))
+        weights.append(float(len(idx)))
+        losses.append(res["loss"])
+        print(f"[{site.name}] round {c['global-round']}: {len(idx)} patients, loss {res['loss']:.3f}"
+              + (f", epsilon {eps[site.index]:.2f}" if dp is not None else ""), flush=True)
+    metrics = {
+        "num-examples": float(sum(weights)),
+        "unit-weight": 1.0,
+        "train-loss": float(np.average(losses, weights=weights)) if weights else 0.0,
+        "site-epsilon": eps.tolist(),
+        "site-declined": declined.tolist(),
+        "delta": float(cfg.privacy.delta),
+    }
+    if states:
+        arrays = ArrayRecord(average_states(states, weights))
+    else:  # every hosted site declined: send the global model back with weight 0
+        arrays = msg.content["arrays"]
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, c, sites, n_sites, kwargs = _setup(msg, context)
+    device = resolve_device(cfg.train.device)
+    split = str(c.get("split", "val"))
+    mc = int(c.get("mc-samples", 0))
+    model = _model(cfg, kwargs, msg.content["arrays"], device)
+    n_cls = len(cfg.data.classes)
+    total = EvalStats.from_outputs(np.zeros((0, n_cls)), np.zeros(0, dtype=int), np.zeros(0))
+    site_correct, site_n = np.zeros(n_sites), np.zeros(n_sites)
+    for site in sites:
+        idx = site.split[split]
+        if not idx:
+            continue
+        out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc)
+        if len(out["labels"]) == 0:
+            continue
+        stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"])
+        total = total + stats
+        site_correct[site.index] = float(np.trace(stats.confusion))
+        site_n[site.index] = float(stats.n)
+    metrics = {"num-examples": float(total.n), "site-correct": site_correct.tolist(), "site-n": site_n.tolist()}
+    metrics.update({f"stats-{k}": v for k, v in total.to_flat().items()})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

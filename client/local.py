@@ -1,0 +1,94 @@
+"""What one SuperNode does with its hospital data, independent of Flower's message types.
+
+A SuperNode hosts one site (deployment: node config ``data-path`` and ``site-name``) or, in a
+simulation with fewer SuperNodes than sites, several (sites are dealt out by partition id; each
+hosted site still trains and is accounted for separately, and their updates are averaged with
+the same num-examples weights the server would use, so the global model is unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ccmr_core.config import ExperimentConfig
+from ccmr_core.data.dataset import CacheDataset
+from ccmr_core.data.ingest import ingest
+from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
+from ccmr_core.data.splits import stratified_split
+from ccmr_core.data.transforms import default_augmentation
+from ccmr_core.privacy import Ledger
+
+
+@dataclass
+class Site:
+    index: int  # position in the federation's site list (for per-site metrics)
+    name: str
+    cache: Path
+    train: CacheDataset
+    eval: CacheDataset  # no augmentation
+    split: dict[str, list[int]]
+
+
+_SITES: dict[tuple, list[Site]] = {}  # a SuperNode process keeps its datasets across rounds
+
+
+def hosted_sites(node_config: dict, cohort_dir: str, n_partitions_hint: int | None = None) -> list[tuple[int, str, Path]]:
+    """(index, name, folder) of the sites this SuperNode serves."""
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"]))
+        name = str(node_config.get("site-name", path.name))
+        return [(int(node_config.get("site-index", 0)), name, path)]
+    sites = find_sites(cohort_dir)
+    pid = int(node_config.get("partition-id", 0))
+    n = int(node_config.get("num-partitions", n_partitions_hint or len(sites)))
+    return [(k, name, path) for k, (name, path, _) in enumerate(sites) if k % n == pid]
+
+
+def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> list[Site]:
+    key = (json.dumps(node_config, sort_keys=True, default=str), cohort_dir,
+           json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.seed)
+    if key in _SITES:
+        return _SITES[key]
+    out = []
+    for index, name, path in hosted_sites(node_config, cohort_dir):
+        cache = site_cache(path, cfg)
+        if not (cache / "manifest.json").is_file() or (path / "labels.csv").is_file():
+            ingest(path, cache, cfg.data.ingest, cfg.data.classes, progress=False, workers=1)
+        train = CacheDataset(cache, cfg.data.classes, transform=default_augmentation() if cfg.train.augment else None,
+                             bio_length=cfg.model.bio_length)
+        evald = CacheDataset(cache, cfg.data.classes, bio_length=cfg.model.bio_length)
+        split = stratified_split(evald.labels, cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.seed,
+                                 evald.splits)
+        out.append(Site(index, name, cache, train, evald, split))
+    _SITES[key] = out
+    return out
+
+
+def ledger_path(site: Site, run_key: str) -> Path:
+    """The site's privacy ledger lives at the site (next to its cache), per federated run."""
+    root = Path(os.environ.get("CCMR_PRIVACY_DIR", default_cache_root() / "privacy"))
+    return root / run_key / f"{site.name}.json"
+
+
+def read_ledger(site: Site, run_key: str) -> Ledger:
+    p = ledger_path(site, run_key)
+    return Ledger.from_json(p.read_text()) if p.is_file() else Ledger()
+
+
+def write_ledger(site: Site, run_key: str, ledger: Ledger) -> None:
+    p = ledger_path(site, run_key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(ledger.to_json())
+    os.replace(tmp, p)
+
+
+def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    total = sum(weights)
+    return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
+            for k in states[0]}

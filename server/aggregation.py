@@ -1,0 +1,62 @@
+"""Aggregating what the sites report: train metrics and mergeable evaluation statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+
+from ccmr_core.metrics import EvalStats, bootstrap_accuracy_ci, metrics_from_stats
+
+
+def _metrics(rd: RecordDict) -> dict:
+    return dict(next(iter(rd.metric_records.values())))
+
+
+def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean training loss over sites that trained; per-site epsilon and declines."""
+    ms = [_metrics(r) for r in replies]
+    w = np.array([m["num-examples"] for m in ms], dtype=float)
+    loss = float(np.average([m["train-loss"] for m in ms], weights=w)) if w.sum() > 0 else float("nan")
+    eps = np.max([m["site-epsilon"] for m in ms], axis=0)
+    declined = np.max([m["site-declined"] for m in ms], axis=0)
+    return MetricRecord({"train-loss": loss, "site-epsilon": eps.tolist(), "site-declined": declined.tolist(),
+                         "patients": float(w.sum()), "delta": float(ms[0]["delta"])})
+
+
+def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, np.ndarray, np.ndarray]:
+    total, correct, n = None, None, None
+    for r in replies:
+        m = _metrics(r)
+        s = EvalStats.from_flat({k[len("stats-"):]: v for k, v in m.items() if k.startswith("stats-")}, n_classes)
+        total = s if total is None else total + s
+        correct = np.asarray(m["site-correct"]) if correct is None else correct + np.asarray(m["site-correct"])
+        n = np.asarray(m["site-n"]) if n is None else n + np.asarray(m["site-n"])
+    return total, correct, n
+
+
+def summarize_stats(total: EvalStats, correct: np.ndarray, n: np.ndarray, classes: list[str]) -> dict:
+    m = metrics_from_stats(total, classes)
+    k = int(np.trace(total.confusion))
+    # percentile bootstrap of accuracy from the pooled counts (patients resampled with replacement)
+    rng = np.random.default_rng(0)
+    if total.n:
+        lo, hi = np.percentile(rng.binomial(total.n, k / total.n, 2000) / total.n, [2.5, 97.5])
+        m["accuracy_ci95"] = [float(lo), float(hi)]
+    else:
+        m["accuracy_ci95"] = [float("nan"), float("nan")]
+    m["site_accuracy"] = [float(c / s) if s else float("nan") for c, s in zip(correct, n)]
+    m["site_n"] = [int(x) for x in n]
+    return m
+
+
+def evaluate_aggr_fn(classes: list[str]):
+    def fn(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        total, correct, n = pooled_stats(replies, len(classes))
+        s = summarize_stats(total, correct, n, classes)
+        return MetricRecord({"accuracy": s["accuracy"], "macro-auc": s["macro_auc"], "ece": s["ece"],
+                             "loss": s["loss"], "patients": float(s["n"]), "site-accuracy": s["site_accuracy"]})
+
+    return fn
+
+
+__all__ = ["aggregate_train_metrics", "bootstrap_accuracy_ci", "evaluate_aggr_fn", "pooled_stats", "summarize_stats"]

@@ -1,0 +1,106 @@
+"""The run folder of a federated run: config, per-round metrics, checkpoints, best model, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ccmr_core.checkpoint import save_model
+from ccmr_core.config import ExperimentConfig, dump_config
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _clean(x):
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+class RunRecorder:
+    def __init__(self, out: Path, cfg: ExperimentConfig, model_kwargs: dict, site_names: list[str]):
+        self.out = out
+        self.cfg = cfg
+        self.kwargs = model_kwargs
+        self.sites = site_names
+        self.best_loss = float("inf")
+        self.best_round = 0
+        self.best_state: dict | None = None
+        self.t0 = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+
+    # --- resume -------------------------------------------------------------------------------
+    def load_checkpoint(self) -> dict | None:
+        p = self.out / CHECKPOINT
+        if not p.is_file():
+            return None
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        self.best_loss, self.best_round, self.best_state = ck["best_loss"], ck["best_round"], ck["best_state"]
+        return ck
+
+    # --- every round --------------------------------------------------------------------------
+    def record_round(self, rnd: int, state: dict, train: dict | None, federated: dict | None,
+                     server: dict | None, privacy: dict | None) -> str:
+        val_loss = (server or {}).get("loss", (federated or {}).get("loss", float("nan")))
+        improved = val_loss == val_loss and val_loss < self.best_loss - 1e-6
+        if improved:
+            self.best_loss, self.best_round = val_loss, rnd
+            self.best_state = {k: v.clone() for k, v in state.items()}
+            self.save_model(self.best_state, rnd)
+        row = {"round": rnd, "seconds": round(time.perf_counter() - self.t0, 2), "train": train,
+               "federated_validation": federated, "server_validation": server, "privacy": privacy,
+               "best_round": self.best_round}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_clean(row)) + "\n")
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save({"round": rnd, "state": state, "best_loss": self.best_loss, "best_round": self.best_round,
+                    "best_state": self.best_state}, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+        return self._line(rnd, train, federated, server, privacy, improved)
+
+    def _line(self, rnd, train, federated, server, privacy, improved) -> str:
+        parts = [f"round {rnd}:"]
+        if train and train.get("train-loss") == train.get("train-loss"):
+            parts.append(f"train loss {train['train-loss']:.3f}")
+        if federated:
+            parts.append(f"sites' validation accuracy {federated['accuracy']:.3f} (AUC {federated['macro-auc']:.3f})")
+            accs = ", ".join(f"{s} {a:.2f}" for s, a in zip(self.sites, federated.get("site-accuracy", []))
+                             if a == a)
+            if accs:
+                parts.append(f"[{accs}]")
+        if server:
+            parts.append(f"coordinator validation accuracy {server['accuracy']:.3f}, loss {server['loss']:.3f}")
+        if privacy and privacy.get("epsilon"):
+            eps = ", ".join(f"{s} {e:.2f}" for s, e in privacy["epsilon"].items())
+            parts.append(f"epsilon [{eps}] at delta {privacy['delta']:g}")
+        if improved:
+            parts.append("(best so far)")
+        return " ".join(parts)
+
+    def save_model(self, state: dict, rnd: int) -> None:
+        model = _Holder(state)
+        save_model(self.out / "model.pt", model, name=self.cfg.model.name, kwargs=self.kwargs,
+                   classes=list(self.cfg.data.classes), ingest=self.cfg.data.ingest.model_dump(mode="json"),
+                   config=self.cfg.model_dump(mode="json"), info={"round": rnd, "sites": self.sites,
+                                                                   "run": self.out.name, "federated": True})
+
+    def finish(self, results: dict) -> None:
+        (self.out / "metrics.json").write_text(json.dumps(_clean(results), indent=1))
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, state):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *a, **k):  # noqa: D401 - the saved weights are exactly these
+        return self._state

@@ -1,0 +1,186 @@
+"""Flower ServerApp: the coordinator aggregates with FedProx (or FedAvg), validates the global model
+every round without seeing any hospital image, checkpoints, and writes the run folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader
+
+from ccmr_core.config import from_run_config
+from ccmr_core.data.sources import find_sites
+from ccmr_core.engine import evaluate, set_threads
+from ccmr_core.models.registry import build_model
+from ccmr_core.synth.biomechanics import SIGNALS
+from ccmr_core.training import model_kwargs
+from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
+from server.local_superlink import schedule_stop_if_auto_started
+from server.provision import ensure_cohort, run_dir, validation_set
+from server.recorder import RunRecorder
+from server.strategy import CCMRFedAvg, CCMRFedProx
+
+app = ServerApp()
+log = logging.getLogger("ccmr.server")
+
+
+def _site_epsilon(cfg, train: dict | None, rounds_done: int, site_names: list[str]) -> dict | None:
+    """Epsilon per site for this round: the sites' own DP-SGD ledgers (sample mode) or the
+    server-side Gaussian mechanism applied once per round to clipped site updates (site mode)."""
+    if cfg.privacy.mode == "sample" and train:
+        eps = train.get("site-epsilon", [])
+        return {"mode": "sample", "delta": cfg.privacy.delta,
+                "epsilon": {s: float(e) for s, e in zip(site_names, eps)},
+                "declined": [s for s, d in zip(site_names, train.get("site-declined", [])) if d]}
+    if cfg.privacy.mode == "site":
+        acc = RDPAccountant()
+        acc.history = [(cfg.privacy.noise_multiplier, 1.0, rounds_done)] if rounds_done else []
+        e = float(acc.get_epsilon(cfg.privacy.delta)) if rounds_done and cfg.privacy.noise_multiplier > 0 else float("inf")
+        return {"mode": "site", "delta": cfg.privacy.delta, "epsilon": {s: e for s in site_names}, "declined": []}
+    return None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    cfg = from_run_config(rc)
+    set_threads(cfg.train.threads)
+    resume = str(rc.get("resume", "") or "")
+    out = run_dir(resume or str(rc.get("out-dir", "") or ""), cfg.model.name)
+    cohort = ensure_cohort(cfg, str(rc.get("data-dir", "") or ""))
+    site_names = [name for name, _, _ in find_sites(cohort)]
+    val = validation_set(cfg)
+    bio = val.bio_channels if val is not None else len(SIGNALS)
+    kwargs = model_kwargs(cfg, len(cfg.data.classes), cfg.data.ingest.slices, bio)
+    recorder = RunRecorder(out, cfg, kwargs, site_names)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, **kwargs)
+    done = 0
+    if resume:
+        ck = recorder.load_checkpoint()
+        if ck is None:
+            raise FileNotFoundError(f"resume: no {out}/checkpoint.pt to continue from")
+        model.load_state_dict(ck["state"])
+        done = int(ck["round"])
+        print(f"resuming {out} after round {done} of {cfg.federated.rounds}", flush=True)
+    remaining = cfg.federated.rounds - done
+    n_nodes = len(list(grid.get_node_ids()))
+    print(f"CC-CMR federated run -> {out}\n  model {cfg.model.name}, {cfg.federated.strategy}"
+          f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}, "
+          f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}\n"
+          f"  sites: {', '.join(site_names)} from {cohort}; SuperNodes: {n_nodes}", flush=True)
+    if 0 < n_nodes < len(site_names):
+        print(f"  note: {n_nodes} SuperNodes for {len(site_names)} sites, so some SuperNodes host several "
+              "sites (each trained and accounted separately; the average is unchanged). For one SuperNode "
+              f"per site run once: flwr federation simulation-config --num-supernodes {len(site_names)}",
+              flush=True)
+        if cfg.privacy.mode == "site":
+            raise ValueError("site-level DP needs one SuperNode per site (each site's update is clipped "
+                             "separately); set --num-supernodes to the number of sites")
+
+    common = dict(fraction_train=cfg.federated.fraction_train, fraction_evaluate=cfg.federated.fraction_evaluate,
+                  min_train_nodes=cfg.federated.min_sites, min_evaluate_nodes=cfg.federated.min_sites,
+                  min_available_nodes=cfg.federated.min_sites,
+                  weighted_by_key="unit-weight" if cfg.privacy.mode == "site" else "num-examples",
+                  train_metrics_aggr_fn=aggregate_train_metrics,
+                  evaluate_metrics_aggr_fn=evaluate_aggr_fn(list(cfg.data.classes)))
+    inner = (CCMRFedProx(proximal_mu=cfg.federated.proximal_mu, **common) if cfg.federated.strategy == "fedprox"
+             else CCMRFedAvg(**common))
+    inner.round_offset = done
+    strategy = inner
+    if cfg.privacy.mode == "site":
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            inner, noise_multiplier=cfg.privacy.noise_multiplier, clipping_norm=cfg.privacy.clipping_norm,
+            num_sampled_clients=max(1, int(round(n_nodes * cfg.federated.fraction_train))))
+    val_loader = DataLoader(val, batch_size=cfg.train.batch_size) if val is not None else None
+    classes = list(cfg.data.classes)
+    base = {"cohort-dir": str(cohort), "num-sites": len(site_names), "bio-channels": bio, "run-key": out.name}
+
+    def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        state = arrays.to_torch_state_dict()
+        server = None
+        if val_loader is not None:
+            model.load_state_dict(state)
+            m = evaluate(model, val_loader, torch.device("cpu"), classes)
+            server = {"accuracy": m["accuracy"], "macro-auc": m["macro_auc"], "ece": m["ece"], "loss": m["loss"]}
+        if server_round == 0:
+            if server and not done:
+                print(f"round 0 (initial model): coordinator validation accuracy {server['accuracy']:.3f}", flush=True)
+            return MetricRecord(server) if server else None
+        rnd = done + server_round
+        train = dict(inner.last_train) if inner.last_train else None
+        fed = dict(inner.last_eval) if inner.last_eval else None
+        privacy = _site_epsilon(cfg, train, rnd, site_names)
+        print(recorder.record_round(rnd, state, train, fed, server, privacy), flush=True)
+        return MetricRecord(server) if server else None
+
+    t0 = time.perf_counter()
+    result = None
+    if remaining > 0:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
+                                timeout=cfg.federated.round_timeout_s,
+                                train_config=ConfigRecord({**base, "lr": cfg.train.lr}),
+                                evaluate_config=ConfigRecord({**base, "split": "val"}), evaluate_fn=round_end)
+    train_seconds = time.perf_counter() - t0
+
+    # final test on every site's held-out patients, with the best model and MC-dropout uncertainty
+    best_state = recorder.best_state or (result.arrays.to_torch_state_dict() if result else model.state_dict())
+    recorder.save_model(best_state, recorder.best_round)
+    content = RecordDict({"arrays": ArrayRecord(best_state),
+                          "config": ConfigRecord({**base, "split": "test", "mc-samples": cfg.model.mc_samples})})
+    msgs = [Message(content=content.copy() if hasattr(content, "copy") else content, dst_node_id=nid,
+                    message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
+    replies = [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
+               if r.has_content()]
+    test = summarize_stats(*pooled_stats(replies, len(classes)), classes) if replies else {"n": 0}
+    server_val = None
+    if val_loader is not None:
+        model.load_state_dict(best_state)
+        server_val = evaluate(model, val_loader, torch.device("cpu"), classes, mc_samples=cfg.model.mc_samples)
+    last = _last_privacy(out)
+    results = {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
+               "best_round": recorder.best_round, "sites": site_names, "test": test,
+               "server_validation": server_val, "privacy": last, "train_seconds": round(train_seconds, 1)}
+    recorder.finish(results)
+    _print_table(results, out)
+    from ccmr_core.report import write_report
+
+    write_report(out)
+    if not bool(rc.get("keep-superlink", False)):
+        schedule_stop_if_auto_started()
+
+
+def _last_privacy(out) -> dict | None:
+    import json
+
+    p = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+    return rows[-1].get("privacy") if rows else None
+
+
+def _print_table(r: dict, out) -> None:
+    t = r["test"]
+    print("\n=== test set (held-out patients of every site, pooled) ===", flush=True)
+    if not t.get("n"):
+        print("no test patients", flush=True)
+        return
+    lo, hi = t["accuracy_ci95"]
+    print(f"{'model':<10} {'n':>4} {'accuracy':>9} {'95% CI':>15} {'macro AUC':>10} {'ECE':>6}")
+    print(f"{r['model']:<10} {t['n']:>4} {t['accuracy']:>9.3f} {f'{lo:.3f}-{hi:.3f}':>15} "
+          f"{t['macro_auc']:>10.3f} {t['ece']:>6.3f}")
+    for s, a, n in zip(r["sites"], t["site_accuracy"], t["site_n"]):
+        if n:
+            print(f"  {s}: accuracy {a:.3f} (n={n})")
+    if r.get("privacy"):
+        eps = ", ".join(f"{s} {e:.2f}" for s, e in r["privacy"]["epsilon"].items())
+        print(f"  privacy ({r['privacy']['mode']}-level): epsilon {eps} at delta {r['privacy']['delta']:g}")
+    print(f"run folder: {out} (model.pt, metrics.json, metrics.jsonl, report.html)", flush=True)
+
+
+__all__ = ["app", "np"]

@@ -1,0 +1,113 @@
+"""The ServerApp and ClientApp together, in-process: rounds, pooled metrics, run folder, DP."""
+
+import json
+
+import numpy as np
+import pytest
+import tomllib
+
+from ccmr_core.checkpoint import load_model
+
+from .flower_grid import run_inprocess
+
+
+def _run_config(**over):
+    rc = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
+    rc = dict(rc)
+    rc.update(over)
+    return rc
+
+
+@pytest.fixture
+def env(cohort, tmp_path, monkeypatch):
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _apps():
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    return server_app, client_app
+
+
+def test_simulated_federation_writes_the_run_folder(env, cohort, capsys):
+    server_app, client_app = _apps()
+    out = env / "run"
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort)})
+    grid = run_inprocess(server_app, client_app, 3, rc)
+    printed = capsys.readouterr().out
+    assert "round 1:" in printed and "round 2:" in printed and "test set" in printed
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    fed = rows[-1]["federated_validation"]
+    assert 0 <= fed["accuracy"] <= 1 and len(fed["site-accuracy"]) == 3
+    assert rows[-1]["server_validation"]["accuracy"] is not None
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["n"] > 0 and len(m["test"]["accuracy_ci95"]) == 2 and "macro_auc" in m["test"]
+    model, blob = load_model(out / "model.pt")
+    assert blob["info"]["federated"] and not any(k.startswith("_module.") for k in blob["state_dict"])
+    for f in ("config.yaml", "checkpoint.pt", "report.html"):
+        assert (out / f).is_file()
+    # only parameters and aggregate statistics came back from the sites
+    params = set(blob["state_dict"])
+    for rep in grid.received:
+        if not rep.has_content():
+            continue
+        for rec in rep.content.array_records.values():
+            assert set(rec.keys()) == params
+        for rec in rep.content.metric_records.values():
+            for k, v in rec.items():
+                n = len(v) if isinstance(v, list) else 1
+                assert n <= 25 * 5 or k.startswith("stats-"), k  # fixed-size statistics only
+
+
+def test_fewer_supernodes_than_sites_still_trains_every_site(env, cohort, capsys):
+    server_app, client_app = _apps()
+    out = env / "run2"
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
+    run_inprocess(server_app, client_app, 2, rc)
+    printed = capsys.readouterr().out
+    assert "some SuperNodes host several sites" in printed
+    for site in ("site-a", "site-b", "site-c"):
+        assert f"[{site}] round 1:" in printed
+
+
+def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort, capsys):
+    server_app, client_app = _apps()
+    out = env / "dp"
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "dp": "sample",
+                                         "alignment": "slice", "target-epsilon": 2.0, "num-server-rounds": 2})
+    run_inprocess(server_app, client_app, 3, rc)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    eps = [r["privacy"]["epsilon"] for r in rows]
+    assert set(eps[0]) == {"site-a", "site-b", "site-c"}
+    for s in eps[0]:
+        assert 0 < eps[0][s] < eps[1][s] <= 2.0 + 1e-6
+    # a third round with the same run key would exceed the budget: sites decline, the run goes on
+    rc.update({"resume": str(out), "num-server-rounds": 3})
+    run_inprocess(server_app, client_app, 3, rc)
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["round"] == 3 and sorted(last["privacy"]["declined"]) == ["site-a", "site-b", "site-c"]
+    assert "declines to train" in capsys.readouterr().out
+
+
+def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
+    server_app, client_app = _apps()
+    out = env / "res"
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
+    run_inprocess(server_app, client_app, 3, rc)
+    rc.update({"resume": str(out), "num-server-rounds": 3})
+    run_inprocess(server_app, client_app, 3, rc)
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+
+
+def test_bad_run_config_is_refused_with_the_allowed_keys(env):
+    from ccmr_core.config import ConfigError, from_run_config
+
+    with pytest.raises(ConfigError, match="in-batch contrastive"):
+        from_run_config(_run_config(dp="sample"))
+    with pytest.raises(ConfigError, match="unknown key.*allowed"):
+        from_run_config({"rounds": 3})
+    assert np.isclose(from_run_config(_run_config(**{"proximal-mu": 0.5})).federated.proximal_mu, 0.5)
