@@ -98,6 +98,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from ccmr_core.report import write_report
+
+    if not (Path(args.run) / "metrics.jsonl").is_file() and not (Path(args.run) / "metrics.json").is_file():
+        raise FileNotFoundError(f"{args.run} is not a run folder (no metrics.jsonl or metrics.json)")
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ccmr",
@@ -160,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="rebuild RUN/report.html from a run folder",
+                       description="Rebuild the self-contained report.html (learning curves, confusion matrix, "
+                       "final table) from a run folder's metrics.jsonl and metrics.json.")
+    p.add_argument("run", help="run folder (central or federated)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -23,6 +23,9 @@ from ccmr_core.training import model_kwargs
 from client.local import average_states, load_sites, read_ledger, write_ledger
 
 app = ClientApp()
+# Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
+# logger has its own and also propagates, so every line would be printed twice.
+logging.getLogger("flwr").propagate = False
 log = logging.getLogger("ccmr.client")
 
 
@@ -49,6 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(c.get("proximal-mu", 0.0))
     run_key = str(c["run-key"])
     states, weights, losses = [], [], []
+    train_seconds = 0.0
     eps = np.zeros(n_sites)
     declined = np.zeros(n_sites)
     for site in sites:
@@ -73,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
             model, opt, loader = dp.wrap(model, opt, loader)
         for epoch in range(cfg.federated.local_epochs):
             res = train_epoch(model, loader, opt, device, prox_mu=mu, global_params=global_params)
+            train_seconds += res["seconds"]
         if dp is not None:
             eps[site.index] = dp.finish()
             write_ledger(site, run_key, dp.ledger)
@@ -88,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         "site-epsilon": eps.tolist(),
         "site-declined": declined.tolist(),
         "delta": float(cfg.privacy.delta),
+        "train-seconds": train_seconds,
     }
     if states:
         arrays = ArrayRecord(average_states(states, weights))

@@ -20,7 +20,8 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     eps = np.max([m["site-epsilon"] for m in ms], axis=0)
     declined = np.max([m["site-declined"] for m in ms], axis=0)
     return MetricRecord({"train-loss": loss, "site-epsilon": eps.tolist(), "site-declined": declined.tolist(),
-                         "patients": float(w.sum()), "delta": float(ms[0]["delta"])})
+                         "patients": float(w.sum()), "delta": float(ms[0]["delta"]),
+                         "train-seconds": float(sum(m.get("train-seconds", 0.0) for m in ms))})
 
 
 def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, np.ndarray, np.ndarray]:

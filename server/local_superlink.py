@@ -20,10 +20,10 @@ _WATCHER = r"""
 import os, signal, sys, time
 sl, app, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 def alive(p):
-    try:
-        os.kill(p, 0)
-        return True
-    except OSError:
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
 deadline = time.time() + 6 * 3600
 while alive(app) and time.time() < deadline:
@@ -70,7 +70,7 @@ def auto_started_superlink(start: int | None = None) -> int | None:
     return None
 
 
-def schedule_stop_if_auto_started(grace_s: float = 8.0) -> int | None:
+def schedule_stop_if_auto_started(grace_s: float = 15.0) -> int | None:
     pid = auto_started_superlink()
     if pid is None:
         return None

@@ -27,6 +27,9 @@ from server.recorder import RunRecorder
 from server.strategy import CCMRFedAvg, CCMRFedProx
 
 app = ServerApp()
+# Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
+# logger has its own and also propagates, so every line would be printed twice.
+logging.getLogger("flwr").propagate = False
 log = logging.getLogger("ccmr.server")
 
 

@@ -8,7 +8,7 @@ import tomllib
 
 from ccmr_core.checkpoint import load_model
 
-from .flower_grid import run_inprocess
+from server.inprocess import run_inprocess
 
 
 def _run_config(**over):

@@ -1,4 +1,4 @@
-"""Drive the real ServerApp and ClientApp objects in one process, without Ray (for fast tests).
+"""Drive the real ServerApp and ClientApp objects in one process, without Ray (tests, benchmarks).
 
 A tiny Grid subclass delivers each message to the ClientApp synchronously and behaves like a
 SuperNode on exceptions (an error reply). Uses two Flower internals, hence the pinned flwr."""

@@ -1,0 +1,55 @@
+"""The README's main command, for real: `flwr run .` with the smoke preset, as a subprocess.
+
+Isolated FLWR_HOME and port; the run's status is checked with `flwr ls` (flwr run exits 0 even
+when a run fails); afterwards no SuperLink or SuperExec of this test may be left running."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = "39391"
+
+
+def _flwr():
+    return str(Path(sys.executable).with_name("flwr"))
+
+
+def _ours(flwr_home: Path) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "flower-superlink|flower-superexec"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(flwr_home) in line or f"--port {PORT}" in line
+            or f"127.0.0.1:{PORT}" in line]
+
+
+@pytest.mark.timeout(420)
+def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
+    if not Path(_flwr()).exists():
+        pytest.skip("flwr CLI not installed next to this interpreter")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env.update(FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=PORT,
+               CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=str(tmp_path / "ray"))
+    out_dir = tmp_path / "run"
+    cmd = [_flwr(), "run", ".", "--stream", "--run-config", f"preset='smoke' out-dir='{out_dir}'"]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
+        log = r.stdout + r.stderr
+        assert r.returncode == 0, log[-3000:]
+        assert "=== test set" in log and "round 2:" in log, log[-3000:]
+        ls = subprocess.run([_flwr(), "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+        runs = json.loads(ls.stdout)["runs"]
+        assert runs and runs[-1]["status"] == "finished:completed", ls.stdout
+        assert (out_dir / "metrics.json").is_file() and (out_dir / "model.pt").is_file()
+        assert json.loads((out_dir / "metrics.json").read_text())["test"]["n"] > 0
+        deadline = time.time() + 60
+        while _ours(tmp_path) and time.time() < deadline:
+            time.sleep(1)
+        assert _ours(tmp_path) == [], "flwr left its local SuperLink running"
+    finally:
+        for line in _ours(tmp_path):  # end only what this test started, by PID
+            subprocess.run(["kill", line.split()[0]], check=False)
