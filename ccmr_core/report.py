@@ -40,7 +40,7 @@ def _curves(rows: list[dict]) -> str | None:
     x = [r[key] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     series = {
-        "train loss": [(r.get("train") or {}).get("train-loss", (r.get("train") or {}).get("loss")) for r in rows],
+        "train loss (all tasks, uncertainty-weighted)": [(r.get("train") or {}).get("train-loss", (r.get("train") or {}).get("loss")) for r in rows],
         "validation loss": [((r.get("server_validation") or r.get("federated_validation") or r.get("val")) or {}).get("loss")
                             for r in rows],
     }

@@ -24,8 +24,8 @@ def ensure_cohort(cfg: ExperimentConfig, data_dir: str = "", progress: bool = Fa
     """The federation's data folder; the synthetic cohort is generated the first time only."""
     path = cohort_dir(cfg, data_dir)
     s = cfg.data.synth
-    if data_dir and (path / "cohort.json").is_file() is False and path.is_dir():
-        find_sites(path)  # a folder of real sites: just check it is one
+    if data_dir and path.exists():
+        find_sites(path)  # a given folder is used as it is (real sites or an existing cohort)
         return path
     if not cohort_matches(path, s.sites, s.patients, s.seed):
         print(f"generating the synthetic cohort ({s.sites} sites, {s.patients} patients, seed {s.seed}) "

@@ -5,8 +5,10 @@ when a run fails); afterwards no SuperLink or SuperExec of this test may be left
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +33,10 @@ def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
     if not Path(_flwr()).exists():
         pytest.skip("flwr CLI not installed next to this interpreter")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    ray_dir = tempfile.mkdtemp(prefix="ccmr-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     env.update(FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=PORT,
-               CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=str(tmp_path / "ray"))
+               CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=ray_dir,
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     out_dir = tmp_path / "run"
     cmd = [_flwr(), "run", ".", "--stream", "--run-config", f"preset='smoke' out-dir='{out_dir}'"]
     try:
@@ -53,3 +57,4 @@ def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
     finally:
         for line in _ours(tmp_path):  # end only what this test started, by PID
             subprocess.run(["kill", line.split()[0]], check=False)
+        shutil.rmtree(ray_dir, ignore_errors=True)
