@@ -123,6 +123,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         total = total + stats
         site_correct[site.index] = float(np.trace(stats.confusion))
         site_n[site.index] = float(stats.n)
-    metrics = {"num-examples": float(total.n), "site-correct": site_correct.tolist(), "site-n": site_n.tolist()}
+    metrics = {"num-examples": float(total.n), "unit-weight": 1.0, "site-correct": site_correct.tolist(),
+               "site-n": site_n.tolist()}
     metrics.update({f"stats-{k}": v for k, v in total.to_flat().items()})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

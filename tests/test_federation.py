@@ -117,3 +117,17 @@ def test_bad_run_config_is_refused_with_the_allowed_keys(env):
     with pytest.raises(ConfigError, match="unknown key.*allowed"):
         from_run_config({"rounds": 3})
     assert np.isclose(from_run_config(_run_config(**{"proximal-mu": 0.5})).federated.proximal_mu, 0.5)
+
+
+def test_site_level_dp_clips_updates_and_reports_epsilon(env, cohort):
+    server_app, client_app = _apps()
+    out = env / "site-dp"
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "dp": "site",
+                                         "noise-multiplier": 1.0, "num-server-rounds": 2})
+    run_inprocess(server_app, client_app, 3, rc)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    e1, e2 = (r["privacy"]["epsilon"]["site-a"] for r in rows)
+    assert rows[0]["privacy"]["mode"] == "site" and 0 < e1 < e2
+    assert json.loads((out / "metrics.json").read_text())["privacy"]["epsilon"]["site-c"] == pytest.approx(e2)
+    with pytest.raises(ValueError, match="one SuperNode per site"):
+        run_inprocess(server_app, client_app, 2, {**rc, "out-dir": str(env / "site-dp-2")})
