@@ -101,7 +101,6 @@ def overhead(cohort: Path, work: Path, rounds: int = 3) -> tuple[float, float, f
     """(Flower wall s per round, bare loop s per round, bytes ratio) for train-only FedAvg rounds."""
     cfg = load_config(overrides=["federated.fraction_evaluate=0.0", "federated.validation_patients=0"])
     out = work / "overhead"
-    t0 = time.perf_counter()
     _, grid = federated(cohort, out, **{"num-server-rounds": rounds, "strategy": "fedavg",
                                         "validation-patients": 0})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -137,7 +137,7 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
             losses.append(F.nll_loss(mean.clamp_min(1e-12).log(), batch["label"], reduction="none").cpu())
             labels.append(batch["label"].cpu())
             index.append(batch["index"].cpu())
-    cat = lambda xs, d=torch.float32: torch.cat(xs).numpy() if xs else np.zeros((0,), dtype=np.float32)  # noqa: E731
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0,), dtype=np.float32)  # noqa: E731
     return {"probs": torch.cat(probs).numpy() if probs else np.zeros((0, 0)), "labels": cat(labels),
             "uncertainty": cat(unc), "loss": cat(losses), "index": cat(index)}
 

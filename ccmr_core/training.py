@@ -23,6 +23,7 @@ from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, resolve_device, set_threads, train_epoch
 from ccmr_core.models.registry import build_model
+from ccmr_core.report import write_report
 
 log = logging.getLogger("ccmr.train")
 
@@ -110,7 +111,7 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
                         mc_samples=cfg.model.mc_samples, seed=cfg.train.seed)
         metrics["test"] = test
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _report(out)
+    write_report(out)
     return metrics
 
 
@@ -128,11 +129,3 @@ def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | N
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
-
-
-def _report(out: Path) -> None:
-    try:
-        from ccmr_core.report import write_report
-    except ImportError:  # pragma: no cover - the report module arrives with the reporting work
-        return
-    write_report(out)

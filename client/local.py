@@ -57,8 +57,8 @@ def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> lis
     out = []
     for index, name, path in hosted_sites(node_config, cohort_dir):
         cache = site_cache(path, cfg)
-        if not (cache / "manifest.json").is_file() or (path / "labels.csv").is_file():
-            ingest(path, cache, cfg.data.ingest, cfg.data.classes, progress=False, workers=1)
+        # incremental: the first round ingests, later processes only check what changed
+        ingest(path, cache, cfg.data.ingest, cfg.data.classes, progress=False, workers=1)
         train = CacheDataset(cache, cfg.data.classes, transform=default_augmentation() if cfg.train.augment else None,
                              bio_length=cfg.model.bio_length)
         evald = CacheDataset(cache, cfg.data.classes, bio_length=cfg.model.bio_length)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from ccmr_core.metrics import EvalStats, bootstrap_accuracy_ci, metrics_from_stats
+from ccmr_core.metrics import EvalStats, metrics_from_stats
 
 
 def _metrics(rd: RecordDict) -> dict:
@@ -59,5 +59,3 @@ def evaluate_aggr_fn(classes: list[str]):
 
     return fn
 
-
-__all__ = ["aggregate_train_metrics", "bootstrap_accuracy_ci", "evaluate_aggr_fn", "pooled_stats", "summarize_stats"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -135,9 +134,9 @@ def main(grid: Grid, context: Context) -> None:
     # final test on every site's held-out patients, with the best model and MC-dropout uncertainty
     best_state = recorder.best_state or (result.arrays.to_torch_state_dict() if result else model.state_dict())
     recorder.save_model(best_state, recorder.best_round)
-    content = RecordDict({"arrays": ArrayRecord(best_state),
-                          "config": ConfigRecord({**base, "split": "test", "mc-samples": cfg.model.mc_samples})})
-    msgs = [Message(content=content.copy() if hasattr(content, "copy") else content, dst_node_id=nid,
+    best_arrays = ArrayRecord(best_state)
+    test_config = {**base, "split": "test", "mc-samples": cfg.model.mc_samples}
+    msgs = [Message(content=RecordDict({"arrays": best_arrays, "config": ConfigRecord(test_config)}), dst_node_id=nid,
                     message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
     replies = [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
                if r.has_content()]
@@ -185,5 +184,3 @@ def _print_table(r: dict, out) -> None:
         print(f"  privacy ({r['privacy']['mode']}-level): epsilon {eps} at delta {r['privacy']['delta']:g}")
     print(f"run folder: {out} (model.pt, metrics.json, metrics.jsonl, report.html)", flush=True)
 
-
-__all__ = ["app", "np"]

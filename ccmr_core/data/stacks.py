@@ -22,7 +22,7 @@ import numpy as np
 
 from ccmr_core.data.dicom_read import Frame
 
-LGE_NAME = re.compile(r"(lge|psir|\bde\b|de_|_de|mde|delayed|late|enhancement|\bpsir)", re.I)
+LGE_NAME = re.compile(r"(lge|psir|\bde\b|de_|_de|mde|delayed|late|enhancement)", re.I)
 LAX_NAME = re.compile(r"(2ch|3ch|4ch|lax|long.?axis|lvot|rvot)", re.I)
 
 
