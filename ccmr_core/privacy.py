@@ -24,6 +24,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
+from torch.utils.data import default_collate
 
 from ccmr_core.config import ConfigError, ExperimentConfig
 
@@ -106,9 +107,16 @@ class PrivateTraining:
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
         self.engine = PrivacyEngine(accountant="rdp")
         self.engine.accountant.history = list(self.ledger.history)
-        return self.engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                        noise_multiplier=self.ledger.noise_multiplier,
-                                        max_grad_norm=self.cfg.privacy.max_grad_norm, poisson_sampling=True)
+        model, optimizer, dp_loader = self.engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.ledger.noise_multiplier,
+            max_grad_norm=self.cfg.privacy.max_grad_norm, poisson_sampling=True)
+        # Poisson sampling can draw an empty first batch; Opacus then needs the batch structure (a
+        # dict of tensors here) to build one, which it otherwise learns from a first non-empty batch.
+        # Only the shapes and dtypes of this collated sample are used, with a batch size of 0.
+        collate = getattr(dp_loader, "collate_fn", None)
+        if collate is not None and getattr(collate, "first_batch", "absent") is None and len(loader.dataset):
+            collate.first_batch = default_collate([loader.dataset[0]])
+        return model, optimizer, dp_loader
 
     def finish(self) -> float:
         self.ledger.history = [tuple(h) for h in copy.deepcopy(self.engine.accountant.history)]

@@ -131,3 +131,22 @@ def test_ledger_persists_and_budget_declines():
     assert spent[2] == pytest.approx(5.0, rel=0.05)  # the planned noise spends the budget over the run
     with pytest.raises(BudgetExhausted, match="declines to train"):
         PrivateTraining(cfg, ledger, 16).check_budget()
+
+
+@pytest.mark.parametrize("name", ["cc-cmr", "cine-only", "dual-path", "lge-only"])
+def test_empty_poisson_batch_first_and_later_still_steps(name):
+    """Poisson sampling draws empty batches; a step must still run (noise, accountant), also
+    when the very first batch of a round is empty."""
+    torch.manual_seed(0)
+    cfg = _dp_cfg(**{"train.batch_size": 2})
+    model = build_model(name, 2, S, width=4, dim=16, proj=8, alignment="slice")
+    dp = PrivateTraining(cfg, Ledger(), 8)
+    pm, popt, pdl = dp.wrap(model, make_optimizer(model, cfg.train), DataLoader(Toy(8), batch_size=2))
+    empty = pdl.collate_fn([])
+    assert isinstance(empty, dict) and empty["cine"].shape == (0, S, T, H, H)
+    full = pdl.collate_fn([Toy(8)[i] for i in range(3)])
+    before = [p.detach().clone() for p in pm.parameters()]
+    res = train_epoch(pm, [empty, full, empty], popt, torch.device("cpu"))
+    assert res["n"] == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, pm.parameters()))
+    assert dp.finish() > 0

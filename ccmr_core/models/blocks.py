@@ -4,6 +4,7 @@ activations, learnable scalars inside single-input leaf modules: what Opacus nee
 from __future__ import annotations
 
 import torch
+from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 
@@ -87,3 +88,24 @@ class TaskWeighting(nn.Module):
 
     def weights(self) -> dict[str, float]:
         return {t: float(torch.exp(-v)) for t, v in zip(self.tasks, self.log_vars.detach())}
+
+
+# --- per-sample gradients for DP-SGD ---------------------------------------------------------
+# Closed-form per-sample gradients of the two custom layers, registered with Opacus. Without them
+# Opacus falls back to functorch's vmap, which fails on the empty batches Poisson sampling
+# produces (and is slower).
+
+
+@register_grad_sampler(Temperature)
+def _temperature_grad_sample(layer: Temperature, activations, backprops: torch.Tensor) -> dict:
+    if not isinstance(layer.v, nn.Parameter) or not layer.v.requires_grad:
+        return {}
+    sim = activations[0]
+    scale = layer.v.clamp(max=layer.max_log).exp() * (layer.v <= layer.max_log).to(sim.dtype)
+    return {layer.v: (backprops * sim * scale).flatten(1).sum(1)}
+
+
+@register_grad_sampler(TaskWeighting)
+def _task_weighting_grad_sample(layer: TaskWeighting, activations, backprops: torch.Tensor) -> dict:
+    losses, mask = activations[0].unbind(-1)  # (B, K) each; backprops (B,)
+    return {layer.log_vars: backprops[:, None] * mask * (1 - torch.exp(-layer.log_vars) * losses)}
