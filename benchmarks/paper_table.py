@@ -100,7 +100,8 @@ def main() -> None:
         acc = [x["accuracy"] for x in r]
         ci = "; ".join(f"{x['accuracy_ci95'][0]:.2f}-{x['accuracy_ci95'][1]:.2f}" for x in r)
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        rows.append(f"| {name} | {'LGE' if name == 'lge-only' else 'cine only'} | {statistics.mean(acc):.3f} ± {sd:.3f} "
+        used = {"lge-only": "LGE", "dual-path": "cine + biomechanics"}.get(name, "cine only")
+        rows.append(f"| {name} | {used} | {statistics.mean(acc):.3f} ± {sd:.3f} "
                     f"| {ci} | {statistics.mean(x['macro_auc'] for x in r):.3f} | {statistics.mean(x['ece'] for x in r):.3f} "
                     f"| {r[0]['n']} |")
     base = statistics.mean(x["accuracy"] for x in results["cine-only"])
@@ -122,7 +123,7 @@ case mix). Seeds {args.seeds}; up to {args.epochs} epochs, early stopping on val
 {chr(10).join(rows)}
 
 CC-CMR minus cine-only: **{100 * (ccmr - base):+.1f} accuracy points** (the paper reports +4.3), with no
-gadolinium at inference. {'The claim holds on this cohort.' if ccmr - base >= 4.3 else 'The paper margin is not reproduced here; see the note below.'}
+gadolinium at inference. {'The claim holds on this cohort.' if ccmr - base >= 4.3 else 'The paper margin is not reproduced here; see the note below the table.'}
 
 Training throughput on this CPU (one AdamW step, batch 8, default grid; FLOPs counted by
 `torch.utils.flop_counter`, forward + backward), compared with this machine's float32 matmul
