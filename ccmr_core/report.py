@@ -90,6 +90,11 @@ def _confusion(test: dict) -> str | None:
     return _png(fig)
 
 
+def _f(x) -> str:
+    """A metric for display; undefined ones (None or NaN, e.g. AUC of a one-class set) as n/a."""
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
@@ -97,16 +102,15 @@ def write_report(run: str | Path) -> Path:
     imgs = [i for i in (_curves(_rows(run)), _confusion(test)) if i]
     table = ""
     if test.get("n"):
-        lo, hi = test.get("accuracy_ci95", [float("nan")] * 2)
+        lo, hi = test.get("accuracy_ci95") or [None, None]
         table = (f"<table><tr><th>model</th><th>n</th><th>accuracy</th><th>95% CI</th><th>macro AUC</th><th>ECE</th></tr>"
-                 f"<tr><td>{html.escape(str(metrics.get('model')))}</td><td>{test['n']}</td><td>{test['accuracy']:.3f}</td>"
-                 f"<td>{lo:.3f}-{hi:.3f}</td><td>{test.get('macro_auc', float('nan')):.3f}</td>"
-                 f"<td>{test.get('ece', float('nan')):.3f}</td></tr></table>")
+                 f"<tr><td>{html.escape(str(metrics.get('model')))}</td><td>{test['n']}</td><td>{_f(test.get('accuracy'))}</td>"
+                 f"<td>{_f(lo)}-{_f(hi)}</td><td>{_f(test.get('macro_auc'))}</td><td>{_f(test.get('ece'))}</td></tr></table>")
         pc = test.get("per_class") or {}
         if pc:
             table += "<table><tr><th>class</th><th>sensitivity</th><th>specificity</th><th>F1</th></tr>" + "".join(
-                f"<tr><td>{html.escape(c)}</td><td>{v['sensitivity']:.3f}</td><td>{v['specificity']:.3f}</td>"
-                f"<td>{v['f1']:.3f}</td></tr>" for c, v in pc.items() if v.get("sensitivity") is not None) + "</table>"
+                f"<tr><td>{html.escape(c)}</td><td>{_f(v.get('sensitivity'))}</td><td>{_f(v.get('specificity'))}</td>"
+                f"<td>{_f(v.get('f1'))}</td></tr>" for c, v in pc.items()) + "</table>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>CC-CMR run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>

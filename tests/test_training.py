@@ -70,3 +70,10 @@ def test_not_a_model_file(tmp_path):
     torch.save({"weights": 1}, p)
     with pytest.raises(ValueError, match="not a CC-CMR model file"):
         load_model(p)
+
+
+def test_small_site_with_rare_classes_still_gets_validation_and_test_patients():
+    labels = [0, 1, 2, 3, 4, 0]  # every class has fewer than three patients
+    s = stratified_split(labels, 0.15, 0.15, seed=0)
+    assert len(s["val"]) == 1 and len(s["test"]) == 1 and len(s["train"]) == 4
+    assert sorted(s["train"] + s["val"] + s["test"]) == list(range(6))

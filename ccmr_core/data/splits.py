@@ -33,4 +33,15 @@ def stratified_split(labels: list[int], val_fraction: float, test_fraction: floa
         out["test"] += idx[:n_test]
         out["val"] += idx[n_test : n_test + n_val]
         out["train"] += idx[n_test + n_val :]
+    # a small site whose classes are all rare still gets one validation (and test) patient, taken
+    # from its most frequent training class, so its metrics are defined
+    for part, frac in (("val", val_fraction), ("test", test_fraction)):
+        if frac > 0 and not out[part] and len(out["train"]) >= 3:
+            counts: dict[int, int] = defaultdict(int)
+            for i in out["train"]:
+                counts[labels[i]] += 1
+            y = max(sorted(counts), key=lambda c: counts[c])
+            pick = [i for i in out["train"] if labels[i] == y][int(rng.integers(counts[y]))]
+            out["train"].remove(pick)
+            out[part].append(pick)
     return {k: sorted(v) for k, v in out.items()}
