@@ -33,7 +33,7 @@ from ccmr_core.data.dicom_read import FileProblem, Frame, read_file
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.data.tables import BIOMECHANICS, LABELS, TableError, read_biomechanics, read_labels
-from ccmr_core.proc import lower_priority
+from ccmr_core.proc import worker_init
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
@@ -107,7 +107,7 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)  # forked workers must not enter the parent's OpenMP pool
-    lower_priority()  # and they yield the CPU to the parent (a Flower app must keep heartbeating)
+    worker_init()  # default signal handling, lower CPU priority
 
 
 def _read_one(args: tuple[str, str]):
