@@ -85,6 +85,8 @@ class ModelConfig(_Section):
     temperature: float = Field(0.07, gt=0.0, le=10.0)
     learn_temperature: bool = True
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
+    refer_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of validation patients that the "
+                                  "referral thresholds (low confidence, high uncertainty) would each send to a human")
     bio_length: int = Field(32, ge=4, le=1024, description="biomechanics samples per cycle (dual-path)")
 
 

@@ -119,7 +119,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc)
         if len(out["labels"]) == 0:
             continue
-        stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"])
+        stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"],
+                                       out["uncertainty"] if mc > 1 else None)
         total = total + stats
         site_correct[site.index] = float(np.trace(stats.confusion))
         site_n[site.index] = float(stats.n)

@@ -17,6 +17,7 @@ from ccmr_core.config import from_run_config
 from ccmr_core.data.sources import find_sites
 from ccmr_core.engine import evaluate, set_threads
 from ccmr_core.models.registry import build_model
+from ccmr_core.referral import thresholds_from_stats
 from ccmr_core.synth.biomechanics import SIGNALS
 from ccmr_core.training import model_kwargs
 from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
@@ -132,14 +133,27 @@ def main(grid: Grid, context: Context) -> None:
     train_seconds = time.perf_counter() - t0
 
     # final test on every site's held-out patients, with the best model and MC-dropout uncertainty
+    # and the referral thresholds from the sites' pooled validation statistics (counts only)
     best_state = recorder.best_state or (result.arrays.to_torch_state_dict() if result else model.state_dict())
-    recorder.save_model(best_state, recorder.best_round)
     best_arrays = ArrayRecord(best_state)
-    test_config = {**base, "split": "test", "mc-samples": cfg.model.mc_samples}
-    msgs = [Message(content=RecordDict({"arrays": best_arrays, "config": ConfigRecord(test_config)}), dst_node_id=nid,
-                    message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
-    replies = [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
-               if r.has_content()]
+
+    def final_evaluation(split: str) -> list[RecordDict]:
+        c = ConfigRecord({**base, "split": split, "mc-samples": cfg.model.mc_samples})
+        msgs = [Message(content=RecordDict({"arrays": best_arrays, "config": c}), dst_node_id=nid,
+                        message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
+        return [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
+                if r.has_content()]
+
+    val_replies = final_evaluation("val")
+    refer = None
+    if val_replies:
+        val_stats = pooled_stats(val_replies, len(classes))[0]
+        if val_stats.n:
+            refer = thresholds_from_stats(val_stats, len(classes), cfg.model.refer_fraction)
+            print(f"referral thresholds from {refer['validation_n']} validation patients at the sites: confidence "
+                  f"below {refer['confidence']:.2f} or uncertainty above {refer['uncertainty']}", flush=True)
+    recorder.save_model(best_state, recorder.best_round, refer=refer)
+    replies = final_evaluation("test")
     test = summarize_stats(*pooled_stats(replies, len(classes)), classes) if replies else {"n": 0}
     server_val = None
     if val_loader is not None:
@@ -148,7 +162,8 @@ def main(grid: Grid, context: Context) -> None:
     last = _last_privacy(out)
     results = {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
                "best_round": recorder.best_round, "sites": site_names, "test": test,
-               "server_validation": server_val, "privacy": last, "train_seconds": round(train_seconds, 1)}
+               "server_validation": server_val, "privacy": last, "refer": refer,
+               "train_seconds": round(train_seconds, 1)}
     recorder.finish(results)
     _print_table(results, out)
     from ccmr_core.report import write_report

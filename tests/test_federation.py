@@ -53,6 +53,13 @@ def test_simulated_federation_writes_the_run_folder(env, cohort, capsys):
     assert m["test"]["n"] > 0 and len(m["test"]["accuracy_ci95"]) == 2 and "macro_auc" in m["test"]
     model, blob = load_model(out / "model.pt")
     assert blob["info"]["federated"] and not any(k.startswith("_module.") for k in blob["state_dict"])
+    # referral thresholds set from the sites' pooled validation counts, stored with the model
+    assert blob["refer"] == m["refer"] and blob["refer"]["validation_n"] > 0
+    assert 0 <= blob["refer"]["confidence"] <= 1 and blob["refer"]["uncertainty"] is not None
+    # the final test carries the report's curves, drawn from pooled counts
+    assert set(m["test"]["curves"]) == {"roc", "reliability", "uncertainty"}
+    assert sum(m["test"]["curves"]["uncertainty"]["correct"] + m["test"]["curves"]["uncertainty"]["wrong"]) == \
+        m["test"]["n"]
     for f in ("config.yaml", "checkpoint.pt", "report.html"):
         assert (out / f).is_file()
     # only parameters and aggregate statistics came back from the sites
