@@ -289,7 +289,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "seed": "data.synth.seed",
     "validation-patients": "federated.validation_patients",
 }
-RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink")
+RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink", "sites")
 
 
 def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:

@@ -56,8 +56,13 @@ def main(grid: Grid, context: Context) -> None:
     set_threads(cfg.train.threads)
     resume = str(rc.get("resume", "") or "")
     out = run_dir(resume or str(rc.get("out-dir", "") or ""), cfg.model.name)
-    cohort = ensure_cohort(cfg, str(rc.get("data-dir", "") or ""))
-    site_names = [name for name, _, _ in find_sites(cohort)]
+    deployed = str(rc.get("sites", "") or "")
+    if deployed:  # deployment: each SuperNode serves its own hospital's data; the coordinator holds none
+        site_names = [s.strip() or f"slot-{k}" for k, s in enumerate(deployed.split(","))]
+        cohort = ""
+    else:  # simulation: the synthetic cohort, generated once
+        cohort = ensure_cohort(cfg, str(rc.get("data-dir", "") or ""))
+        site_names = [name for name, _, _ in find_sites(cohort)]
     val = validation_set(cfg)
     bio = val.bio_channels if val is not None else len(SIGNALS)
     kwargs = model_kwargs(cfg, len(cfg.data.classes), cfg.data.ingest.slices, bio)
@@ -77,8 +82,9 @@ def main(grid: Grid, context: Context) -> None:
     print(f"CC-CMR federated run -> {out}\n  model {cfg.model.name}, {cfg.federated.strategy}"
           f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}, "
           f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}\n"
-          f"  sites: {', '.join(site_names)} from {cohort}; SuperNodes: {n_nodes}", flush=True)
-    if 0 < n_nodes < len(site_names):
+          f"  sites: {', '.join(site_names)} {f'from {cohort}' if cohort else '(each on its own SuperNode)'}; "
+          f"SuperNodes: {n_nodes}", flush=True)
+    if 0 < n_nodes < len(site_names) and not deployed:
         print(f"  note: {n_nodes} SuperNodes for {len(site_names)} sites, so some SuperNodes host several "
               "sites (each trained and accounted separately; the average is unchanged). For one SuperNode "
               f"per site run once: flwr federation simulation-config --num-supernodes {len(site_names)}",
