@@ -118,8 +118,9 @@ def cmd_start(args) -> int:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if rc not in (0, -signal.SIGTERM):
-        print(f"error: the SuperNode exited with status {rc} (305 means the SuperLink refused this site's key: "
-              "ask the coordinator whether the site is registered)", file=sys.stderr)
+        print(f"error: the SuperNode stopped (status {rc}). If its log above says 'Exit Code: 305', it could not "
+              "join: either the SuperLink refused this site's key (ask the coordinator whether the site is "
+              f"registered) or TLS failed; run `ccmr-client check --bundle {b.root}` to see which", file=sys.stderr)
         return 1
     return 0
 

@@ -7,6 +7,7 @@
     ccmr-server stop FED                           stops what `start` started
     ccmr-server run FED [--preset ...]             one federated run; exit status = run status
     ccmr-server status FED                         sites (registered / online) and runs
+    ccmr-server renew-cert FED                     new SuperLink certificate, same CA
 
 Errors a coordinator can fix print one line starting with ``error:`` and exit with status 2.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import signal
 import subprocess
@@ -53,6 +53,15 @@ def cmd_remove_site(args) -> int:
     fed = fedlib.load(args.fed)
     fedlib.remove_site(fed, args.name)
     print(f"site {args.name} revoked: its key is unregistered and can no longer connect")
+    return 0
+
+
+def cmd_renew_cert(args) -> int:
+    fed = fedlib.load(args.fed)
+    crt = fedlib.renew_certificate(fed, args.host)
+    s = cert_summary(crt.read_bytes())
+    print(f"new SuperLink certificate for {', '.join(s['hosts'])}, valid until {s['not_after']:%Y-%m-%d}; site bundles "
+          "stay valid. Restart the SuperLink to use it.")
     return 0
 
 
@@ -240,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("fed")
     s.add_argument("name")
     s.set_defaults(func=cmd_remove_site)
+    s = sub.add_parser("renew-cert", help="issue a new SuperLink certificate from the same CA")
+    s.add_argument("fed")
+    s.add_argument("--host", action="append", help="host names / IPs (default: those given to init)")
+    s.set_defaults(func=cmd_renew_cert)
     s = sub.add_parser("start", help="run the SuperLink (TLS, SuperNode auth, state in FED/state) in the foreground")
     s.add_argument("fed")
     s.add_argument("--wait", type=float, default=90, help="seconds to wait for the SuperLink to answer")

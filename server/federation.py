@@ -197,6 +197,22 @@ def init(root: str | Path, hosts: list[str], port: int = DEFAULT_PORT, name: str
     return fed
 
 
+def renew_certificate(fed: Federation, hosts: list[str] | None = None) -> Path:
+    """A new SuperLink certificate from the same CA (site bundles stay valid); the old one is
+    kept as superlink.crt.old. Restart the SuperLink to use it."""
+    hosts = hosts or fed.hosts
+    pem, key = pki.make_server_cert(fed.ca.read_bytes(), (fed.root / "ca.key").read_bytes(), hosts)
+    crt = fed.root / "superlink.crt"
+    shutil.copyfile(crt, fed.root / "superlink.crt.old")
+    pki.write_private(fed.root / "superlink.key", key, force=True)
+    pki.write_public(crt, pem, force=True)
+    if hosts != fed.hosts:
+        d = yaml.safe_load((fed.root / "federation.yaml").read_text())
+        d["hosts"] = hosts
+        _atomic_text(fed.root / "federation.yaml", yaml.safe_dump(d, sort_keys=False))
+    return crt
+
+
 def register(fed: Federation, site: str) -> int:
     """Register a site's public key with the running SuperLink; returns its node id."""
     reg = fed.registry()

@@ -4,13 +4,12 @@ The unit tests build federations in a temporary folder; the integration test sta
 and two SuperNodes as processes on 127.0.0.1 (the same entry points the container images run),
 runs two rounds and stops everything it started, by PID."""
 
+import json
 import os
-import signal
+import shutil
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,15 +19,9 @@ from cryptography import x509
 
 from client.bundle import check_ca, check_key, check_superlink, load_bundle
 from server import federation as fedlib
+from server.loopback import LoopbackFederation
+from server.loopback import free_port as _free_port
 from server.pki import KeyExists, make_server_cert
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mode(p: Path) -> int:
@@ -48,6 +41,10 @@ def test_init_writes_owner_only_keys_and_never_replaces_them(tmp_path):
     with pytest.raises(KeyExists, match="refusing to replace"):
         fedlib.init(tmp_path / "fed", ["other"])
     assert (fed.root / "ca.key").read_bytes() == before
+    old = (fed.root / "superlink.crt").read_bytes()
+    fedlib.renew_certificate(fed)  # same CA, new certificate: bundles stay valid
+    assert (fed.root / "ca.key").read_bytes() == before and (fed.root / "superlink.crt").read_bytes() != old
+    assert _mode(fed.root / "superlink.key") == 0o600
     fedlib.init(tmp_path / "fed", ["other"], force=True)
     assert (fed.root / "ca.key").read_bytes() != before
 
@@ -147,99 +144,46 @@ def test_check_says_exactly_what_is_wrong(tmp_path):
     assert not ok and f"chmod 600 {good.key}" in msg
 
 
-def _ours(fed_root: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-af", "flower-superlink|flower-supernode|flower-superexec|server.cli|client.cli"],
-                         capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if str(fed_root) in line]
-
-
 @pytest.mark.timeout(600)
-def test_two_hospitals_over_tls_run_two_rounds_and_a_stranger_is_refused(cohort, tmp_path):
-    py = sys.executable
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path), PATH=str(Path(py).parent) + os.pathsep + env.get("PATH", ""))
-    fed_root = tmp_path / "fed"
-    port = _free_port()
-
-    def cli(module, *args, timeout=120, **kw):
-        return subprocess.run([py, "-m", module, *args], env={**env, **kw}, capture_output=True, text=True,
-                              timeout=timeout, cwd=tmp_path)
-
-    r = cli("server.cli", "init", str(fed_root), "--host", "localhost", "--port", str(port),
-            "--listen-host", "127.0.0.1")
-    assert r.returncode == 0, r.stderr
-    for s in ("hospital-a", "hospital-b"):
-        assert cli("server.cli", "add-site", str(fed_root), s).returncode == 0
-    procs: list[subprocess.Popen] = []
-    logs = {}
-
-    def spawn(name, module, *args, **kw):
-        logs[name] = open(tmp_path / f"{name}.log", "w")
-        p = subprocess.Popen([py, "-m", module, *args], env={**env, **kw}, stdout=logs[name],
-                             stderr=subprocess.STDOUT, cwd=tmp_path)
-        procs.append(p)
-        return p
-
-    def log(name):
-        return (tmp_path / f"{name}.log").read_text()[-3000:]
-
-    try:
-        spawn("superlink", "server.cli", "start", str(fed_root))
-        fed = fedlib.load(fed_root)
-        deadline = time.time() + 120
-        while "sites: hospital-a, hospital-b" not in log("superlink"):
-            assert time.time() < deadline, log("superlink")
-            time.sleep(1)
+def test_two_hospitals_over_tls_run_two_rounds_and_strangers_are_refused(cohort, tmp_path):
+    sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b"}
+    with LoopbackFederation(tmp_path, sites) as lf:
+        fed = lf.fed
         assert all(r["status"] == "registered" for r in fed.registry()["sites"].values())
-        for k, (s, src) in enumerate((("hospital-a", "site-a"), ("hospital-b", "site-b"))):
-            r = cli("client.cli", "check", "--bundle", str(fed.bundle(s)), "--data", str(cohort / src))
+        for s, data in sites.items():
+            r = lf.cli("client.cli", "check", "--bundle", str(fed.bundle(s)), "--data", str(data))
             assert r.returncode == 0 and "ready to start" in r.stdout, r.stdout + r.stderr
-            spawn(s, "client.cli", "start", "--bundle", str(fed.bundle(s)), "--data", str(cohort / src),
-                  "--port", str(_free_port()), CCMR_CACHE=str(tmp_path / f"cache-{s}"))
-        # a SuperNode whose key the coordinator never registered is turned away
-        stranger = fedlib.init(tmp_path / "stranger", ["localhost"], port=port)
-        b = load_bundle(fedlib.add_site(stranger, "rogue"))
-        with open(tmp_path / "rogue.log", "w") as out:  # a file, not a pipe: its SuperExec child inherits it
-            rogue = subprocess.Popen([str(Path(py).with_name("flower-supernode")), "--superlink", f"localhost:{port}",
-                                      "--root-certificates", str(fed.ca), "--auth-supernode-private-key", str(b.key),
-                                      "--max-retries", "1", "--max-wait-time", "20", "--port", str(_free_port())],
-                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                assert rogue.wait(90) != 0
-            finally:
-                try:
-                    os.killpg(rogue.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
-        # the run: two rounds of the smoke preset; the exit status is the run's
-        r = cli("server.cli", "run", str(fed_root), "--preset", "smoke", "--rounds", "2", "--set",
-                "validation-patients=0", "--out", str(tmp_path / "run"), timeout=420)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + log("hospital-a")
-        assert "completed" in r.stdout
-        rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-        assert len(rows) == 2
-        import json
+        lf.wait_online(2)
 
+        # the run: two rounds of the smoke preset; the exit status is the run's
+        r = lf.run("--preset", "smoke", "--rounds", "2", "--set", "validation-patients=0", "--out",
+                   str(tmp_path / "run"), timeout=420)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + lf.log("hospital-a")
+        assert "completed" in r.stdout
+        assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
         m = json.loads((tmp_path / "run" / "metrics.json").read_text())
         assert m["sites"] == ["hospital-a", "hospital-b"] and m["test"]["n"] > 0
         assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "report.html").is_file()
-        st = cli("server.cli", "status", str(fed_root))
-        assert st.stdout.count("online") == 2, st.stdout
         # the hospitals' images never reached the coordinator: its cache holds no site data
-        assert not any("hospital" in p.name or "site-" in p.name for p in (fed_root / "cache").rglob("*"))
-    finally:
-        for p in reversed(procs):  # end what this test started, by PID (each forwards to its children)
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in logs.values():
-            f.close()
+        assert not any("site-" in p.name or "hospital" in p.name for p in (fed.root / "cache").rglob("*"))
+
+        # security, each refused on the SuperNode's side with Flower's exit code 305 and its reason
+        target = ["--superlink", f"localhost:{lf.port}", "--root-certificates", str(fed.ca)]
+        stranger = load_bundle(fedlib.add_site(fedlib.init(tmp_path / "other", ["localhost"]), "rogue"))
+        rc, out = lf.refused(*target, "--auth-supernode-private-key", str(stranger.key))
+        assert rc != 0 and "Failed to activate SuperNode" in out, out  # a key the coordinator never registered
+        rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--insecure")
+        assert rc != 0 and "305" in out and "Server disconnected" in out, out  # plaintext against TLS
+        rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--root-certificates", str(stranger.ca),
+                             "--auth-supernode-private-key", str(fed.bundle("hospital-a") / "site.key"))
+        assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out  # a SuperLink this site's CA did not sign
+        kept = tmp_path / "hospital-b-bundle"  # the hospital still holds its bundle after revocation
+        shutil.copytree(fed.bundle("hospital-b"), kept)
+        r = lf.cli("server.cli", "remove-site", str(fed.root), "hospital-b")
+        assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
+        rc, out = lf.refused(*target, "--auth-supernode-private-key", str(kept / "site.key"))
+        assert rc != 0 and "Failed to activate SuperNode" in out, out
     deadline = time.time() + 30
-    while _ours(fed_root) and time.time() < deadline:
+    while lf.leftovers() and time.time() < deadline:
         time.sleep(1)
-    assert _ours(fed_root) == [], "a SuperLink or SuperNode of this test is still running"
+    assert lf.leftovers() == [], "a SuperLink or SuperNode of this test is still running"
