@@ -167,7 +167,7 @@ def main(grid: Grid, context: Context) -> None:
         server_val = evaluate(model, val_loader, torch.device("cpu"), classes, mc_samples=cfg.model.mc_samples)
     last = _last_privacy(out)
     results = {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
-               "best_round": recorder.best_round, "sites": site_names, "test": test,
+               "best_round": recorder.best_round, "sites": site_names, "supernodes": n_nodes, "test": test,
                "server_validation": server_val, "privacy": last, "refer": refer,
                "train_seconds": round(train_seconds, 1)}
     recorder.finish(results)
