@@ -116,6 +116,11 @@ class FederatedConfig(_Section):
     validation_patients: int = Field(45, ge=0, le=100_000,
                                      description="coordinator-held synthetic validation set (0 = none)")
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    max_update_ratio: float = Field(10.0, ge=1.0, le=1e9, description="reject a site's update whose norm exceeds "
+                                    "this multiple of the median of the other sites' update norms")
+    aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
+        "mean", description="mean (weighted FedAvg/FedProx), or coordinate-wise median / trimmed mean (robust)")
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
 
 
 class PrivacyConfig(_Section):
@@ -275,6 +280,8 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "local-epochs": "federated.local_epochs",
     "fraction-train": "federated.fraction_train",
     "min-sites": "federated.min_sites",
+    "fraction-evaluate": "federated.fraction_evaluate",
+    "aggregator": "federated.aggregator",
     "batch-size": "train.batch_size",
     "lr": "train.lr",
     "model": "model.name",

@@ -102,6 +102,8 @@ def main(grid: Grid, context: Context) -> None:
     inner = (CCMRFedProx(proximal_mu=cfg.federated.proximal_mu, **common) if cfg.federated.strategy == "fedprox"
              else CCMRFedAvg(**common))
     inner.round_offset = done
+    inner.max_update_ratio = cfg.federated.max_update_ratio
+    inner.aggregator, inner.trim_fraction = cfg.federated.aggregator, cfg.federated.trim_fraction
     strategy = inner
     if cfg.privacy.mode == "site":
         strategy = DifferentialPrivacyServerSideFixedClipping(
@@ -124,6 +126,8 @@ def main(grid: Grid, context: Context) -> None:
             return MetricRecord(server) if server else None
         rnd = done + server_round
         train = dict(inner.last_train) if inner.last_train else None
+        if inner.rejected:
+            train = {**(train or {}), "rejected": list(inner.rejected)}
         fed = dict(inner.last_eval) if inner.last_eval else None
         privacy = _site_epsilon(cfg, train, rnd, site_names)
         print(recorder.record_round(rnd, state, train, fed, server, privacy), flush=True)

@@ -138,3 +138,46 @@ def test_site_level_dp_clips_updates_and_reports_epsilon(env, cohort):
     assert json.loads((out / "metrics.json").read_text())["privacy"]["epsilon"]["site-c"] == pytest.approx(e2)
     with pytest.raises(ValueError, match="one SuperNode per site"):
         run_inprocess(server_app, client_app, 2, {**rc, "out-dir": str(env / "site-dp-2")})
+
+
+def _poisoning(client_app, poisons, captured):
+    """The real ClientApp, except that the train replies of some partitions are replaced."""
+    from flwr.app import ArrayRecord, MessageType
+
+    def call(msg, ctx):
+        rep = client_app(msg, ctx)
+        pid = ctx.node_config["partition-id"]
+        if msg.metadata.message_type == MessageType.TRAIN and rep.has_content():
+            sent = msg.content["arrays"].to_torch_state_dict()
+            mine = rep.content["arrays"].to_torch_state_dict()
+            if pid in poisons:
+                rep.content["arrays"] = ArrayRecord(poisons[pid](sent, mine))
+            else:
+                captured.append(mine)
+        return rep
+
+    return call
+
+
+def test_nan_and_huge_updates_are_rejected_and_the_global_model_is_the_honest_sites(env, cohort, capsys):
+    import torch
+
+    server_app, client_app = _apps()
+    out = env / "run"
+    honest = []
+    poisons = {0: lambda g, w: {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                for k, v in w.items()},
+               1: lambda g, w: {k: g[k] + 1000 * (w[k] - g[k]) if w[k].is_floating_point() else w[k] for k in w}}
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
+    run_inprocess(server_app, _poisoning(client_app, poisons, honest), 3, rc)
+    printed = capsys.readouterr().out
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    reasons = {r["node"]: r["reason"] for r in row["train"]["rejected"]}
+    assert len(reasons) == 2 and "rejected" in printed
+    assert any("NaN" in r for r in reasons.values()) and any("median of the other sites" in r for r in reasons.values())
+    # the global model after the round is exactly the one honest site's update
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert len(honest) == 1
+    for k, v in honest[0].items():
+        assert torch.equal(state[k], v), k
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0
