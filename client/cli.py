@@ -3,6 +3,7 @@
     ccmr-client prepare --data SITE                 ingest and validate the site's DICOM; sends nothing
     ccmr-client check --bundle DIR [--data SITE]    bundle, certificates, SuperLink reachability, GPU
     ccmr-client start --bundle DIR --data SITE      run the SuperNode (outbound TLS only)
+    ccmr-client audit                               what has left this site, from the audit log
 
 The site's images stay on this machine: the SuperNode dials out to the coordinator's SuperLink
 and only model weights and aggregate statistics leave (DESIGN.md, privacy rules). Errors a
@@ -74,6 +75,18 @@ def cmd_check(args) -> int:
     return 0 if not bad else 1
 
 
+def cmd_audit(args) -> int:
+    from client.egress import audit_path, summarize
+
+    root = Path(args.dir) if args.dir else audit_path("x").parent
+    files = [root / f"{args.site}.jsonl"] if args.site else sorted(root.glob("*.jsonl"))
+    if not files:
+        print(f"no audit log in {root}: nothing has left this site")
+    for f in files:
+        print(summarize(f))
+    return 0
+
+
 def supernode_command(b, data: Path, port: int) -> list[str]:
     exe = Path(sys.executable).with_name("flower-supernode")
     node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index}'
@@ -142,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="also check the site folder")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(func=cmd_check)
+    s = sub.add_parser("audit", help="summarise what this site has sent (the append-only audit log)")
+    s.add_argument("--site", help="one site's log (default: all in the audit folder)")
+    s.add_argument("--dir", help="audit folder (default $CCMR_CACHE/audit)")
+    s.set_defaults(func=cmd_audit)
     s = sub.add_parser("start", help="run the SuperNode for this site")
     s.add_argument("--bundle", required=True)
     s.add_argument("--data", required=True)

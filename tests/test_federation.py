@@ -181,3 +181,48 @@ def test_nan_and_huge_updates_are_rejected_and_the_global_model_is_the_honest_si
     for k, v in honest[0].items():
         assert torch.equal(state[k], v), k
     assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0
+
+
+def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(env, cohort, monkeypatch, capsys):
+    import torch
+
+    import client.client_app as ca
+    from client.egress import summarize
+
+    audit = env / "audit"
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(audit))
+    real = ca.average_states
+    calls = []
+
+    def leaky(states, weights):  # a bug that would attach an image to the first train reply
+        out = real(states, weights)
+        calls.append(1)
+        if len(calls) == 1:
+            out = {**out, "debug-image": torch.rand(8, 16, 32, 32)}
+        return out
+
+    monkeypatch.setattr(ca, "average_states", leaky)
+    server_app, client_app = _apps()
+    out = env / "run"
+    run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", **{"out-dir": str(out),
+                                                                           "data-dir": str(cohort)}))
+    assert "REFUSED to send the train reply" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0  # the run went on
+    logs = sorted(audit.glob("*.jsonl"))
+    assert [p.stem for p in logs] == ["site-a", "site-b", "site-c"]
+    params = set(torch.load(out / "model.pt", weights_only=False)["state_dict"])
+    refused = 0
+    for p in logs:
+        rows = [json.loads(x) for x in p.read_text().splitlines()]
+        # 2 rounds x (train + evaluate) + the final validation and test evaluations
+        assert [r["kind"] for r in rows] == ["train", "evaluate", "train", "evaluate", "evaluate", "evaluate"]
+        for r in rows:
+            arrays = {k["key"][len("arrays/"):] for k in r["keys"] if k["key"].startswith("arrays/")}
+            if r["kind"] == "train" and not r["refused"]:
+                assert arrays == params and r["bytes"] > 4 * sum(1 for _ in params)
+            else:
+                assert arrays == set()  # evaluation replies and refused replies carry no arrays
+            assert len(r["sha256"]) == 64
+        refused += sum(bool(r["refused"]) for r in rows)
+        assert "messages" in summarize(p)
+    assert refused == 1
