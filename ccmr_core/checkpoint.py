@@ -15,7 +15,8 @@ FORMAT = 1
 
 
 def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict, classes: list[str], ingest: dict,
-               config: dict, info: dict | None = None) -> None:
+               config: dict, info: dict | None = None, refer: dict | None = None) -> None:
+    """``refer``: the referral thresholds set on validation data (ccmr_core/referral.py)."""
     base = getattr(model, "_module", model)
     blob = {
         "format": FORMAT,
@@ -26,6 +27,7 @@ def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict, c
         "classes": list(classes),
         "ingest": ingest,
         "config": config,
+        "refer": refer,
         "info": {"saved": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(info or {})},
     }
     path = Path(path)

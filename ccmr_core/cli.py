@@ -18,6 +18,7 @@ EPILOG = """examples:
   ccmr ingest cohort/site-a --out cache/site-a   # DICOM folder -> cache + manifest.json
   ccmr train --data cohort --model cc-cmr --out runs/ccmr --test-site site-c
   ccmr evaluate --model runs/ccmr/model.pt --data cohort/site-c
+  ccmr predict STUDY --model runs/ccmr/model.pt --out pred/   # one patient, cine only
 """
 
 
@@ -98,6 +99,45 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from ccmr_core.inference import predict_batch, predict_study
+
+    if (args.study is None) == (args.batch is None):
+        raise ValueError("give either one STUDY folder or --batch SITE (a folder of many studies)")
+    if args.batch:
+        rows = predict_batch(args.batch, args.model, args.out, force=args.force, mc_samples=args.mc,
+                             progress=not args.quiet)
+        ok = [r for r in rows if not r.get("error")]
+        print(f"{len(ok)} of {len(rows)} studies predicted, {sum(bool(r['refer']) for r in ok)} to be read by a "
+              f"human (refer); {len(rows) - len(ok)} could not be read (see the error column) -> "
+              f"{Path(args.out) / 'predictions.csv'}")
+        return 0
+    d = predict_study(args.study, args.model, args.out, force=args.force, mc_samples=args.mc)
+    probs = ", ".join(f"{c} {p:.2f}" for c, p in sorted(d["probabilities"].items(), key=lambda kv: -kv[1]))
+    u = d["epistemic_uncertainty"]
+    print(f"{d['patient_id']}: {d['predicted']} (confidence {d['confidence']:.2f}"
+          f"{'' if u is None else f', epistemic uncertainty {u:.4f}'})\n  probabilities: {probs}")
+    if d["refer"]:
+        print("  REFER to a human reader: " + "; ".join(d["refer_reasons"]))
+    else:
+        print("  no referral: confidence and uncertainty are within the thresholds set on validation data")
+    for n in d["ingestion"]["notes"]:
+        print(f"  note: {n}")
+    print(f"  -> {Path(args.out) / 'prediction.json'}, {Path(args.out) / 'saliency.png'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ccmr_core.export import export_model
+
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx" if args.format == "onnx" else ".ts")
+    meta = export_model(args.model, args.format, out, force=args.force)
+    g = meta["input"]["shape"]
+    print(f"wrote {out} ({args.format}): cine float32 {tuple(g)} in [0, 1] -> probabilities for "
+          f"{', '.join(meta['classes'])}; class list and preprocessing embedded (sha256 {meta['sha256'][:12]})")
+    return 0
+
+
 def cmd_report(args) -> int:
     from ccmr_core.report import write_report
 
@@ -169,6 +209,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="read one patient's cine study with a trained model",
+                       description="Read STUDY (one patient's DICOM folder; cine is enough, LGE is ignored) with "
+                       "MODEL, on the model's own grid. Writes OUT/prediction.json (predicted class, "
+                       "probabilities, epistemic uncertainty, refer flag with the thresholds set on validation "
+                       "data, model identity, ingestion notes) and OUT/saliency.png. With --batch SITE, every "
+                       "study under SITE goes into OUT/predictions.csv.")
+    p.add_argument("study", nargs="?", help="folder with one patient's DICOM study")
+    p.add_argument("--batch", metavar="SITE", help="folder with many studies (any layout) instead of STUDY")
+    p.add_argument("--model", required=True, help="model.pt from a run folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mc", type=int, default=None, help="MC-dropout passes (default: the model's own setting)")
+    p.add_argument("--force", action="store_true", help="replace an earlier prediction in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a cine-only inference model (TorchScript or ONNX)",
+                       description="Export MODEL's cine path as a stand-alone model: input cine float32 "
+                       "(B, S, T, H, W) in [0, 1], output class probabilities (dropout off). The class list, "
+                       "preprocessing parameters and the source model's identity are embedded (TorchScript: "
+                       "extra file ccmr.json; ONNX: metadata entry 'ccmr').")
+    p.add_argument("model", help="model.pt from a run folder")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--out", help="output file (default: next to MODEL, .ts or .onnx)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="rebuild RUN/report.html from a run folder",
                        description="Rebuild the self-contained report.html (learning curves, confusion matrix, "

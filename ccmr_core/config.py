@@ -85,6 +85,8 @@ class ModelConfig(_Section):
     temperature: float = Field(0.07, gt=0.0, le=10.0)
     learn_temperature: bool = True
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
+    refer_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of validation patients that the "
+                                  "referral thresholds (low confidence, high uncertainty) would each send to a human")
     bio_length: int = Field(32, ge=4, le=1024, description="biomechanics samples per cycle (dual-path)")
 
 
@@ -114,6 +116,11 @@ class FederatedConfig(_Section):
     validation_patients: int = Field(45, ge=0, le=100_000,
                                      description="coordinator-held synthetic validation set (0 = none)")
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    max_update_ratio: float = Field(10.0, ge=1.0, le=1e9, description="reject a site's update whose norm exceeds "
+                                    "this multiple of the median of the other sites' update norms")
+    aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
+        "mean", description="mean (weighted FedAvg/FedProx), or coordinate-wise median / trimmed mean (robust)")
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
 
 
 class PrivacyConfig(_Section):
@@ -273,6 +280,8 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "local-epochs": "federated.local_epochs",
     "fraction-train": "federated.fraction_train",
     "min-sites": "federated.min_sites",
+    "fraction-evaluate": "federated.fraction_evaluate",
+    "aggregator": "federated.aggregator",
     "batch-size": "train.batch_size",
     "lr": "train.lr",
     "model": "model.name",
@@ -287,7 +296,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "seed": "data.synth.seed",
     "validation-patients": "federated.validation_patients",
 }
-RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink")
+RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink", "sites")
 
 
 def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 N_BINS = 20  # probability histogram and calibration bins
+N_UNC_BINS = 24  # epistemic-uncertainty bins: [0, 1e-4), then log-spaced up to ln C
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -98,6 +99,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
         "confusion_matrix": cm.tolist(),
         "ece": expected_calibration_error(probs, labels) if len(labels) else float("nan"),
         "classes": list(classes),
+        "curves": curves_from_stats(EvalStats.from_outputs(probs, labels, uncertainty=uncertainty), classes),
     }
     if uncertainty is not None and len(labels) > 2:
         err = (~correct).astype(float)
@@ -123,11 +125,16 @@ class EvalStats:
     calib_count: np.ndarray  # (N_BINS,) patients per confidence bin
     calib_correct: np.ndarray  # (N_BINS,) correct predictions per bin
     calib_conf: np.ndarray  # (N_BINS,) summed confidence per bin
+    unc_correct: np.ndarray  # (N_UNC_BINS,) correct predictions per epistemic-uncertainty bin
+    unc_wrong: np.ndarray  # (N_UNC_BINS,) wrong predictions per epistemic-uncertainty bin
     loss_sum: float
     n: int
 
     @classmethod
-    def from_outputs(cls, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray | None = None) -> EvalStats:
+    def from_outputs(cls, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray | None = None,
+                     uncertainty: np.ndarray | None = None) -> EvalStats:
+        """Counts only. ``uncertainty`` (mutual information, nats) is binned by
+        ``uncertainty_edges``; without it the uncertainty histograms stay empty."""
         n, c = probs.shape
         pred = probs.argmax(1)
         cm = np.zeros((c, c), dtype=np.int64)
@@ -143,19 +150,28 @@ class EvalStats:
         count = np.bincount(cb, minlength=N_BINS)
         corr = np.bincount(cb, weights=(pred == labels).astype(float), minlength=N_BINS)
         csum = np.bincount(cb, weights=conf, minlength=N_BINS)
-        return cls(cm, pos, neg, count, corr, csum, float(losses.sum()) if losses is not None else 0.0, int(n))
+        unc_ok = np.zeros(N_UNC_BINS, dtype=np.int64)
+        unc_bad = np.zeros(N_UNC_BINS, dtype=np.int64)
+        if uncertainty is not None and n:
+            ub = uncertainty_bin(np.asarray(uncertainty), c)
+            unc_ok = np.bincount(ub[pred == labels], minlength=N_UNC_BINS)
+            unc_bad = np.bincount(ub[pred != labels], minlength=N_UNC_BINS)
+        return cls(cm, pos, neg, count, corr, csum, unc_ok, unc_bad,
+                   float(losses.sum()) if losses is not None else 0.0, int(n))
 
     def __add__(self, other: EvalStats) -> EvalStats:
         return EvalStats(*(a + b for a, b in zip(self.arrays(), other.arrays())), self.loss_sum + other.loss_sum,
                          self.n + other.n)
 
+    NAMES = ("confusion", "pos_hist", "neg_hist", "calib_count", "calib_correct", "calib_conf", "unc_correct",
+             "unc_wrong")
+
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.confusion, self.pos_hist, self.neg_hist, self.calib_count, self.calib_correct, self.calib_conf)
+        return tuple(getattr(self, k) for k in self.NAMES)
 
     def to_flat(self) -> dict[str, list[float]]:
         """Flat lists of numbers (for a Flower MetricRecord)."""
-        names = ("confusion", "pos_hist", "neg_hist", "calib_count", "calib_correct", "calib_conf")
-        out = {k: np.asarray(v, dtype=float).ravel().tolist() for k, v in zip(names, self.arrays())}
+        out = {k: np.asarray(v, dtype=float).ravel().tolist() for k, v in zip(self.NAMES, self.arrays())}
         out["loss_sum"] = [self.loss_sum]
         out["n"] = [float(self.n)]
         return out
@@ -170,9 +186,43 @@ class EvalStats:
             np.asarray(d["calib_count"]).astype(np.int64),
             np.asarray(d["calib_correct"]).astype(float),
             np.asarray(d["calib_conf"]).astype(float),
+            np.asarray(d.get("unc_correct", np.zeros(N_UNC_BINS))).astype(np.int64),
+            np.asarray(d.get("unc_wrong", np.zeros(N_UNC_BINS))).astype(np.int64),
             float(d["loss_sum"][0]),
             int(d["n"][0]),
         )
+
+
+def uncertainty_edges(n_classes: int) -> np.ndarray:
+    """Bin edges for epistemic uncertainty (mutual information, nats): MC-dropout values are
+    mostly far below their maximum ln C, so the bins are log-spaced from 1e-4 up to ln C."""
+    return np.concatenate([[0.0], np.geomspace(1e-4, np.log(max(n_classes, 2)), N_UNC_BINS)])
+
+
+def uncertainty_bin(u: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.clip(np.searchsorted(uncertainty_edges(n_classes), u, side="right") - 1, 0, N_UNC_BINS - 1)
+
+
+def curves_from_stats(stats: EvalStats, classes: list[str]) -> dict:
+    """What the report plots, from counts alone (so pooled federated statistics give the same
+    curves as per-patient outputs): ROC per class with thresholds at the histogram edges, the
+    reliability diagram, and error rate against epistemic uncertainty."""
+    roc = {}
+    for k, c in enumerate(classes):
+        pos, neg = stats.pos_hist[k][::-1], stats.neg_hist[k][::-1]  # thresholds from high to low
+        if pos.sum() and neg.sum():
+            roc[c] = {"fpr": [0.0] + (np.cumsum(neg) / neg.sum()).tolist(),
+                      "tpr": [0.0] + (np.cumsum(pos) / pos.sum()).tolist()}
+    seen = stats.calib_count > 0
+    edges = uncertainty_edges(len(classes))
+    return {
+        "roc": roc,
+        "reliability": {"confidence": (stats.calib_conf[seen] / stats.calib_count[seen]).tolist(),
+                        "accuracy": (stats.calib_correct[seen] / stats.calib_count[seen]).tolist(),
+                        "count": stats.calib_count[seen].astype(int).tolist()},
+        "uncertainty": {"edges": edges.tolist(), "correct": stats.unc_correct.astype(int).tolist(),
+                        "wrong": stats.unc_wrong.astype(int).tolist()},
+    }
 
 
 def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -201,4 +251,5 @@ def metrics_from_stats(stats: EvalStats, classes: list[str]) -> dict:
         "ece": ece,
         "loss": stats.loss_sum / n if n else float("nan"),
         "classes": list(classes),
+        "curves": curves_from_stats(stats, classes),
     }

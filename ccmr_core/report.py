@@ -1,5 +1,8 @@
-"""report.html for a run folder: learning curves, confusion matrix, per-site accuracy and the final
-table, as one self-contained page (PNG plots embedded) that opens offline.
+"""report.html for a run folder: the final table with confidence intervals, learning curves per
+round (global and per site), per-site accuracy, ROC curves per class, confusion matrix,
+reliability diagram, uncertainty vs error and epsilon per site under DP, as one self-contained
+page (PNG plots embedded) that opens offline. Every plot is drawn from counts that the run
+already holds (federated runs never see per-patient outputs).
 
 ``ccmr report RUN`` rebuilds it from the run folder's files."""
 
@@ -90,33 +93,177 @@ def _confusion(test: dict) -> str | None:
     return _png(fig)
 
 
+def _roc(test: dict) -> str | None:
+    import matplotlib.pyplot as plt
+
+    roc = ((test.get("curves") or {}).get("roc")) or {}
+    if not roc:
+        return None
+    aucs = test.get("auc_per_class") or {}
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for c, r in roc.items():
+        ax.plot(r["fpr"], r["tpr"], marker=".", label=f"{c} (AUC {_f(aucs.get(c))})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("test ROC per class (one vs rest)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def _reliability(test: dict) -> str | None:
+    import matplotlib.pyplot as plt
+
+    rel = (test.get("curves") or {}).get("reliability") or {}
+    if not rel.get("count"):
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    size = 20 + 200 * np.asarray(rel["count"]) / max(rel["count"])
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    ax.plot(rel["confidence"], rel["accuracy"], color="tab:blue", lw=1)
+    ax.scatter(rel["confidence"], rel["accuracy"], s=size, color="tab:blue", alpha=0.7, label="bins (area = patients)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {_f(test.get('ece'))})")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def _uncertainty(test: dict) -> str | None:
+    import matplotlib.pyplot as plt
+
+    u = (test.get("curves") or {}).get("uncertainty") or {}
+    ok, bad = np.asarray(u.get("correct") or []), np.asarray(u.get("wrong") or [])
+    if ok.sum() + bad.sum() == 0:
+        return None
+    edges = np.asarray(u["edges"])
+    keep = np.nonzero(ok + bad)[0]
+    lo, hi = keep.min(), keep.max() + 1
+    labels = [f"{edges[i]:.0e}" if i else "0" for i in range(lo, hi)]
+    x = np.arange(hi - lo)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.bar(x, ok[lo:hi], color="tab:green", label="correct")
+    ax.bar(x, bad[lo:hi], bottom=ok[lo:hi], color="tab:red", label="wrong")
+    ax.set_xticks(x, labels, rotation=60, fontsize=7)
+    ax.set_xlabel("epistemic uncertainty (mutual information, nats; bin lower edge)")
+    ax.set_ylabel("test patients")
+    ax2 = ax.twinx()
+    tot = ok[lo:hi] + bad[lo:hi]
+    rate = np.where(tot > 0, bad[lo:hi] / np.maximum(tot, 1), np.nan)
+    ax2.plot(x, rate, color="black", marker="o", lw=1, label="error rate")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("error rate")
+    ax.legend(fontsize=7, loc="upper left")
+    ax2.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"uncertainty vs error (AUC of uncertainty for errors {_f(test.get('uncertainty_error_auc'))})")
+    return _png(fig)
+
+
+def _sites(test: dict, sites: list[str]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    acc = test.get("site_accuracy")
+    if not acc:
+        return None
+    n = test.get("site_n") or [None] * len(acc)
+    names = sites if len(sites) == len(acc) else [f"site {i + 1}" for i in range(len(acc))]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(acc), 3.2))
+    vals = [np.nan if a is None else a for a in acc]
+    ax.bar(names, vals, color="tab:purple")
+    for i, (a, k) in enumerate(zip(vals, n)):
+        ax.text(i, (0 if a != a else a) + 0.02, f"{_f(a)}\nn={k}", ha="center", fontsize=7)
+    ax.axhline(test.get("accuracy", np.nan), color="black", ls="--", lw=1, label="pooled")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("per-site test accuracy")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _epsilon(rows: list[dict]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    pts = [(r["round"], (r.get("privacy") or {}).get("epsilon") or {}) for r in rows if "round" in r]
+    pts = [(k, e) for k, e in pts if e]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for site in pts[-1][1]:
+        xs = [k for k, e in pts if site in e and e[site] is not None and np.isfinite(e[site])]
+        ys = [e[site] for k, e in pts if site in e and e[site] is not None and np.isfinite(e[site])]
+        if ys:
+            ax.plot(xs, ys, marker="o", label=site)
+    delta = next(((r.get("privacy") or {}).get("delta") for r in reversed(rows) if r.get("privacy")), None)
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent")
+    ax.set_title(f"privacy spent per site (delta {delta:g})" if delta else "privacy spent per site")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _f(x) -> str:
     """A metric for display; undefined ones (None or NaN, e.g. AUC of a one-class set) as n/a."""
     return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
+def _table(metrics: dict, test: dict) -> str:
+    if not test.get("n"):
+        return "<p>No test patients in this run.</p>"
+    lo, hi = test.get("accuracy_ci95") or [None, None]
+    eps = ((metrics.get("privacy") or {}).get("epsilon") or {})
+    eps_txt = ", ".join(f"{html.escape(s)} {_f(e)}" for s, e in eps.items()) or "no DP"
+    out = ("<table><tr><th>model</th><th>n</th><th>accuracy</th><th>95% CI</th><th>macro AUC</th><th>macro F1</th>"
+           "<th>ECE</th><th>epsilon</th></tr>"
+           f"<tr><td>{html.escape(str(metrics.get('model')))}</td><td>{test['n']}</td><td>{_f(test.get('accuracy'))}</td>"
+           f"<td>{_f(lo)}-{_f(hi)}</td><td>{_f(test.get('macro_auc'))}</td><td>{_f(test.get('macro_f1'))}</td>"
+           f"<td>{_f(test.get('ece'))}</td><td>{eps_txt}</td></tr></table>")
+    pc = test.get("per_class") or {}
+    if pc:
+        aucs = test.get("auc_per_class") or {}
+        out += "<table><tr><th>class</th><th>sensitivity</th><th>specificity</th><th>F1</th><th>AUC</th></tr>" + "".join(
+            f"<tr><td>{html.escape(c)}</td><td>{_f(v.get('sensitivity'))}</td><td>{_f(v.get('specificity'))}</td>"
+            f"<td>{_f(v.get('f1'))}</td><td>{_f(aucs.get(c))}</td></tr>" for c, v in pc.items()) + "</table>"
+    ref = metrics.get("refer")
+    if ref:
+        u = ref.get("uncertainty")
+        out += (f"<p>Referral rule stored in model.pt (set on {ref['validation_n']} validation patients): refer when "
+                f"confidence is below {ref['confidence']:.2f}"
+                + (f" or epistemic uncertainty is above {u:.2e} nats" if u is not None else "")
+                + f"; each alone would refer about {ref['fraction']:.0%} of validation patients.</p>")
+    return out
+
+
 def write_report(run: str | Path) -> Path:
+    """Write RUN/report.html (one self-contained file: plots are embedded PNGs, no scripts, no
+    links out) from the run folder's metrics.jsonl and metrics.json; returns its path."""
     run = Path(run)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     test = metrics.get("test") or {}
-    imgs = [i for i in (_curves(_rows(run)), _confusion(test)) if i]
-    table = ""
-    if test.get("n"):
-        lo, hi = test.get("accuracy_ci95") or [None, None]
-        table = (f"<table><tr><th>model</th><th>n</th><th>accuracy</th><th>95% CI</th><th>macro AUC</th><th>ECE</th></tr>"
-                 f"<tr><td>{html.escape(str(metrics.get('model')))}</td><td>{test['n']}</td><td>{_f(test.get('accuracy'))}</td>"
-                 f"<td>{_f(lo)}-{_f(hi)}</td><td>{_f(test.get('macro_auc'))}</td><td>{_f(test.get('ece'))}</td></tr></table>")
-        pc = test.get("per_class") or {}
-        if pc:
-            table += "<table><tr><th>class</th><th>sensitivity</th><th>specificity</th><th>F1</th></tr>" + "".join(
-                f"<tr><td>{html.escape(c)}</td><td>{_f(v.get('sensitivity'))}</td><td>{_f(v.get('specificity'))}</td>"
-                f"<td>{_f(v.get('f1'))}</td></tr>" for c, v in pc.items()) + "</table>"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>CC-CMR run {html.escape(run.name)}</title>
+    rows = _rows(run)
+    sections = [
+        ("Learning curves", _curves(rows)),
+        ("Per-site accuracy", _sites(test, metrics.get("sites") or [])),
+        ("ROC curves", _roc(test)),
+        ("Confusion matrix", _confusion(test)),
+        ("Calibration", _reliability(test)),
+        ("Uncertainty and error", _uncertainty(test)),
+        ("Privacy", _epsilon(rows)),
+    ]
+    body = "".join(f'<section><h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="{i}"></section>'
+                   for t, i in sections if i)
+    kind = f"federated, {metrics.get('strategy')}, {metrics.get('rounds')} rounds" if "rounds" in metrics else "central"
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>CC-CMR run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>
-<h1>CC-CMR run {html.escape(run.name)}</h1>{table}
-{''.join(f'<p><img src="{i}"></p>' for i in imgs)}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>CC-CMR run {html.escape(run.name)}</h1>
+<p>{html.escape(str(metrics.get('model', '')))} ({html.escape(kind)}); sites: {html.escape(', '.join(metrics.get('sites') or []))}</p>
+<h2>Test results</h2>{_table(metrics, test)}
+{body}
 <details><summary>metrics.json</summary><pre>{html.escape(json.dumps(metrics, indent=1))}</pre></details>
 </body></html>"""
-    (run / "report.html").write_text(page)
+    tmp = run / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(run / "report.html")
     return run / "report.html"

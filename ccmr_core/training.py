@@ -21,8 +21,9 @@ from ccmr_core.config import ExperimentConfig, dump_config, validate
 from ccmr_core.data.sources import MultiSite, SourceError, prepare, subset
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
-from ccmr_core.engine import evaluate, make_optimizer, resolve_device, set_threads, train_epoch
+from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.models.registry import build_model
+from ccmr_core.referral import thresholds_from_outputs
 from ccmr_core.report import write_report
 
 log = logging.getLogger("ccmr.train")
@@ -101,11 +102,17 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
                 log.info("stopping early: no validation improvement for %d epochs", stale)
                 break
     model.load_state_dict(best)
+    vo = predict(model, val_loader, device, cfg.model.mc_samples)
+    refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int),
+                                    vo["uncertainty"] if cfg.model.mc_samples > 1 else None, cfg.model.refer_fraction)
+    log.info("referral thresholds from %d validation patients: confidence below %.2f or uncertainty above %s",
+             refer["validation_n"], refer["confidence"], refer["uncertainty"])
     info = {"best_epoch": best_epoch, "sites": ds.site_names, "test_site": test_site,
             "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"]), "run": out.name}
     save_model(out / "model.pt", model, name=cfg.model.name, kwargs=kwargs, classes=classes,
-               ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info)
-    metrics: dict = {"model": cfg.model.name, **info}
+               ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info,
+               refer=refer)
+    metrics: dict = {"model": cfg.model.name, **info, "refer": refer}
     if idx["test"]:
         test = evaluate(model, loader(subset(ds, idx["test"]), cfg, shuffle=False), device, classes,
                         mc_samples=cfg.model.mc_samples, seed=cfg.train.seed)

@@ -20,6 +20,7 @@ from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, strip_opacus_prefix
 from ccmr_core.training import model_kwargs
+from client.egress import guard
 from client.local import average_states, load_sites, read_ledger, write_ledger
 
 app = ClientApp()
@@ -99,7 +100,11 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord(average_states(states, weights))
     else:  # every hosted site declined: send the global model back with weight 0
         arrays = msg.content["arrays"]
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    privacy = {"mode": cfg.privacy.mode, "epsilon": float(max(eps)) if cfg.privacy.mode == "sample" else None,
+               "delta": cfg.privacy.delta}
+    return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "train", run_key,
+                 int(c["global-round"]), privacy)
 
 
 @app.evaluate()
@@ -119,11 +124,15 @@ def evaluate(msg: Message, context: Context) -> Message:
         out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc)
         if len(out["labels"]) == 0:
             continue
-        stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"])
+        stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"],
+                                       out["uncertainty"] if mc > 1 else None)
         total = total + stats
         site_correct[site.index] = float(np.trace(stats.confusion))
         site_n[site.index] = float(stats.n)
     metrics = {"num-examples": float(total.n), "unit-weight": 1.0, "site-correct": site_correct.tolist(),
                "site-n": site_n.tolist()}
     metrics.update({f"stats-{k}": v for k, v in total.to_flat().items()})
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    rnd = c.get("global-round")
+    return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c["run-key"]),
+                 int(rnd) if rnd is not None else None)

@@ -86,12 +86,13 @@ class RunRecorder:
             parts.append("(best so far)")
         return " ".join(parts)
 
-    def save_model(self, state: dict, rnd: int) -> None:
+    def save_model(self, state: dict, rnd: int, refer: dict | None = None) -> None:
         model = _Holder(state)
         save_model(self.out / "model.pt", model, name=self.cfg.model.name, kwargs=self.kwargs,
                    classes=list(self.cfg.data.classes), ingest=self.cfg.data.ingest.model_dump(mode="json"),
                    config=self.cfg.model_dump(mode="json"), info={"round": rnd, "sites": self.sites,
-                                                                   "run": self.out.name, "federated": True})
+                                                                   "run": self.out.name, "federated": True},
+                   refer=refer)
 
     def finish(self, results: dict) -> None:
         (self.out / "metrics.json").write_text(json.dumps(_clean(results), indent=1))

@@ -17,6 +17,7 @@ from ccmr_core.config import from_run_config
 from ccmr_core.data.sources import find_sites
 from ccmr_core.engine import evaluate, set_threads
 from ccmr_core.models.registry import build_model
+from ccmr_core.referral import thresholds_from_stats
 from ccmr_core.synth.biomechanics import SIGNALS
 from ccmr_core.training import model_kwargs
 from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
@@ -55,8 +56,13 @@ def main(grid: Grid, context: Context) -> None:
     set_threads(cfg.train.threads)
     resume = str(rc.get("resume", "") or "")
     out = run_dir(resume or str(rc.get("out-dir", "") or ""), cfg.model.name)
-    cohort = ensure_cohort(cfg, str(rc.get("data-dir", "") or ""))
-    site_names = [name for name, _, _ in find_sites(cohort)]
+    deployed = str(rc.get("sites", "") or "")
+    if deployed:  # deployment: each SuperNode serves its own hospital's data; the coordinator holds none
+        site_names = [s.strip() or f"slot-{k}" for k, s in enumerate(deployed.split(","))]
+        cohort = ""
+    else:  # simulation: the synthetic cohort, generated once
+        cohort = ensure_cohort(cfg, str(rc.get("data-dir", "") or ""))
+        site_names = [name for name, _, _ in find_sites(cohort)]
     val = validation_set(cfg)
     bio = val.bio_channels if val is not None else len(SIGNALS)
     kwargs = model_kwargs(cfg, len(cfg.data.classes), cfg.data.ingest.slices, bio)
@@ -76,8 +82,9 @@ def main(grid: Grid, context: Context) -> None:
     print(f"CC-CMR federated run -> {out}\n  model {cfg.model.name}, {cfg.federated.strategy}"
           f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}, "
           f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}\n"
-          f"  sites: {', '.join(site_names)} from {cohort}; SuperNodes: {n_nodes}", flush=True)
-    if 0 < n_nodes < len(site_names):
+          f"  sites: {', '.join(site_names)} {f'from {cohort}' if cohort else '(each on its own SuperNode)'}; "
+          f"SuperNodes: {n_nodes}", flush=True)
+    if 0 < n_nodes < len(site_names) and not deployed:
         print(f"  note: {n_nodes} SuperNodes for {len(site_names)} sites, so some SuperNodes host several "
               "sites (each trained and accounted separately; the average is unchanged). For one SuperNode "
               f"per site run once: flwr federation simulation-config --num-supernodes {len(site_names)}",
@@ -95,6 +102,8 @@ def main(grid: Grid, context: Context) -> None:
     inner = (CCMRFedProx(proximal_mu=cfg.federated.proximal_mu, **common) if cfg.federated.strategy == "fedprox"
              else CCMRFedAvg(**common))
     inner.round_offset = done
+    inner.max_update_ratio = cfg.federated.max_update_ratio
+    inner.aggregator, inner.trim_fraction = cfg.federated.aggregator, cfg.federated.trim_fraction
     strategy = inner
     if cfg.privacy.mode == "site":
         strategy = DifferentialPrivacyServerSideFixedClipping(
@@ -117,6 +126,8 @@ def main(grid: Grid, context: Context) -> None:
             return MetricRecord(server) if server else None
         rnd = done + server_round
         train = dict(inner.last_train) if inner.last_train else None
+        if inner.rejected:
+            train = {**(train or {}), "rejected": list(inner.rejected)}
         fed = dict(inner.last_eval) if inner.last_eval else None
         privacy = _site_epsilon(cfg, train, rnd, site_names)
         print(recorder.record_round(rnd, state, train, fed, server, privacy), flush=True)
@@ -132,14 +143,27 @@ def main(grid: Grid, context: Context) -> None:
     train_seconds = time.perf_counter() - t0
 
     # final test on every site's held-out patients, with the best model and MC-dropout uncertainty
+    # and the referral thresholds from the sites' pooled validation statistics (counts only)
     best_state = recorder.best_state or (result.arrays.to_torch_state_dict() if result else model.state_dict())
-    recorder.save_model(best_state, recorder.best_round)
     best_arrays = ArrayRecord(best_state)
-    test_config = {**base, "split": "test", "mc-samples": cfg.model.mc_samples}
-    msgs = [Message(content=RecordDict({"arrays": best_arrays, "config": ConfigRecord(test_config)}), dst_node_id=nid,
-                    message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
-    replies = [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
-               if r.has_content()]
+
+    def final_evaluation(split: str) -> list[RecordDict]:
+        c = ConfigRecord({**base, "split": split, "mc-samples": cfg.model.mc_samples})
+        msgs = [Message(content=RecordDict({"arrays": best_arrays, "config": c}), dst_node_id=nid,
+                        message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
+        return [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
+                if r.has_content()]
+
+    val_replies = final_evaluation("val")
+    refer = None
+    if val_replies:
+        val_stats = pooled_stats(val_replies, len(classes))[0]
+        if val_stats.n:
+            refer = thresholds_from_stats(val_stats, len(classes), cfg.model.refer_fraction)
+            print(f"referral thresholds from {refer['validation_n']} validation patients at the sites: confidence "
+                  f"below {refer['confidence']:.2f} or uncertainty above {refer['uncertainty']}", flush=True)
+    recorder.save_model(best_state, recorder.best_round, refer=refer)
+    replies = final_evaluation("test")
     test = summarize_stats(*pooled_stats(replies, len(classes)), classes) if replies else {"n": 0}
     server_val = None
     if val_loader is not None:
@@ -147,8 +171,9 @@ def main(grid: Grid, context: Context) -> None:
         server_val = evaluate(model, val_loader, torch.device("cpu"), classes, mc_samples=cfg.model.mc_samples)
     last = _last_privacy(out)
     results = {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
-               "best_round": recorder.best_round, "sites": site_names, "test": test,
-               "server_validation": server_val, "privacy": last, "train_seconds": round(train_seconds, 1)}
+               "best_round": recorder.best_round, "sites": site_names, "supernodes": n_nodes, "test": test,
+               "server_validation": server_val, "privacy": last, "refer": refer,
+               "train_seconds": round(train_seconds, 1)}
     recorder.finish(results)
     _print_table(results, out)
     from ccmr_core.report import write_report

@@ -1,13 +1,20 @@
 """FedProx/FedAvg from Flower with what the coordinator needs on top: declined sites (privacy
-budget) are left out of the average, and each round's aggregated metrics are kept for the run log."""
+budget) are left out of the average, every update is screened before it is averaged (shapes,
+finite values, norm; server/screening.py), an optional robust aggregator, and each round's
+aggregated metrics are kept for the run log."""
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
+
+from server.screening import robust_aggregate, screen
+
+log = logging.getLogger("ccmr.server")
 
 
 def _trained(msg: Message) -> bool:
@@ -23,21 +30,45 @@ class RoundLog:
     round_offset: int = 0
     last_train: MetricRecord | None = None
     last_eval: MetricRecord | None = None
+    max_update_ratio: float = 10.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2
+    sent: ArrayRecord | None = None
+    rejected: list = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["global-round"] = self.round_offset + server_round
+        self.sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        with_arrays = [r for r in replies if r.has_content() and r.content.array_records]
+        if self.sent is None or not with_arrays:
+            return replies
+        updates = [(r.metadata.src_node_id, next(iter(r.content.array_records.values()))) for r in with_arrays]
+        keep, rejected = screen(updates, self.sent, self.max_update_ratio)
+        self.rejected = [{"round": self.round_offset + server_round, "node": rj.node_id, "reason": rj.reason}
+                         for rj in rejected]
+        for rj in self.rejected:
+            msg = f"round {rj['round']}: update from SuperNode {rj['node']} rejected: {rj['reason']}"
+            log.warning(msg)
+            print(msg, flush=True)
+        bad = {id(with_arrays[i]) for i in range(len(with_arrays)) if i not in keep}
+        return [r for r in replies if id(r) not in bad]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["global-round"] = self.round_offset + server_round
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies = self._screen(server_round, list(replies))
         kept = [r for r in replies if _trained(r)]
         if len(kept) < len(replies):
             self.declined_this_round = len(replies) - len(kept)
         arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
+        if arrays is not None and self.aggregator != "mean":
+            recs = [next(iter(r.content.array_records.values())) for r in kept if r.has_content()]
+            arrays = robust_aggregate(recs, self.aggregator, self.trim_fraction)
         if metrics is None and replies:  # nobody trained: still report epsilon and declines
             ok = [r.content for r in replies if r.has_content()]
             metrics = self.train_metrics_aggr_fn(ok, self.weighted_by_key) if ok else None

@@ -45,6 +45,19 @@ def write_labels(site_dir: Path, rows: dict[str, str]) -> None:
         w.writerows(rows.items())
 
 
+@pytest.fixture(scope="session")
+def trained_run(cohort, tmp_path_factory):
+    """A central CC-CMR run (smoke settings, 2 epochs, site-c held out): (run folder, metrics)."""
+    from ccmr_core.config import load_config
+    from ccmr_core.training import train_central
+
+    out = tmp_path_factory.mktemp("runs") / "ccmr"
+    cfg = load_config(preset="smoke", overrides=["train.epochs=2"])
+    metrics = train_central(cohort, out, cfg, test_site="site-c", progress=False,
+                            cache_root=tmp_path_factory.mktemp("cache"))
+    return out, metrics
+
+
 @pytest.fixture
 def make_site(cohort, tmp_path):
     """make_site(patients=[(site, pid), ...]) -> a fresh site folder holding copies of them."""

@@ -53,6 +53,13 @@ def test_simulated_federation_writes_the_run_folder(env, cohort, capsys):
     assert m["test"]["n"] > 0 and len(m["test"]["accuracy_ci95"]) == 2 and "macro_auc" in m["test"]
     model, blob = load_model(out / "model.pt")
     assert blob["info"]["federated"] and not any(k.startswith("_module.") for k in blob["state_dict"])
+    # referral thresholds set from the sites' pooled validation counts, stored with the model
+    assert blob["refer"] == m["refer"] and blob["refer"]["validation_n"] > 0
+    assert 0 <= blob["refer"]["confidence"] <= 1 and blob["refer"]["uncertainty"] is not None
+    # the final test carries the report's curves, drawn from pooled counts
+    assert set(m["test"]["curves"]) == {"roc", "reliability", "uncertainty"}
+    assert sum(m["test"]["curves"]["uncertainty"]["correct"] + m["test"]["curves"]["uncertainty"]["wrong"]) == \
+        m["test"]["n"]
     for f in ("config.yaml", "checkpoint.pt", "report.html"):
         assert (out / f).is_file()
     # only parameters and aggregate statistics came back from the sites
@@ -131,3 +138,91 @@ def test_site_level_dp_clips_updates_and_reports_epsilon(env, cohort):
     assert json.loads((out / "metrics.json").read_text())["privacy"]["epsilon"]["site-c"] == pytest.approx(e2)
     with pytest.raises(ValueError, match="one SuperNode per site"):
         run_inprocess(server_app, client_app, 2, {**rc, "out-dir": str(env / "site-dp-2")})
+
+
+def _poisoning(client_app, poisons, captured):
+    """The real ClientApp, except that the train replies of some partitions are replaced."""
+    from flwr.app import ArrayRecord, MessageType
+
+    def call(msg, ctx):
+        rep = client_app(msg, ctx)
+        pid = ctx.node_config["partition-id"]
+        if msg.metadata.message_type == MessageType.TRAIN and rep.has_content():
+            sent = msg.content["arrays"].to_torch_state_dict()
+            mine = rep.content["arrays"].to_torch_state_dict()
+            if pid in poisons:
+                rep.content["arrays"] = ArrayRecord(poisons[pid](sent, mine))
+            else:
+                captured.append(mine)
+        return rep
+
+    return call
+
+
+def test_nan_and_huge_updates_are_rejected_and_the_global_model_is_the_honest_sites(env, cohort, capsys):
+    import torch
+
+    server_app, client_app = _apps()
+    out = env / "run"
+    honest = []
+    poisons = {0: lambda g, w: {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                for k, v in w.items()},
+               1: lambda g, w: {k: g[k] + 1000 * (w[k] - g[k]) if w[k].is_floating_point() else w[k] for k in w}}
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
+    run_inprocess(server_app, _poisoning(client_app, poisons, honest), 3, rc)
+    printed = capsys.readouterr().out
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    reasons = {r["node"]: r["reason"] for r in row["train"]["rejected"]}
+    assert len(reasons) == 2 and "rejected" in printed
+    assert any("NaN" in r for r in reasons.values()) and any("median of the other sites" in r for r in reasons.values())
+    # the global model after the round is exactly the one honest site's update
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert len(honest) == 1
+    for k, v in honest[0].items():
+        assert torch.equal(state[k], v), k
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0
+
+
+def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(env, cohort, monkeypatch, capsys):
+    import torch
+
+    import client.client_app as ca
+    from client.egress import summarize
+
+    audit = env / "audit"
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(audit))
+    real = ca.average_states
+    calls = []
+
+    def leaky(states, weights):  # a bug that would attach an image to the first train reply
+        out = real(states, weights)
+        calls.append(1)
+        if len(calls) == 1:
+            out = {**out, "debug-image": torch.rand(8, 16, 32, 32)}
+        return out
+
+    monkeypatch.setattr(ca, "average_states", leaky)
+    server_app, client_app = _apps()
+    out = env / "run"
+    run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", **{"out-dir": str(out),
+                                                                           "data-dir": str(cohort)}))
+    assert "REFUSED to send the train reply" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0  # the run went on
+    logs = sorted(audit.glob("*.jsonl"))
+    assert [p.stem for p in logs] == ["site-a", "site-b", "site-c"]
+    params = set(torch.load(out / "model.pt", weights_only=False)["state_dict"])
+    refused = 0
+    for p in logs:
+        rows = [json.loads(x) for x in p.read_text().splitlines()]
+        # 2 rounds x (train + evaluate) + the final validation and test evaluations
+        assert [r["kind"] for r in rows] == ["train", "evaluate", "train", "evaluate", "evaluate", "evaluate"]
+        for r in rows:
+            arrays = {k["key"][len("arrays/"):] for k in r["keys"] if k["key"].startswith("arrays/")}
+            if r["kind"] == "train" and not r["refused"]:
+                assert arrays == params and r["bytes"] > 4 * sum(1 for _ in params)
+            else:
+                assert arrays == set()  # evaluation replies and refused replies carry no arrays
+            assert len(r["sha256"]) == 64
+        refused += sum(bool(r["refused"]) for r in rows)
+        assert "messages" in summarize(p)
+    assert refused == 1

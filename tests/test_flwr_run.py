@@ -38,7 +38,8 @@ def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
                CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=ray_dir,
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     out_dir = tmp_path / "run"
-    cmd = [_flwr(), "run", ".", "--stream", "--run-config", f"preset='smoke' out-dir='{out_dir}'"]
+    cmd = [_flwr(), "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config",
+           f"preset='smoke' out-dir='{out_dir}'"]
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
         # the log stream may end early (flwr run exits 0 regardless): the run folder is the evidence
@@ -55,6 +56,7 @@ def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
         assert runs and runs[-1]["status"] == "finished:completed", ls.stdout
         assert json.loads((out_dir / "metrics.json").read_text())["test"]["n"] > 0
         assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2  # the smoke preset's rounds
+        assert json.loads((out_dir / "metrics.json").read_text())["supernodes"] == 3  # one per site
         deadline = time.time() + 60
         while _ours(tmp_path) and time.time() < deadline:
             time.sleep(1)

@@ -24,13 +24,9 @@ def test_stratified_split_is_patient_level_and_balanced():
     assert set(range(10)) <= set(g["test"])
 
 
-@pytest.fixture(scope="module")
-def run(cohort, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "ccmr"
-    cfg = load_config(preset="smoke", overrides=["train.epochs=2"])
-    metrics = train_central(cohort, out, cfg, test_site="site-c", progress=False,
-                            cache_root=tmp_path_factory.mktemp("cache"))
-    return out, metrics
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def test_run_folder_contract(run):

@@ -1,0 +1,160 @@
+"""What leaves a site, checked before it leaves and written down.
+
+Every reply the ClientApp builds passes ``guard`` before it is returned to Flower:
+
+* arrays: exactly the global model's parameter names, each with the shape and dtype the
+  coordinator sent (so no image, feature map or extra tensor can ride along);
+* metrics: only the keys of an allow-list, each a number or a list no longer than its fixed size
+  (per-site lists: one value per site; statistics: histogram sizes fixed by the class count);
+* anything else: the reply is replaced by an empty one that says "refused" (the coordinator
+  treats it like a site that did not train) and the reason is logged. The run goes on.
+
+Every reply that leaves is appended to the site's audit log, ``$CCMR_CACHE/audit/<site>.jsonl``
+(one JSON object per line, append-only): time, run, round, message kind, every key with its
+shape, dtype and byte count, the SHA-256 of the payload, and the privacy spent. ``ccmr-client
+audit`` summarises it for site IT.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from ccmr_core.data.sources import default_cache_root
+from ccmr_core.metrics import N_BINS, N_UNC_BINS
+
+
+class EgressRefused(ValueError):
+    pass
+
+
+def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
+    """Metric key -> its largest allowed length (1 = a scalar)."""
+    c = n_classes
+    return {
+        "num-examples": 1, "unit-weight": 1, "train-loss": 1, "delta": 1, "train-seconds": 1, "refused": 1,
+        "site-epsilon": n_sites, "site-declined": n_sites, "site-correct": n_sites, "site-n": n_sites,
+        "stats-confusion": c * c, "stats-pos_hist": c * N_BINS, "stats-neg_hist": c * N_BINS,
+        "stats-calib_count": N_BINS, "stats-calib_correct": N_BINS, "stats-calib_conf": N_BINS,
+        "stats-unc_correct": N_UNC_BINS, "stats-unc_wrong": N_UNC_BINS, "stats-loss_sum": 1, "stats-n": 1,
+    }
+
+
+def check(content: RecordDict, reference: ArrayRecord | None, n_classes: int, n_sites: int) -> None:
+    """Raise EgressRefused naming the first key that may not leave."""
+    allowed = allowed_metrics(n_classes, n_sites)
+    for name, rec in content.items():
+        if isinstance(rec, ArrayRecord):
+            if reference is None:
+                raise EgressRefused(f"arrays {name!r} in a reply that must carry statistics only")
+            ref = {k: v for k, v in reference.items()}
+            extra = sorted(set(rec.keys()) - set(ref))
+            missing = sorted(set(ref) - set(rec.keys()))
+            if extra or missing:
+                raise EgressRefused(f"array keys differ from the global model's (unexpected {extra[:3]}, "
+                                    f"missing {missing[:3]})")
+            for k, a in rec.items():
+                if tuple(a.shape) != tuple(ref[k].shape) or a.dtype != ref[k].dtype:
+                    raise EgressRefused(f"array {k} is {a.dtype}{tuple(a.shape)}, the global model's is "
+                                        f"{ref[k].dtype}{tuple(ref[k].shape)}")
+        elif isinstance(rec, MetricRecord):
+            for k, v in rec.items():
+                if k not in allowed:
+                    raise EgressRefused(f"metric {k!r} is not on the allow-list")
+                n = len(v) if isinstance(v, list) else 1
+                if n > allowed[k]:
+                    raise EgressRefused(f"metric {k!r} has {n} values; at most {allowed[k]} may leave")
+        else:
+            raise EgressRefused(f"record {name!r} of type {type(rec).__name__} may not leave the site")
+
+
+def describe(content: RecordDict) -> tuple[list[dict], str]:
+    """Every key with shape, dtype and bytes; and the SHA-256 of the payload."""
+    h = hashlib.sha256()
+    keys = []
+    for name, rec in sorted(content.items()):
+        if isinstance(rec, ArrayRecord):
+            for k, a in rec.items():
+                data = a.data
+                h.update(f"{name}/{k}".encode())
+                h.update(data)
+                keys.append({"key": f"{name}/{k}", "shape": list(a.shape), "dtype": a.dtype, "bytes": len(data)})
+        elif isinstance(rec, MetricRecord):
+            for k, v in sorted(rec.items()):
+                blob = json.dumps(v).encode()
+                h.update(f"{name}/{k}".encode())
+                h.update(blob)
+                n = len(v) if isinstance(v, list) else 1
+                keys.append({"key": f"{name}/{k}", "shape": [n] if isinstance(v, list) else [], "dtype": "float64",
+                             "bytes": 8 * n})
+    return keys, h.hexdigest()
+
+
+def audit_path(site_name: str) -> Path:
+    root = Path(os.environ.get("CCMR_AUDIT_DIR", default_cache_root() / "audit"))
+    return root / f"{site_name}.jsonl"
+
+
+def append_audit(sites: list[str], entry: dict) -> None:
+    line = json.dumps(entry) + "\n"
+    for s in sites:
+        p = audit_path(s)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as f:  # append-only: one write per line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_sites: int, kind: str,
+          run_key: str, rnd: int | None, privacy: dict | None = None) -> Message:
+    """The reply if it may leave (and audited), else an empty 'refused' reply (also audited)."""
+    reference = request.content.array_records.get("arrays") if kind == "train" else None
+    content = reply.content
+    refused = None
+    try:
+        check(content, reference, n_classes, n_sites)
+    except EgressRefused as e:
+        refused = str(e)
+        print(f"[{', '.join(sites)}] REFUSED to send the {kind} reply: {refused}", flush=True)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
+        reply = Message(content=content, reply_to=request)
+    keys, digest = describe(content)
+    append_audit(sites, {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": run_key,
+                         "round": rnd, "kind": kind, "refused": refused, "keys": keys,
+                         "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest, "privacy": privacy})
+    return reply
+
+
+def summarize(path: Path) -> str:
+    """What ``ccmr-client audit`` prints."""
+    if not path.is_file():
+        return f"no audit log at {path}: nothing has left this site"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append(r)
+    out = [f"{path}: {len(rows)} messages sent"]
+    for run, rs in runs.items():
+        total = sum(r["bytes"] for r in rs)
+        n_arrays = max((sum(k["key"].startswith("arrays/") for k in r["keys"]) for r in rs), default=0)
+        eps = [r["privacy"]["epsilon"] for r in rs if (r.get("privacy") or {}).get("epsilon") is not None]
+        rounds = [r["round"] for r in rs if r["round"] is not None]
+        refused = [r for r in rs if r["refused"]]
+        line = (f"  run {run}: {len(rs)} messages ({sum(r['kind'] == 'train' for r in rs)} train, "
+                f"{sum(r['kind'] == 'evaluate' for r in rs)} evaluate), {total / 1e6:.2f} MB in all; "
+                f"model parameter arrays per train reply: {n_arrays}")
+        if rounds:
+            line += f"; rounds {min(rounds)}-{max(rounds)}"
+        line += f"; largest epsilon spent {max(eps):.2f}" if eps else "; no differential privacy"
+        if refused:
+            line += f"; {len(refused)} refused"
+        out.append(line)
+        for r in refused:
+            out.append(f"    refused at {r['time']} ({r['kind']}, round {r['round']}): {r['refused']}")
+    return "\n".join(out)

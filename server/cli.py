@@ -1,0 +1,293 @@
+"""``ccmr-server``: the coordinator's commands (see deploy/runbook-coordinator.md).
+
+    ccmr-server init FED --host fl.example.org     CA, SuperLink certificate, federation.yaml
+    ccmr-server add-site FED hospital-a            site key pair + bundle; registers the key
+    ccmr-server remove-site FED hospital-a         unregisters and deletes the site's key
+    ccmr-server start FED                          SuperLink with TLS + SuperNode auth (foreground)
+    ccmr-server stop FED                           stops what `start` started
+    ccmr-server run FED [--preset ...]             one federated run; exit status = run status
+    ccmr-server status FED                         sites (registered / online) and runs
+    ccmr-server renew-cert FED                     new SuperLink certificate, same CA
+
+Errors a coordinator can fix print one line starting with ``error:`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server import federation as fedlib
+from server.federation import CONNECTION, FederationError
+from server.pki import KeyExists, cert_summary
+
+
+def cmd_init(args) -> int:
+    fed = fedlib.init(args.fed, args.host, args.port, args.name, args.listen_host, force=args.force)
+    c = cert_summary(fed.ca.read_bytes())
+    s = cert_summary((fed.root / "superlink.crt").read_bytes())
+    print(f"federation {fed.name} in {fed.root}\n  CA valid until {c['not_after']:%Y-%m-%d}; SuperLink certificate "
+          f"for {', '.join(s['hosts'])} valid until {s['not_after']:%Y-%m-%d}\n  sites will dial {fed.address}; "
+          f"next: ccmr-server add-site {fed.root} <site-name>")
+    return 0
+
+
+def cmd_add_site(args) -> int:
+    fed = fedlib.load(args.fed)
+    b = fedlib.add_site(fed, args.name, force=args.force)
+    rec = fed.registry()["sites"][args.name]
+    when = f"registered (node id {rec['node_id']})" if rec["status"] == "registered" else \
+        "will be registered when the SuperLink starts"
+    print(f"site {args.name}: bundle {b} ({when}).\n  Hand the whole folder to {args.name}'s IT over a secure "
+          "channel; it holds the site's private key. Then delete your copy of site.key.")
+    return 0
+
+
+def cmd_remove_site(args) -> int:
+    fed = fedlib.load(args.fed)
+    fedlib.remove_site(fed, args.name)
+    print(f"site {args.name} revoked: its key is unregistered and can no longer connect")
+    return 0
+
+
+def cmd_renew_cert(args) -> int:
+    fed = fedlib.load(args.fed)
+    crt = fedlib.renew_certificate(fed, args.host)
+    s = cert_summary(crt.read_bytes())
+    print(f"new SuperLink certificate for {', '.join(s['hosts'])}, valid until {s['not_after']:%Y-%m-%d}; site bundles "
+          "stay valid. Restart the SuperLink to use it.")
+    return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cmd_start(args) -> int:
+    fed = fedlib.load(args.fed)
+    if fed.pid_file.is_file() and _pid_alive(int(fed.pid_file.read_text().split()[0])):
+        raise FederationError(f"a SuperLink of this federation is already running (pid file {fed.pid_file})")
+    if fed.is_up():
+        raise FederationError(f"port {fed.port} already answers TLS with this federation's certificate; stop that "
+                              "SuperLink first")
+    fed.write_flwr_config()
+    fed.log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = open(fed.log_file, "a")
+    # its own process group: `stop` ends the SuperLink and the SuperExec it spawns, nothing else
+    proc = subprocess.Popen(fed.superlink_command(), env=fed.env(), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=fed.root, start_new_session=True)
+    fed.pid_file.write_text(f"{os.getpid()} {proc.pid}\n")
+
+    def stop(signum=None, frame=None):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        fed.pid_file.unlink(missing_ok=True)
+        if signum is not None:
+            print("SuperLink stopped", flush=True)
+            sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        deadline = time.time() + args.wait
+        while not fed.is_up():
+            if proc.poll() is not None:
+                raise FederationError(f"the SuperLink exited with status {proc.returncode}; see {fed.log_file}")
+            if time.time() > deadline:
+                raise FederationError(f"the SuperLink did not answer on port {fed.port} within {args.wait} s; see "
+                                      f"{fed.log_file}")
+            time.sleep(0.5)
+        done = fedlib.register_pending(fed)
+        active = [n for n, _ in fed.active_sites()]
+        print(f"SuperLink of {fed.name} listening on {fed.listen_host}:{fed.port} (TLS, SuperNode authentication "
+              f"on); sites dial {fed.address}\n  sites: {', '.join(active) or 'none yet'}"
+              f"{f'; newly registered: {chr(44).join(done)}' if done else ''}\n  log: {fed.log_file}; stop with "
+              f"Ctrl-C or `ccmr-server stop {fed.root}`", flush=True)
+        rc = proc.wait()
+        raise FederationError(f"the SuperLink exited with status {rc}; see {fed.log_file}")
+    finally:
+        stop()
+
+
+def cmd_stop(args) -> int:
+    fed = fedlib.load(args.fed)
+    if not fed.pid_file.is_file():
+        print("no SuperLink of this federation is running")
+        return 0
+    pid = int(fed.pid_file.read_text().split()[0])
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(60):
+            if not _pid_alive(pid):
+                break
+            time.sleep(0.5)
+    fed.pid_file.unlink(missing_ok=True)
+    print("SuperLink stopped")
+    return 0
+
+
+def _app_dir(given: str | None) -> Path:
+    if given:
+        p = Path(given).absolute()
+    else:
+        p = Path(__file__).resolve().parents[1]
+    if not (p / "pyproject.toml").is_file() or "[tool.flwr.app" not in (p / "pyproject.toml").read_text():
+        raise FederationError(f"{p} is not the CC-CMR app folder (pyproject.toml with [tool.flwr.app]); pass --app")
+    return p
+
+
+def _toml_value(v: str) -> str:
+    try:
+        float(v)
+        return v
+    except ValueError:
+        return v if v in ("true", "false") or v.startswith(("'", '"')) else f"'{v}'"
+
+
+def cmd_run(args) -> int:
+    fed = fedlib.load(args.fed)
+    if not fed.is_up():
+        raise FederationError(f"the SuperLink is not running; start it with `ccmr-server start {fed.root}`")
+    sites = fed.active_sites()
+    if not sites:
+        raise FederationError(f"no sites; add them with `ccmr-server add-site {fed.root} NAME`")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out).absolute() if args.out else fed.root / "runs" / stamp
+    rc = {"sites": ",".join(fed.site_slots()), "out-dir": str(out), "min-sites": args.min_sites or len(sites)}
+    if args.preset:
+        rc["preset"] = args.preset
+    if args.config:
+        rc["config"] = str(Path(args.config).absolute())
+    if args.rounds:
+        rc["num-server-rounds"] = args.rounds
+    for kv in args.set or []:
+        k, _, v = kv.partition("=")
+        rc[k.strip()] = v.strip()
+    text = " ".join(f"{k}={_toml_value(str(v))}" for k, v in rc.items())
+    app = _app_dir(args.app)
+    sub = fed.flwr_json("run", str(app), CONNECTION, "--run-config", text, timeout=300)
+    run_id = sub.get("run-id")
+    if not sub.get("success", run_id is not None) or run_id is None:
+        raise FederationError(f"the run was not accepted: {sub}")
+    print(f"run {run_id} started on {len(sites)} site(s) ({', '.join(n for n, _ in sites)}); run folder {out}",
+          flush=True)
+    if not args.no_follow:
+        subprocess.run([fedlib._bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=fed.env(), cwd=fed.root)
+    deadline = time.time() + args.timeout
+    status = ""
+    while time.time() < deadline:
+        runs = fed.flwr_json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        status = runs[0].get("status", "") if runs else ""
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    if status != "finished:completed":
+        details = runs[0].get("status-details", "") if runs else ""
+        print(f"error: run {run_id} ended as {status or 'unknown (timed out)'} {details}".rstrip(), file=sys.stderr)
+        return 1
+    print(f"run {run_id} completed; results in {out} (metrics.json, report.html, model.pt)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    fed = fedlib.load(args.fed)
+    up = fed.is_up()
+    print(f"federation {fed.name} ({fed.root}): SuperLink {'running' if up else 'NOT running'} on port {fed.port}")
+    nodes = {}
+    if up:
+        for n in fed.flwr_json("supernode", "ls", CONNECTION).get("nodes", []):
+            nodes[int(n.get("node-id", n.get("node_id", -1)))] = n
+    for name, rec in sorted(fed.registry()["sites"].items(), key=lambda x: x[1]["index"]):
+        node = nodes.get(rec.get("node_id") or -1, {})
+        state = node.get("status", "") if node else ""
+        print(f"  {name:<20} {rec['status']:<11} node {rec.get('node_id') or '-':<22} {state}")
+    if up:
+        for r in fed.flwr_json("ls", CONNECTION).get("runs", [])[-5:]:
+            print(f"  run {r.get('run-id')}: {r.get('status')} (since {r.get('created-at', '')})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ccmr-server", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("init", help="create a federation folder: CA, SuperLink certificate, config")
+    s.add_argument("fed", help="federation folder to create")
+    s.add_argument("--host", action="append", required=True,
+                   help="DNS name or IP the hospitals dial (repeatable; the first is put in the site bundles)")
+    s.add_argument("--port", type=int, default=fedlib.DEFAULT_PORT, help="SuperLink port (default 9093)")
+    s.add_argument("--name", help="federation name (default: folder name)")
+    s.add_argument("--listen-host", default="0.0.0.0", help="interface the SuperLink binds (default 0.0.0.0)")
+    s.add_argument("--force", action="store_true", help="replace existing keys (invalidates every site bundle)")
+    s.set_defaults(func=cmd_init)
+    s = sub.add_parser("add-site", help="create a site's key pair and bundle and register it")
+    s.add_argument("fed")
+    s.add_argument("name", help="site name, e.g. hospital-a")
+    s.add_argument("--force", action="store_true", help="issue a new key to an existing site (rotation)")
+    s.set_defaults(func=cmd_add_site)
+    s = sub.add_parser("remove-site", help="revoke a site's key")
+    s.add_argument("fed")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_remove_site)
+    s = sub.add_parser("renew-cert", help="issue a new SuperLink certificate from the same CA")
+    s.add_argument("fed")
+    s.add_argument("--host", action="append", help="host names / IPs (default: those given to init)")
+    s.set_defaults(func=cmd_renew_cert)
+    s = sub.add_parser("start", help="run the SuperLink (TLS, SuperNode auth, state in FED/state) in the foreground")
+    s.add_argument("fed")
+    s.add_argument("--wait", type=float, default=90, help="seconds to wait for the SuperLink to answer")
+    s.set_defaults(func=cmd_start)
+    s = sub.add_parser("stop", help="stop the SuperLink started by `start`")
+    s.add_argument("fed")
+    s.set_defaults(func=cmd_stop)
+    s = sub.add_parser("run", help="launch a federated run, follow it, exit non-zero if it failed")
+    s.add_argument("fed")
+    s.add_argument("--preset", help="configs/presets/NAME.yaml (e.g. smoke)")
+    s.add_argument("--config", help="YAML config file (absolute or relative to here)")
+    s.add_argument("--rounds", type=int, help="federated rounds")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+    s.add_argument("--min-sites", type=int, help="sites a round needs (default: all active sites)")
+    s.add_argument("--out", help="run folder (default FED/runs/<time>)")
+    s.add_argument("--app", help="the CC-CMR app folder (default: this installation's)")
+    s.add_argument("--no-follow", action="store_true", help="do not stream the run's log")
+    s.add_argument("--timeout", type=float, default=24 * 3600, help="give up waiting after this many seconds")
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("status", help="sites (registered, online) and recent runs")
+    s.add_argument("fed")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FederationError, KeyExists, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""A whole deployment on one machine, over 127.0.0.1: a federation folder, the SuperLink
+(`ccmr-server start`) and one SuperNode per hospital (`ccmr-client start`), each a separate
+process started with the same entry points the container images run. For the deployment test
+and the deployment benchmark; everything it starts is ended by PID when the block exits.
+
+    with LoopbackFederation(tmp, {"hospital-a": site_a, "hospital-b": site_b}) as lf:
+        result = lf.run("--preset", "smoke", "--rounds", "2")
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server import federation as fedlib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackFederation:
+    def __init__(self, work: Path, sites: dict[str, Path], start_timeout: float = 120):
+        self.work = Path(work)
+        self.sites = sites
+        self.start_timeout = start_timeout
+        self.root = self.work / "fed"
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        self._logs: list = []
+        py = sys.executable
+        self.py = py
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+        env.update(PYTHONPATH=str(ROOT), HOME=str(self.work),
+                   PATH=str(Path(py).parent) + os.pathsep + env.get("PATH", ""))
+        self.env = env
+
+    # --- commands -------------------------------------------------------------------------------
+    def cli(self, module: str, *args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+        return subprocess.run([self.py, "-m", module, *args], env={**self.env, **env}, capture_output=True,
+                              text=True, timeout=timeout, cwd=self.work)
+
+    def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
+        f = open(self.work / f"{name}.log", "w")
+        self._logs.append(f)
+        p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=f, stderr=subprocess.STDOUT, cwd=self.work)
+        self.procs.append(p)
+        return p
+
+    def log(self, name: str) -> str:
+        p = self.work / f"{name}.log"
+        return p.read_text()[-4000:] if p.is_file() else ""
+
+    @property
+    def fed(self) -> fedlib.Federation:
+        return fedlib.load(self.root)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> LoopbackFederation:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        r = self.cli("server.cli", "init", str(self.root), "--host", "localhost", "--port", str(self.port),
+                     "--listen-host", "127.0.0.1")
+        if r.returncode:
+            raise RuntimeError(r.stderr)
+        for s in self.sites:
+            r = self.cli("server.cli", "add-site", str(self.root), s)
+            if r.returncode:
+                raise RuntimeError(r.stderr)
+        self.spawn("superlink", [self.py, "-m", "server.cli", "start", str(self.root)])
+        want = f"sites: {', '.join(self.sites)}"
+        deadline = time.time() + self.start_timeout
+        while want not in self.log("superlink"):
+            if time.time() > deadline or self.procs[0].poll() is not None:
+                raise RuntimeError("the SuperLink did not start:\n" + self.log("superlink"))
+            time.sleep(0.5)
+        for s, data in self.sites.items():
+            self.start_site(s, data)
+
+    def start_site(self, site: str, data: Path) -> subprocess.Popen:
+        return self.spawn(site, [self.py, "-m", "client.cli", "start", "--bundle", str(self.fed.bundle(site)),
+                                 "--data", str(data), "--port", str(free_port())],
+                          CCMR_CACHE=str(self.work / f"cache-{site}"))
+
+    def wait_online(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = self.cli("server.cli", "status", str(self.root))
+            if r.stdout.count("online") >= n:
+                return
+            time.sleep(2)
+        raise RuntimeError(f"fewer than {n} SuperNodes online:\n{r.stdout}")
+
+    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return self.cli("server.cli", "run", str(self.root), *args, timeout=timeout)
+
+    def refused(self, *args: str, timeout: float = 90) -> tuple[int, str]:
+        """Run a bare flower-supernode against this SuperLink with at most one retry; its exit
+        status and log. Output goes to a file: its SuperExec child would hold a pipe open."""
+        log = self.work / f"refused-{len(self.procs)}-{time.time_ns()}.log"
+        with open(log, "w") as out:
+            p = subprocess.Popen([str(Path(self.py).with_name("flower-supernode")), *args, "--max-retries", "1",
+                                  "--max-wait-time", "20", "--port", str(free_port())], env=self.env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = p.wait(timeout)
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return rc, log.read_text()
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):  # each forwards the signal to the processes it started
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in self._logs:
+            f.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def leftovers(self) -> list[str]:
+        out = subprocess.run(["pgrep", "-af", "flower-superlink|flower-supernode|flower-superexec|server.cli|client.cli"],
+                             capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if str(self.root) in line or str(self.work) in line]

@@ -1,0 +1,93 @@
+"""Update validation and robust aggregation at the coordinator (ccmr_core has no Flower; this does).
+
+Before a round's updates are averaged, each is checked against the global model that was sent:
+the same parameter names and shapes, only finite numbers, and an update norm
+||w_site - w_global|| not far beyond the others' (more than ``max_ratio`` times the median of the
+other sites' update norms). A rejected update is left out and logged with its reason; the global
+model is computed from the rest, so one broken or hostile site cannot move it.
+
+Aggregators: ``mean`` (Flower's weighted average, the default), or coordinate-wise ``median`` and
+``trimmed-mean`` (drop the ``trim`` share of highest and lowest values per coordinate), which
+bound the influence of any single site even when its update passes the checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+
+@dataclass
+class Rejection:
+    node_id: int
+    reason: str
+
+
+def _arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def check_shapes(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return (f"parameter names differ from the global model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, ref in reference.items():
+        if update[k].shape != ref.shape:
+            return f"parameter {k} has shape {tuple(update[k].shape)}, the global model's is {tuple(ref.shape)}"
+    for k, v in update.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            return f"parameter {k} holds NaN or Inf"
+    return None
+
+
+def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(((update[k].astype(np.float64) - reference[k]) ** 2).sum())
+                             for k in reference if np.issubdtype(reference[k].dtype, np.floating))))
+
+
+def screen(updates: list[tuple[int, ArrayRecord]], reference: ArrayRecord, max_ratio: float = 10.0
+           ) -> tuple[list[int], list[Rejection]]:
+    """Indices of the updates to keep, and the rejections with reasons."""
+    ref = _arrays(reference)
+    keep, rejected, norms = [], [], {}
+    for i, (node, rec) in enumerate(updates):
+        upd = _arrays(rec)
+        why = check_shapes(upd, ref)
+        if why:
+            rejected.append(Rejection(node, why))
+            continue
+        norms[i] = update_norm(upd, ref)
+        keep.append(i)
+    if len(keep) >= 2:
+        final = []
+        for i in keep:
+            others = np.median([norms[j] for j in keep if j != i])
+            if others > 0 and norms[i] > max_ratio * others:
+                rejected.append(Rejection(updates[i][0], f"update norm {norms[i]:.3g} is {norms[i] / others:.0f}x the "
+                                                        f"median of the other sites' ({others:.3g}; limit {max_ratio:g}x)"))
+            else:
+                final.append(i)
+        keep = final
+    return keep, rejected
+
+
+def robust_aggregate(records: list[ArrayRecord], method: str, trim: float = 0.2) -> ArrayRecord:
+    """Coordinate-wise median or trimmed mean of the kept updates (unweighted)."""
+    keys = list(records[0].keys())
+    out = {}
+    for k in keys:
+        stack = np.stack([r[k].numpy() for r in records])
+        if not np.issubdtype(stack.dtype, np.floating):
+            out[k] = stack[0]
+        elif method == "median":
+            out[k] = np.median(stack, axis=0).astype(stack.dtype)
+        elif method == "trimmed-mean":
+            n = len(records)
+            cut = min(int(np.floor(trim * n)), (n - 1) // 2)
+            s = np.sort(stack, axis=0)
+            out[k] = s[cut:n - cut].mean(axis=0).astype(stack.dtype)
+        else:
+            raise ValueError(f"aggregator {method!r} is not one of: mean, median, trimmed-mean")
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})

@@ -1,0 +1,189 @@
+"""Deployment: ccmr-server / ccmr-client on loopback, with TLS and site authentication.
+
+The unit tests build federations in a temporary folder; the integration test starts a SuperLink
+and two SuperNodes as processes on 127.0.0.1 (the same entry points the container images run),
+runs two rounds and stops everything it started, by PID."""
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from client.bundle import check_ca, check_key, check_superlink, load_bundle
+from server import federation as fedlib
+from server.loopback import LoopbackFederation
+from server.loopback import free_port as _free_port
+from server.pki import KeyExists, make_server_cert
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_init_writes_owner_only_keys_and_never_replaces_them(tmp_path):
+    fed = fedlib.init(tmp_path / "fed", ["fl.example.org", "10.1.2.3"], port=9093)
+    for k in ("ca.key", "superlink.key"):
+        assert _mode(fed.root / k) == 0o600
+    cert = x509.load_pem_x509_certificate((fed.root / "superlink.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"fl.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {"10.1.2.3", "127.0.0.1"} <= {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+    assert fed.address == "fl.example.org:9093"
+    before = (fed.root / "ca.key").read_bytes()
+    with pytest.raises(KeyExists, match="refusing to replace"):
+        fedlib.init(tmp_path / "fed", ["other"])
+    assert (fed.root / "ca.key").read_bytes() == before
+    old = (fed.root / "superlink.crt").read_bytes()
+    fedlib.renew_certificate(fed)  # same CA, new certificate: bundles stay valid
+    assert (fed.root / "ca.key").read_bytes() == before and (fed.root / "superlink.crt").read_bytes() != old
+    assert _mode(fed.root / "superlink.key") == 0o600
+    fedlib.init(tmp_path / "fed", ["other"], force=True)
+    assert (fed.root / "ca.key").read_bytes() != before
+
+
+def test_add_and_remove_site_offline(tmp_path):
+    fed = fedlib.init(tmp_path / "fed", ["localhost"], port=_free_port())
+    b = fedlib.add_site(fed, "hospital-a")
+    assert _mode(b / "site.key") == 0o600 and _mode(b) == 0o700
+    bundle = load_bundle(b)
+    assert (bundle.site, bundle.site_index, bundle.superlink) == ("hospital-a", 0, fed.address)
+    assert (b / "ca.crt").read_bytes() == fed.ca.read_bytes()
+    assert fed.registry()["sites"]["hospital-a"]["status"] == "pending"  # registered at the next start
+    assert check_key(bundle)[0] and check_ca(bundle)[0]
+    with pytest.raises(KeyExists, match="already exists"):
+        fedlib.add_site(fed, "hospital-a")
+    with pytest.raises(fedlib.FederationError, match="lower-case"):
+        fedlib.add_site(fed, "Hospital A")
+    fedlib.add_site(fed, "hospital-b")
+    fedlib.remove_site(fed, "hospital-a")  # never registered: no SuperLink needed
+    assert not b.exists() and not (fed.root / "keys" / "hospital-a.pub").exists()
+    assert [n for n, _ in fed.active_sites()] == ["hospital-b"] and fed.site_slots() == ["hospital-a", "hospital-b"]
+    with pytest.raises(fedlib.FederationError, match="no active site 'hospital-a'.*hospital-b"):
+        fedlib.remove_site(fed, "hospital-a")
+    with pytest.raises(fedlib.FederationError, match="not a federation folder"):
+        fedlib.load(tmp_path)
+
+
+class _TLSServer:
+    """A stand-in SuperLink endpoint: TLS with a given certificate on a loopback port."""
+
+    def __init__(self, cert: Path, key: Path):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = False
+        self.t = threading.Thread(target=self._serve, daemon=True)
+        self.t.start()
+
+    def _serve(self):
+        while not self.stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                with self.ctx.wrap_socket(c, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    def close(self):
+        self.stop = True
+        self.t.join(2)
+        self.sock.close()
+
+
+def test_check_says_exactly_what_is_wrong(tmp_path):
+    fed = fedlib.init(tmp_path / "fed", ["localhost"], port=_free_port())
+    other = fedlib.init(tmp_path / "other", ["localhost"], port=_free_port())
+    srv = _TLSServer(fed.root / "superlink.crt", fed.root / "superlink.key")
+    try:
+        for f, p in ((fed, srv.port), (other, srv.port)):
+            f.address = f"localhost:{p}"
+        good = load_bundle(fedlib.add_site(fed, "hospital-a"))
+        good.superlink = f"localhost:{srv.port}"
+        ok, msg = check_superlink(good)
+        assert ok and "reachable over TLS" in msg
+        # a bundle from another federation does not trust this SuperLink
+        stranger = load_bundle(fedlib.add_site(other, "hospital-x"))
+        stranger.superlink = f"localhost:{srv.port}"
+        ok, msg = check_superlink(stranger)
+        assert not ok and "certificate does not check out" in msg
+    finally:
+        srv.close()
+    # a certificate from the right CA but for another host name than the bundle dials
+    pem, key = make_server_cert(fed.ca.read_bytes(), (fed.root / "ca.key").read_bytes(), ["fl.example.org"],
+                                loopback=False)
+    (tmp_path / "elsewhere.crt").write_bytes(pem)
+    (tmp_path / "elsewhere.key").write_bytes(key)
+    srv = _TLSServer(tmp_path / "elsewhere.crt", tmp_path / "elsewhere.key")
+    try:
+        good.superlink = f"127.0.0.1:{srv.port}"
+        ok, msg = check_superlink(good)
+        assert not ok and "does not check out" in msg and "127.0.0.1" in msg
+    finally:
+        srv.close()
+    closed = load_bundle(good.root)
+    closed.superlink = f"127.0.0.1:{_free_port()}"
+    ok, msg = check_superlink(closed)
+    assert not ok and "refused" in msg
+    os.chmod(good.key, 0o644)
+    ok, msg = check_key(good)
+    assert not ok and f"chmod 600 {good.key}" in msg
+
+
+@pytest.mark.timeout(600)
+def test_two_hospitals_over_tls_run_two_rounds_and_strangers_are_refused(cohort, tmp_path):
+    sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b"}
+    with LoopbackFederation(tmp_path, sites) as lf:
+        fed = lf.fed
+        assert all(r["status"] == "registered" for r in fed.registry()["sites"].values())
+        for s, data in sites.items():
+            r = lf.cli("client.cli", "check", "--bundle", str(fed.bundle(s)), "--data", str(data))
+            assert r.returncode == 0 and "ready to start" in r.stdout, r.stdout + r.stderr
+        lf.wait_online(2)
+
+        # the run: two rounds of the smoke preset; the exit status is the run's
+        r = lf.run("--preset", "smoke", "--rounds", "2", "--set", "validation-patients=0", "--out",
+                   str(tmp_path / "run"), timeout=420)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + lf.log("hospital-a")
+        assert "completed" in r.stdout
+        assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+        m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert m["sites"] == ["hospital-a", "hospital-b"] and m["test"]["n"] > 0
+        assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "report.html").is_file()
+        # the hospitals' images never reached the coordinator: its cache holds no site data
+        assert not any("site-" in p.name or "hospital" in p.name for p in (fed.root / "cache").rglob("*"))
+
+        # security, each refused on the SuperNode's side with Flower's exit code 305 and its reason
+        target = ["--superlink", f"localhost:{lf.port}", "--root-certificates", str(fed.ca)]
+        stranger = load_bundle(fedlib.add_site(fedlib.init(tmp_path / "other", ["localhost"]), "rogue"))
+        rc, out = lf.refused(*target, "--auth-supernode-private-key", str(stranger.key))
+        assert rc != 0 and "Failed to activate SuperNode" in out, out  # a key the coordinator never registered
+        rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--insecure")
+        assert rc != 0 and "305" in out and "Server disconnected" in out, out  # plaintext against TLS
+        rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--root-certificates", str(stranger.ca),
+                             "--auth-supernode-private-key", str(fed.bundle("hospital-a") / "site.key"))
+        assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out  # a SuperLink this site's CA did not sign
+        kept = tmp_path / "hospital-b-bundle"  # the hospital still holds its bundle after revocation
+        shutil.copytree(fed.bundle("hospital-b"), kept)
+        r = lf.cli("server.cli", "remove-site", str(fed.root), "hospital-b")
+        assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
+        rc, out = lf.refused(*target, "--auth-supernode-private-key", str(kept / "site.key"))
+        assert rc != 0 and "Failed to activate SuperNode" in out, out
+    deadline = time.time() + 30
+    while lf.leftovers() and time.time() < deadline:
+        time.sleep(1)
+    assert lf.leftovers() == [], "a SuperLink or SuperNode of this test is still running"

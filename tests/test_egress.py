@@ -1,0 +1,53 @@
+"""What leaves a site: checked before it leaves, refused with a reason, and audited."""
+
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.egress import EgressRefused, check, describe
+
+GLOBAL = ArrayRecord({"w": torch.zeros(4, 3), "b": torch.zeros(3)})
+
+
+def _reply(arrays=None, **metrics):
+    rd = {"metrics": MetricRecord({"num-examples": 10.0, "train-loss": 1.0, "site-epsilon": [0.5, 0.0, 0.0],
+                                   **metrics})}
+    if arrays is not None:
+        rd["arrays"] = ArrayRecord(arrays)
+    return RecordDict(rd)
+
+
+def test_model_weights_and_listed_statistics_may_leave():
+    check(_reply({"w": torch.ones(4, 3), "b": torch.ones(3)}), GLOBAL, n_classes=5, n_sites=3)
+    check(RecordDict({"metrics": MetricRecord({"stats-confusion": [0.0] * 25, "site-n": [1.0, 2.0, 3.0]})}),
+          None, 5, 3)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (_reply({"w": torch.ones(4, 3), "b": torch.ones(3), "pixels": torch.ones(64, 64)}), "unexpected \\['pixels'\\]"),
+    (_reply({"w": torch.ones(64, 64), "b": torch.ones(3)}), "array w is float32\\(64, 64\\)"),
+    (_reply({"w": torch.ones(4, 3, dtype=torch.float64), "b": torch.ones(3)}), "array w is float64"),
+    (_reply({"w": torch.ones(4, 3), "b": torch.ones(3)}, **{"patient-ids": [1.0]}), "'patient-ids' is not on the allow-list"),
+    (_reply({"w": torch.ones(4, 3), "b": torch.ones(3)}, **{"site-epsilon": [0.1] * 4096}), "4096 values; at most 3"),
+    (RecordDict({"arrays": ArrayRecord({"w": torch.ones(4, 3), "b": torch.ones(3)}),
+                 "config": ConfigRecord({"note": "x"})}), "record 'config'"),
+])
+def test_anything_else_is_refused_with_the_key_named(content, reason):
+    with pytest.raises(EgressRefused, match=reason):
+        check(content, GLOBAL, n_classes=5, n_sites=3)
+
+
+def test_evaluate_replies_carry_no_arrays():
+    with pytest.raises(EgressRefused, match="statistics only"):
+        check(_reply({"w": torch.ones(4, 3), "b": torch.ones(3)}), None, 5, 3)
+
+
+def test_describe_lists_every_key_and_hashes_the_payload():
+    a = _reply({"w": torch.ones(4, 3), "b": torch.ones(3)})
+    keys, digest = describe(a)
+    by_key = {k["key"]: k for k in keys}
+    assert by_key["arrays/w"]["shape"] == [4, 3] and by_key["arrays/w"]["bytes"] >= 48
+    assert by_key["metrics/site-epsilon"]["shape"] == [3]
+    b = _reply({"w": torch.ones(4, 3), "b": 2 * torch.ones(3)})
+    assert describe(b)[1] != digest and describe(_reply({"w": torch.ones(4, 3), "b": torch.ones(3)}))[1] == digest

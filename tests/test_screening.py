@@ -1,0 +1,55 @@
+"""Update screening and robust aggregation: what the coordinator refuses to average, and why."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from server.screening import robust_aggregate, screen
+
+
+def _rec(**arrays):
+    return ArrayRecord({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
+
+
+GLOBAL = _rec(w=np.zeros((2, 2)), b=np.zeros(2))
+
+
+def _upd(scale, seed):
+    r = np.random.default_rng(seed)
+    return _rec(w=scale * r.normal(size=(2, 2)), b=scale * r.normal(size=2))
+
+
+def test_screen_keeps_honest_updates_and_names_each_problem():
+    updates = [(1, _upd(1, 1)), (2, _upd(1, 2)), (3, _upd(1, 3)),
+               (4, _rec(w=np.full((2, 2), np.nan), b=np.zeros(2))),  # NaN
+               (5, _upd(1000, 5)),  # 1000x the others' norm
+               (6, _rec(w=np.zeros((3, 2)), b=np.zeros(2))),  # wrong shape
+               (7, _rec(w=np.zeros((2, 2)), b=np.zeros(2), pixels=np.zeros((64, 64))))]  # something extra
+    keep, rejected = screen(updates, GLOBAL, max_ratio=10)
+    assert keep == [0, 1, 2]
+    why = {r.node_id: r.reason for r in rejected}
+    assert "NaN or Inf" in why[4]
+    assert "median of the other sites" in why[5] and "limit 10x" in why[5]
+    assert "shape (3, 2)" in why[6] and "(2, 2)" in why[6]
+    assert "unexpected ['pixels']" in why[7]
+
+
+def test_two_sites_one_huge_the_huge_one_goes():
+    keep, rejected = screen([(1, _upd(1, 1)), (2, _upd(1000, 2))], GLOBAL)
+    assert keep == [0] and rejected[0].node_id == 2
+
+
+def test_an_update_within_the_ratio_is_kept():
+    keep, rejected = screen([(1, _upd(1, 1)), (2, _upd(3, 2)), (3, _upd(1, 3))], GLOBAL, max_ratio=10)
+    assert keep == [0, 1, 2] and not rejected
+
+
+def test_median_and_trimmed_mean_bound_one_outlier():
+    recs = [_rec(w=[1.0, 1.0]), _rec(w=[2.0, 2.0]), _rec(w=[3.0, 3.0]), _rec(w=[4.0, 4.0]), _rec(w=[1e6, -1e6])]
+    med = robust_aggregate(recs, "median")["w"].numpy()
+    assert med.tolist() == [3.0, 2.0]
+    tm = robust_aggregate(recs, "trimmed-mean", trim=0.2)["w"].numpy()  # drops 1 high and 1 low per coordinate
+    assert tm.tolist() == pytest.approx([3.0, 2.0])
+    with pytest.raises(ValueError, match="median, trimmed-mean"):
+        robust_aggregate(recs, "mode")
