@@ -87,9 +87,13 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def supernode_command(b, data: Path, port: int) -> list[str]:
+def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "") -> list[str]:
     exe = Path(sys.executable).with_name("flower-supernode")
     node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index}'
+    if require_dp:
+        node_config += f' policy-require-dp="{require_dp}"'
+    if pin_code:
+        node_config += f' policy-code-sha256="{pin_code}"'
     return [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
             "--superlink", b.superlink, "--root-certificates", str(b.ca), "--auth-supernode-private-key", str(b.key),
             "--node-config", node_config, "--port", str(port)]
@@ -111,7 +115,7 @@ def cmd_start(args) -> int:
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     # the SuperNode spawns flower-superexec and flwr-clientapp by PATH
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    cmd = supernode_command(b, data, args.port)
+    cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "")
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--port", type=int, default=9094, help="local runtime port on 127.0.0.1 (default 9094)")
     s.add_argument("--prepare", action="store_true", help="ingest before connecting")
+    s.add_argument("--require-dp", choices=["sample", "site"], help="take part only in runs with this DP mode")
+    s.add_argument("--pin-code", metavar="SHA256", help="take part only in runs of this training code "
+                   "(the hash `ccmr-server run` prints)")
     s.add_argument("--preset", help="with --prepare: the federation's preset")
     s.add_argument("--config", help="with --prepare: the federation's config")
     s.set_defaults(func=cmd_start)

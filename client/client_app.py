@@ -20,7 +20,8 @@ from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, strip_opacus_prefix
 from ccmr_core.training import model_kwargs
-from client.egress import guard
+from client.egress import guard, refuse
+from client.policy import violations
 from client.local import average_states, load_sites, read_ledger, write_ledger
 
 app = ClientApp()
@@ -49,6 +50,9 @@ def _model(cfg, kwargs, arrays: ArrayRecord, device):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
+    bad = violations(context.node_config, cfg.privacy.mode)
+    if bad:
+        return refuse(msg, [s.name for s in sites], "train", str(c["run-key"]), int(c["global-round"]), "; ".join(bad))
     device = resolve_device(cfg.train.device)
     mu = float(c.get("proximal-mu", 0.0))
     run_key = str(c["run-key"])
@@ -110,6 +114,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
+    rnd = c.get("global-round")
+    bad = violations(context.node_config, cfg.privacy.mode)
+    if bad:
+        return refuse(msg, [s.name for s in sites], "evaluate", str(c["run-key"]), int(rnd) if rnd is not None else None,
+                      "; ".join(bad))
     device = resolve_device(cfg.train.device)
     split = str(c.get("split", "val"))
     mc = int(c.get("mc-samples", 0))
@@ -133,6 +142,5 @@ def evaluate(msg: Message, context: Context) -> Message:
                "site-n": site_n.tolist()}
     metrics.update({f"stats-{k}": v for k, v in total.to_flat().items()})
     reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    rnd = c.get("global-round")
     return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c["run-key"]),
                  int(rnd) if rnd is not None else None)

@@ -111,23 +111,34 @@ def append_audit(sites: list[str], entry: dict) -> None:
             os.fsync(f.fileno())
 
 
-def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_sites: int, kind: str,
-          run_key: str, rnd: int | None, privacy: dict | None = None) -> Message:
-    """The reply if it may leave (and audited), else an empty 'refused' reply (also audited)."""
-    reference = request.content.array_records.get("arrays") if kind == "train" else None
-    content = reply.content
-    refused = None
-    try:
-        check(content, reference, n_classes, n_sites)
-    except EgressRefused as e:
-        refused = str(e)
-        print(f"[{', '.join(sites)}] REFUSED to send the {kind} reply: {refused}", flush=True)
-        content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
-        reply = Message(content=content, reply_to=request)
+def refuse(request: Message, sites: list[str], kind: str, run_key: str, rnd: int | None, reason: str) -> Message:
+    """An empty reply that says 'refused' (the coordinator treats it like a site that did not
+    train), with the reason printed at the site and written to its audit log."""
+    print(f"[{', '.join(sites)}] REFUSED the {kind} request: {reason}", flush=True)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
+    _audit(sites, content, kind, run_key, rnd, reason, None)
+    return Message(content=content, reply_to=request)
+
+
+def _audit(sites, content, kind, run_key, rnd, refused, privacy) -> None:
     keys, digest = describe(content)
     append_audit(sites, {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": run_key,
                          "round": rnd, "kind": kind, "refused": refused, "keys": keys,
                          "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest, "privacy": privacy})
+
+
+def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_sites: int, kind: str,
+          run_key: str, rnd: int | None, privacy: dict | None = None) -> Message:
+    """The reply if it may leave (and audited), else an empty 'refused' reply (also audited)."""
+    reference = request.content.array_records.get("arrays") if kind == "train" else None
+    try:
+        check(reply.content, reference, n_classes, n_sites)
+    except EgressRefused as e:
+        print(f"[{', '.join(sites)}] REFUSED to send the {kind} reply: {e}", flush=True)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
+        _audit(sites, content, kind, run_key, rnd, str(e), privacy)
+        return Message(content=content, reply_to=request)
+    _audit(sites, reply.content, kind, run_key, rnd, None, privacy)
     return reply
 
 

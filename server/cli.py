@@ -184,6 +184,9 @@ def cmd_run(args) -> int:
         rc[k.strip()] = v.strip()
     text = " ".join(f"{k}={_toml_value(str(v))}" for k, v in rc.items())
     app = _app_dir(args.app)
+    from ccmr_core.codehash import code_hash
+
+    print(f"training code SHA-256 {code_hash(app)} (what sites pin with `ccmr-client start --pin-code`)", flush=True)
     sub = fed.flwr_json("run", str(app), CONNECTION, "--run-config", text, timeout=300)
     run_id = sub.get("run-id")
     if not sub.get("success", run_id is not None) or run_id is None:

@@ -74,6 +74,7 @@ class LoopbackFederation:
         return self
 
     def _start(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
         r = self.cli("server.cli", "init", str(self.root), "--host", "localhost", "--port", str(self.port),
                      "--listen-host", "127.0.0.1")
         if r.returncode:

@@ -24,6 +24,11 @@ def _trained(msg: Message) -> bool:
     return float(m.get("num-examples", 1.0)) > 0
 
 
+def _refused(msg: Message) -> bool:
+    m = next(iter(msg.content.metric_records.values()), {})
+    return bool(m.get("refused", 0.0))
+
+
 class RoundLog:
     """Mixin: remember the last aggregated train/evaluate metrics and inject the global round."""
 
@@ -76,7 +81,9 @@ class RoundLog:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        self.last_eval = super().aggregate_evaluate(server_round, replies)
+        # a site that refused the request (its policy, or its egress guard) has nothing to pool
+        replies = [r for r in replies if not (r.has_content() and _refused(r))]
+        self.last_eval = super().aggregate_evaluate(server_round, replies) if replies else None
         return self.last_eval
 
 

@@ -226,3 +226,40 @@ def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(
         refused += sum(bool(r["refused"]) for r in rows)
         assert "messages" in summarize(p)
     assert refused == 1
+
+
+def test_site_policies_refuse_runs_they_do_not_accept_and_the_run_goes_on(env, cohort, monkeypatch, capsys):
+    from ccmr_core.codehash import code_hash
+    from client.policy import APP_ROOT
+
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(env / "audit"))
+    server_app, client_app = _apps()
+    out = env / "run"
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    nodes[0]["policy-require-dp"] = "sample"  # this run has no DP
+    nodes[1]["policy-code-sha256"] = "0" * 64  # code this run does not ship
+    nodes[2]["policy-code-sha256"] = code_hash(APP_ROOT)  # exactly this code: takes part
+    run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", **{"out-dir": str(out),
+                                                                           "data-dir": str(cohort)}), nodes)
+    printed = capsys.readouterr().out
+    assert "requires differential privacy dp='sample'" in printed and "accepts only 0000000000000000" in printed
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train"]["patients"] > 0 for r in rows)  # the accepting site trained every round
+    for site, reason in (("site-a", "requires differential privacy"), ("site-b", "accepts only")):
+        log = [json.loads(x) for x in (env / "audit" / f"{site}.jsonl").read_text().splitlines()]
+        assert log and all(reason in (r["refused"] or "") for r in log)
+        assert all(not any(k["key"].startswith("arrays/") for k in r["keys"]) for r in log)  # nothing of the model left
+    ok = [json.loads(x) for x in (env / "audit" / "site-c.jsonl").read_text().splitlines()]
+    assert ok and not any(r["refused"] for r in ok)
+
+
+def test_code_hash_changes_with_any_training_code(tmp_path):
+    from ccmr_core.codehash import code_hash
+
+    for part in ("ccmr_core", "client", "server"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "a.py").write_text("x = 1\n")
+    h = code_hash(tmp_path)
+    assert code_hash(tmp_path) == h
+    (tmp_path / "client" / "a.py").write_text("x = 2\n")
+    assert code_hash(tmp_path) != h
