@@ -87,6 +87,16 @@ def inprocess(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
     return time.perf_counter() - t, out
 
 
+def import_seconds(parallel: int) -> float:
+    """Wall time for `parallel` fresh processes to import the ClientApp at once (what each
+    SuperNode's flwr-clientapp process does for every message)."""
+    t = time.perf_counter()
+    ps = [subprocess.Popen([sys.executable, "-c", "import client.client_app"], cwd=ROOT) for _ in range(parallel)]
+    for p in ps:
+        p.wait()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
@@ -104,6 +114,7 @@ def main() -> None:
         rows.append(f"| {name} | {wall:.0f} s | {per_round:.1f} s | {per_round / base:.1f}x | {compute:.1f} s | "
                     f"{per_round - compute:.1f} s |")
         print(rows[-1], flush=True)
+    one, three = import_seconds(1), import_seconds(3)
     text = f"""## Deployment vs simulation: round time of the same run (`python -m benchmarks.deployment_time`)
 
 Machine: {machine()}.
@@ -114,13 +125,17 @@ evaluation, final test; round time from the run's metrics.jsonl, rounds after th
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Where the deployment's extra time goes: Flower 1.41's SuperNode sleeps 3 s between pulls when it is
-idle and the ServerApp's Grid sleeps 3 s between polls for replies (both hard-coded), and every
-message starts a fresh `flwr-clientapp` process that imports torch and the app before it trains.
-That is a fixed cost per message phase (train, evaluate), about the same for a small or a large
-model, so for real models and data it is a small share of a round; it is why evaluation every round
-(`fraction-evaluate`) is worth tuning in production. Sites' compute is summed over the three sites
-(they run in parallel in deployment, one after another in the in-process and Ray runs on 2 cores).
+Where the deployment's time goes. Sites' training is a second of it (summed over the three sites).
+The rest is per message, twice a round (train, evaluate) at every SuperNode: each message starts a
+fresh `flwr-clientapp` process, and importing the ClientApp (torch, opacus, flwr, the app) takes
+{one:.1f} s in one process and {three:.1f} s when three SuperNodes do it at once on these 2 cores (measured
+here); the process then rebuilds its site's dataset from the cache. On top, Flower 1.41's SuperNode
+and the ServerApp's Grid each poll every 3 s (hard-coded; ../shared/notes/flower-1.41.md), and the
+SuperExec polls every second. The share of each was not separated further. This cost does not
+grow with the model or the data, but it is large: with the default model (about 20 s of training
+per round for the three sites, federated block) it would still be most of a round. Levers: fewer
+evaluation phases (`fraction-evaluate=0` leaves only the final test), and importing opacus only
+when DP is on (it is 2.5 s of the import; not done yet).
 """
     update_block("deployment", text)
     print(text)
