@@ -103,6 +103,7 @@ def main(grid: Grid, context: Context) -> None:
              else CCMRFedAvg(**common))
     inner.round_offset = done
     inner.max_update_ratio = cfg.federated.max_update_ratio
+    inner.audit_path = out / "audit.jsonl"
     inner.aggregator, inner.trim_fraction = cfg.federated.aggregator, cfg.federated.trim_fraction
     strategy = inner
     if cfg.privacy.mode == "site":

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from client.egress import describe
 from server.screening import robust_aggregate, screen
 
 log = logging.getLogger("ccmr.server")
@@ -40,11 +41,31 @@ class RoundLog:
     trim_fraction: float = 0.2
     sent: ArrayRecord | None = None
     rejected: list = []
+    audit_path = None  # the coordinator's audit log (run folder/audit.jsonl): what it sent and received
+
+    def _audit(self, server_round: int, direction: str, kind: str, messages) -> None:
+        if self.audit_path is None:
+            return
+        import datetime as dt
+        import json
+
+        with open(self.audit_path, "a") as f:
+            for m in messages:
+                if not m.has_content():
+                    continue
+                keys, digest = describe(m.content)
+                node = m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id
+                f.write(json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                    "round": self.round_offset + server_round, "direction": direction, "kind": kind,
+                                    "node": node, "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest,
+                                    "keys": keys}) + "\n")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["global-round"] = self.round_offset + server_round
         self.sent = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self._audit(server_round, "sent", "train", msgs)
+        return msgs
 
     def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
         with_arrays = [r for r in replies if r.has_content() and r.content.array_records]
@@ -63,10 +84,14 @@ class RoundLog:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["global-round"] = self.round_offset + server_round
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._audit(server_round, "sent", "evaluate", msgs)
+        return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = self._screen(server_round, list(replies))
+        replies = list(replies)
+        self._audit(server_round, "received", "train", replies)
+        replies = self._screen(server_round, replies)
         kept = [r for r in replies if _trained(r)]
         if len(kept) < len(replies):
             self.declined_this_round = len(replies) - len(kept)
@@ -81,6 +106,8 @@ class RoundLog:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self._audit(server_round, "received", "evaluate", replies)
         # a site that refused the request (its policy, or its egress guard) has nothing to pool
         replies = [r for r in replies if not (r.has_content() and _refused(r))]
         self.last_eval = super().aggregate_evaluate(server_round, replies) if replies else None

@@ -226,6 +226,14 @@ def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(
         refused += sum(bool(r["refused"]) for r in rows)
         assert "messages" in summarize(p)
     assert refused == 1
+    # the coordinator's own log of what it received matches, message for message, what the sites logged
+    coord = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    got = sorted(r["sha256"] for r in coord if r["direction"] == "received")
+    sent_by_sites = sorted(json.loads(x)["sha256"] for p in logs for x in p.read_text().splitlines()
+                           if json.loads(x)["round"] is not None and json.loads(x)["round"] > 0
+                           and json.loads(x)["kind"] in ("train", "evaluate"))
+    assert len(got) == 12 and got == sent_by_sites
+    assert {r["direction"] for r in coord} == {"sent", "received"}
 
 
 def test_site_policies_refuse_runs_they_do_not_accept_and_the_run_goes_on(env, cohort, monkeypatch, capsys):
