@@ -1,27 +1,45 @@
-"""Process helpers shared by the worker pools (cohort generation, ingestion)."""
+"""Worker pools (cohort generation, ingestion) whose workers never run their parent's signal
+handlers.
+
+A forked worker inherits its parent's Python signal handlers. Inside a Flower app those handlers
+report the *whole run* as finished and failed to the SuperLink, so a worker that ran one when its
+pool was closed (``Pool.terminate`` sends SIGTERM to every worker) would end the run its parent is
+still doing. Resetting the handlers in the worker's initializer leaves a window between the fork
+and the reset; so the signals are blocked in the forking thread while the pool forks, the worker
+resets its handlers to the defaults first thing and only then unblocks them. A SIGTERM that
+arrives in between waits, then ends the worker the plain way.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGQUIT} if hasattr(signal, "SIGQUIT") else set())
 
 
-def worker_init() -> None:
-    """Pool initializer for forked workers.
-
-    1. Signals: a forked worker inherits its parent's Python signal handlers. Inside a Flower app
-       those handlers report the *whole run* finished and failed to the SuperLink, so when the pool
-       is closed (``Pool.terminate`` sends SIGTERM to every worker) a worker would end the run its
-       parent is still doing. Workers die by SIGTERM like plain processes and leave Ctrl-C to the
-       parent.
-    2. Priority: workers yield the CPU to their parent, which must keep sending heartbeats or the
-       SuperLink gives the run up.
-    """
+def _worker_init(user_init) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     if hasattr(signal, "SIGQUIT"):
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     try:
-        os.nice(10)
+        os.nice(10)  # yield the CPU to the parent, which must keep heartbeating inside a Flower app
     except OSError:  # pragma: no cover - not permitted on some systems
         pass
+    if user_init is not None:
+        user_init()
+
+
+@contextmanager
+def worker_pool(ctx, processes: int, initializer=None):
+    """``ctx.Pool(processes)`` as a context manager (terminated on exit), safe as described above."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        pool = ctx.Pool(processes, initializer=_worker_init, initargs=(initializer,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    with pool:
+        yield pool

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from ccmr_core.data.ingest import _parallel
+from ccmr_core.proc import worker_pool
 
 
 def _square(x: int) -> int:
@@ -51,6 +52,19 @@ def test_pool_workers_do_not_run_the_parents_sigterm_handler(sigterm_marker):
     gen = _parallel(_slow, list(range(4)), workers=2, desc="t", unit="x", progress=False)
     assert next(gen) == 0
     gen.close()  # the parent stops early: the pool terminates busy workers with SIGTERM
+    time.sleep(0.5)
+    assert _pids(sigterm_marker) == []
+
+
+def _slow_init() -> None:
+    time.sleep(1.0)  # e.g. importing torch in a fresh worker
+
+
+def test_a_pool_closed_while_its_workers_still_start_runs_no_parent_handler(sigterm_marker):
+    """The race CI hit: SIGTERM reaching a worker before its initializer had reset the handlers."""
+    for _ in range(3):
+        with worker_pool(mp.get_context("fork"), 2, initializer=_slow_init):
+            pass  # terminated at once, while both workers are still in their initializer
     time.sleep(0.5)
     assert _pids(sigterm_marker) == []
 

@@ -33,7 +33,7 @@ from ccmr_core.data.dicom_read import FileProblem, Frame, read_file
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.data.tables import BIOMECHANICS, LABELS, TableError, read_biomechanics, read_labels
-from ccmr_core.proc import worker_init
+from ccmr_core.proc import worker_pool
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
@@ -107,7 +107,6 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)  # forked workers must not enter the parent's OpenMP pool
-    worker_init()  # default signal handling, lower CPU priority
 
 
 def _read_one(args: tuple[str, str]):
@@ -152,7 +151,7 @@ def _parallel(fn, items: list, workers: int, desc: str, unit: str, progress: boo
                 bar.update()
             return
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with ctx.Pool(min(workers, len(items)), initializer=_init_worker) as pool:
+        with worker_pool(ctx, min(workers, len(items)), initializer=_init_worker) as pool:
             for r in pool.imap(fn, items, chunksize=chunksize):
                 yield r
                 bar.update()

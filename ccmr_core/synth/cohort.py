@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ccmr_core.proc import worker_init
+from ccmr_core.proc import worker_pool
 from ccmr_core.synth.anatomy import Heart, sample_heart
 from ccmr_core.synth.biomechanics import SIGNALS, biomechanics
 from ccmr_core.synth.dicom_writer import SeriesTemplate, base_dataset, stable_uid, write_bytes
@@ -258,7 +258,7 @@ def generate_cohort(
                 bar.update()
         else:
             ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-            with ctx.Pool(workers, initializer=worker_init) as pool:
+            with worker_pool(ctx, workers) as pool:
                 for r in pool.imap_unordered(generate_patient, jobs, chunksize=2):
                     results.append(r)
                     bar.update()
