@@ -174,7 +174,7 @@ def test_two_hospitals_over_tls_run_two_rounds_and_strangers_are_refused(cohort,
         assert rc != 0 and "Failed to activate SuperNode" in out, out  # a key the coordinator never registered
         rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--insecure")
         # plaintext against TLS: the server drops the connection (worded by the OS or by httpx)
-    assert rc != 0 and "305" in out and ("Server disconnected" in out or "Connection reset" in out), out
+        assert rc != 0 and "305" in out and ("Server disconnected" in out or "Connection reset" in out), out
         rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--root-certificates", str(stranger.ca),
                              "--auth-supernode-private-key", str(fed.bundle("hospital-a") / "site.key"))
         assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out  # a SuperLink this site's CA did not sign
