@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ccmr_core.files import atomic_path
 from ccmr_core.models.registry import build_model
 
 FORMAT = 1
@@ -30,10 +30,8 @@ def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict, c
         "refer": refer,
         "info": {"saved": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(info or {})},
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ccmr_core.files import atomic_path
 from ccmr_core.inference import Predictor
 
 FORMATS = ("torchscript", "onnx")
@@ -58,15 +58,6 @@ def metadata(pred: Predictor) -> dict:
     }
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_model(model_path: str | Path, fmt: str, out: str | Path, force: bool = False) -> dict:
     """Write the inference model to ``out``; returns its metadata."""
     if fmt not in FORMATS:
@@ -85,21 +76,19 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path, force: bool 
     if fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(net, example, check_trace=False)
-        _atomic(out, lambda p: torch.jit.save(traced, str(p), _extra_files={"ccmr.json": text}))
+        with atomic_path(out) as p:
+            torch.jit.save(traced, str(p), _extra_files={"ccmr.json": text})
     else:
         import onnx
 
-        def write(p: Path) -> None:
-            with torch.no_grad():
-                torch.onnx.export(net, (example,), str(p), input_names=["cine"], output_names=["probabilities"],
-                                  dynamic_shapes={"cine": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                                  dynamo=True, external_data=False, verbose=False)
+        with atomic_path(out) as p, torch.no_grad():
+            torch.onnx.export(net, (example,), str(p), input_names=["cine"], output_names=["probabilities"],
+                              dynamic_shapes={"cine": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                              dynamo=True, external_data=False, verbose=False)
             m = onnx.load(str(p))
             m.metadata_props.add(key=METADATA_KEY, value=text)
             m.doc_string = "CC-CMR cine-only inference: cine (B,S,T,H,W) in [0,1] -> class probabilities"
             onnx.save(m, str(p))
-
-        _atomic(out, write)
     meta["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
     return meta
 

@@ -32,6 +32,7 @@ from ccmr_core.data.ingest import _list_files, _parallel, _read_one
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
+from ccmr_core.files import write_atomic
 from ccmr_core.referral import refer
 
 
@@ -209,12 +210,6 @@ def saliency_png(cine: np.ndarray, sal: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _problems(problems: list[FileProblem]) -> list[dict]:
     return [{"path": p.path, "reason": p.reason} for p in problems if p.kind == "error"]
 
@@ -248,8 +243,8 @@ def predict_study(study_dir: str | Path, model_path: str | Path, out: str | Path
            "saliency": {"file": "saliency.png", "method": "absolute gradient of the predicted class's logit "
                         "with respect to the cine input, 3x3 smoothed", "end_systole_frame": end_systole(cine)}}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "saliency.png", png)
-    _write_atomic(out / "prediction.json", json.dumps(doc, indent=1).encode())
+    write_atomic(out / "saliency.png", png)
+    write_atomic(out / "prediction.json", json.dumps(doc, indent=1).encode())
     return doc
 
 
@@ -290,5 +285,5 @@ def predict_batch(site: str | Path, model_path: str | Path, out: str | Path, for
     for r in rows:
         w.writerow({c: r.get(c, "") for c in cols})
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(target, buf.getvalue().encode())
+    write_atomic(target, buf.getvalue().encode())
     return rows

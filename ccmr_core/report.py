@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ccmr_core.files import write_atomic
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -263,7 +265,5 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 {body}
 <details><summary>metrics.json</summary><pre>{html.escape(json.dumps(metrics, indent=1))}</pre></details>
 </body></html>"""
-    tmp = run / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(run / "report.html")
+    write_atomic(run / "report.html", page)
     return run / "report.html"

@@ -19,6 +19,7 @@ from ccmr_core.config import ExperimentConfig
 from ccmr_core.data.dataset import CacheDataset
 from ccmr_core.data.ingest import ingest
 from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
+from ccmr_core.files import write_atomic
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.privacy import Ledger
@@ -83,9 +84,7 @@ def read_ledger(site: Site, run_key: str) -> Ledger:
 def write_ledger(site: Site, run_key: str, ledger: Ledger) -> None:
     p = ledger_path(site, run_key)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(ledger.to_json())
-    os.replace(tmp, p)
+    write_atomic(p, ledger.to_json())
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

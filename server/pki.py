@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ccmr_core.files import write_atomic
 
 CA_DAYS = 5 * 365
 SERVER_DAYS = 365
@@ -40,20 +41,13 @@ def write_private(path: Path, data: bytes, force: bool = False) -> None:
     """Owner-only from the first byte (created with mode 0600, not chmod-ed afterwards)."""
     if path.exists() and not force:
         raise KeyExists(f"{path} exists; refusing to replace a key (pass --force to rotate it deliberately)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600)
 
 
 def write_public(path: Path, data: bytes, force: bool = False) -> None:
     if path.exists() and not force:
         raise KeyExists(f"{path} exists; refusing to replace it (pass --force)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644)
 
 
 def _pem_key(key) -> bytes:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from ccmr_core.checkpoint import save_model
+from ccmr_core.files import atomic_path
 from ccmr_core.config import ExperimentConfig, dump_config
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,10 +61,9 @@ class RunRecorder:
                "best_round": self.best_round}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_clean(row)) + "\n")
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save({"round": rnd, "state": state, "best_loss": self.best_loss, "best_round": self.best_round,
-                    "best_state": self.best_state}, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        with atomic_path(self.out / CHECKPOINT) as tmp:
+            torch.save({"round": rnd, "state": state, "best_loss": self.best_loss, "best_round": self.best_round,
+                        "best_state": self.best_state}, tmp)
         return self._line(rnd, train, federated, server, privacy, improved)
 
     def _line(self, rnd, train, federated, server, privacy, improved) -> str:

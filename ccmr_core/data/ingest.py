@@ -33,6 +33,7 @@ from ccmr_core.data.dicom_read import FileProblem, Frame, read_file
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.data.tables import BIOMECHANICS, LABELS, TableError, read_biomechanics, read_labels
+from ccmr_core.files import atomic_path, write_atomic
 from ccmr_core.proc import worker_pool
 
 MANIFEST = "manifest.json"
@@ -85,19 +86,14 @@ def _safe(text: str) -> str:
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Write a compressed .npz atomically (deflate level 1: 4x faster than numpy's level 6,
     and nearly as small for float16 images)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for name, arr in arrays.items():
             with zf.open(name + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 # --- workers -----------------------------------------------------------------------------------
