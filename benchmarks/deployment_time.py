@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import ROOT, machine, update_block
+from ccmr_core.flwr_env import child_env
 from ccmr_core.synth.cohort import generate_cohort
 from server.loopback import LoopbackFederation, free_port
 
@@ -55,10 +56,8 @@ def deployment(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
 
 def simulation(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
     flwr = str(Path(sys.executable).with_name("flwr"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env.update(FLWR_HOME=str(work / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-               CCMR_CACHE=str(work / "sim-cache"), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    env = child_env(clean=True, FLWR_HOME=str(work / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                    CCMR_CACHE=str(work / "sim-cache"), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     out = work / "sim-run"
     rc = (f"preset='smoke' num-server-rounds={rounds} validation-patients=0 data-dir='{cohort}' out-dir='{out}'")
     t = time.perf_counter()

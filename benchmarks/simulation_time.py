@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, machine, update_block
+from ccmr_core.flwr_env import child_env
 
 
 def main() -> None:
@@ -30,9 +30,8 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         work = Path(tempfile.mkdtemp(prefix="ccmr-sim-", dir="/tmp"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-        env.update(FLWR_HOME=str(work / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="39491", CCMR_CACHE=str(work / "c"),
-                   RAY_TMPDIR=str(work), PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+        env = child_env(clean=True, FLWR_HOME=str(work / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="39491",
+                        CCMR_CACHE=str(work / "c"), RAY_TMPDIR=str(work))
         t = time.perf_counter()
         r = subprocess.run([flwr, "run", ".", "--stream", "--federation-config", "num-supernodes=3",
                             "--run-config", f"preset='{preset}' out-dir='{work / 'run'}'"],

@@ -244,19 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def dispatch(args, errors: tuple[type[BaseException], ...], interrupted: str = "") -> int:
+    """Run the chosen subcommand (``args.func``) of ccmr, ccmr-server or ccmr-client: an error a
+    person can fix (one of ``errors``) prints one line starting with ``error:`` and gives status 2;
+    Ctrl-C gives 130."""
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing half-written was kept", file=sys.stderr)
+        if interrupted:
+            print(interrupted, file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    return dispatch(args, (ConfigError, ValueError, FileExistsError, FileNotFoundError),
+                    "interrupted; nothing half-written was kept")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Worker pools (cohort generation, ingestion) whose workers never run their parent's signal
-handlers.
+"""Process helpers: worker pools (cohort generation, ingestion) whose workers never run their
+parent's signal handlers, and ending a child process together with what it started.
 
 A forked worker inherits its parent's Python signal handlers. Inside a Flower app those handlers
 report the *whole run* as finished and failed to the SuperLink, so a worker that ran one when its
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from contextlib import contextmanager
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGQUIT} if hasattr(signal, "SIGQUIT") else set())
@@ -43,3 +44,19 @@ def worker_pool(ctx, processes: int, initializer=None):
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     with pool:
         yield pool
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """End a child started with ``start_new_session=True`` and the processes it started (a
+    SuperLink's or SuperNode's SuperExec): SIGTERM to its process group, SIGKILL if the child
+    is still there after ``grace`` seconds. Nothing outside that group is touched."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -13,15 +13,16 @@ person can fix print one line starting with ``error:`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from client.bundle import BundleError, check_ca, check_gpu, check_key, check_superlink, load_bundle
+from ccmr_core.cli import dispatch
 from ccmr_core.config import ConfigError, load_config
+from ccmr_core.flwr_env import child_env, flower_bin
+from ccmr_core.proc import stop_group
 
 
 def _config(args):
@@ -88,14 +89,12 @@ def cmd_audit(args) -> int:
 
 
 def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "") -> list[str]:
-    exe = Path(sys.executable).with_name("flower-supernode")
     node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index}'
     if require_dp:
         node_config += f' policy-require-dp="{require_dp}"'
     if pin_code:
         node_config += f' policy-code-sha256="{pin_code}"'
-    return [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
-            "--superlink", b.superlink, "--root-certificates", str(b.ca), "--auth-supernode-private-key", str(b.key),
+    return [flower_bin("flower-supernode"), "--superlink", b.superlink, "--root-certificates", str(b.ca), "--auth-supernode-private-key", str(b.key),
             "--node-config", node_config, "--port", str(port)]
 
 
@@ -109,12 +108,7 @@ def cmd_start(args) -> int:
         raise BundleError(msg)
     if args.prepare:
         _ingest(data, _config(args), quiet=True)  # the first round then finds the cache ready
-    env = dict(os.environ)
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    # the SuperNode spawns flower-superexec and flwr-clientapp by PATH
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = child_env()
     cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "")
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
@@ -122,18 +116,14 @@ def cmd_start(args) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(signum, frame):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        stop_group(proc)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
         rc = proc.wait()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, grace=0)
     if rc not in (0, -signal.SIGTERM):
         print(f"error: the SuperNode stopped (status {rc}). If its log above says 'Exit Code: 305', it could not "
               "join: either the SuperLink refused this site's key (ask the coordinator whether the site is "
@@ -178,14 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (BundleError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return dispatch(build_parser().parse_args(argv), (BundleError, ConfigError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

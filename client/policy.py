@@ -14,11 +14,17 @@ its audit log); the run goes on without the site.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from ccmr_core.codehash import code_hash
 
 APP_ROOT = Path(__file__).resolve().parents[1]
+
+
+@lru_cache(maxsize=1)
+def _app_hash() -> str:
+    return code_hash(APP_ROOT)  # the code cannot change under a running process
 
 
 def violations(node_config: dict, privacy_mode: str) -> list[str]:
@@ -28,7 +34,7 @@ def violations(node_config: dict, privacy_mode: str) -> list[str]:
         out.append(f"this site requires differential privacy dp='{need}' and the run uses dp='{privacy_mode}'")
     pin = str(node_config.get("policy-code-sha256", "") or "")
     if pin:
-        have = code_hash(APP_ROOT)
+        have = _app_hash()
         if have != pin:
             out.append(f"the run's training code has SHA-256 {have[:16]}..., this site accepts only {pin[:16]}...")
     return out

@@ -12,13 +12,18 @@ def _metrics(rd: RecordDict) -> dict:
     return dict(next(iter(rd.metric_records.values())))
 
 
+def refused(rd: RecordDict) -> bool:
+    """A site declined the request (its policy) or its egress guard stopped its reply: the reply
+    carries no model and no statistics, only this flag."""
+    return bool(_metrics(rd).get("refused", 0.0))
+
+
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean training loss over sites that trained; per-site epsilon and declines."""
-    ms = [_metrics(r) for r in replies]
-    refused = sum(1 for m in ms if m.get("refused"))
-    ms = [m for m in ms if "site-epsilon" in m]  # a site's egress guard may have refused its reply
+    n_refused = sum(refused(r) for r in replies)
+    ms = [_metrics(r) for r in replies if not refused(r)]
     if not ms:
-        return MetricRecord({"refused": float(refused)})
+        return MetricRecord({"refused": float(n_refused)})
     w = np.array([m["num-examples"] for m in ms], dtype=float)
     loss = float(np.average([m["train-loss"] for m in ms], weights=w)) if w.sum() > 0 else float("nan")
     eps = np.max([m["site-epsilon"] for m in ms], axis=0)
@@ -26,15 +31,15 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord({"train-loss": loss, "site-epsilon": eps.tolist(), "site-declined": declined.tolist(),
                          "patients": float(w.sum()), "delta": float(ms[0]["delta"]),
                          "train-seconds": float(sum(m.get("train-seconds", 0.0) for m in ms)),
-                         "refused": float(refused)})
+                         "refused": float(n_refused)})
 
 
 def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, np.ndarray, np.ndarray]:
     total, correct, n = None, None, None
     for r in replies:
-        m = _metrics(r)
-        if "stats-n" not in m:  # refused at the site: nothing to pool
+        if refused(r):  # nothing to pool
             continue
+        m = _metrics(r)
         s = EvalStats.from_flat({k[len("stats-"):]: v for k, v in m.items() if k.startswith("stats-")}, n_classes)
         total = s if total is None else total + s
         correct = np.asarray(m["site-correct"]) if correct is None else correct + np.asarray(m["site-correct"])

@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from ccmr_core.cli import dispatch
+from ccmr_core.flwr_env import flower_bin
+from ccmr_core.proc import stop_group
 from server import federation as fedlib
 from server.federation import CONNECTION, FederationError
 from server.pki import KeyExists, cert_summary
@@ -91,15 +94,7 @@ def cmd_start(args) -> int:
     fed.pid_file.write_text(f"{os.getpid()} {proc.pid}\n")
 
     def stop(signum=None, frame=None):
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         fed.pid_file.unlink(missing_ok=True)
         if signum is not None:
             print("SuperLink stopped", flush=True)
@@ -194,7 +189,7 @@ def cmd_run(args) -> int:
     print(f"run {run_id} started on {len(sites)} site(s) ({', '.join(n for n, _ in sites)}); run folder {out}",
           flush=True)
     if not args.no_follow:
-        subprocess.run([fedlib._bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=fed.env(), cwd=fed.root)
+        subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=fed.env(), cwd=fed.root)
     deadline = time.time() + args.timeout
     status = ""
     while time.time() < deadline:
@@ -282,14 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (FederationError, KeyExists, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return dispatch(build_parser().parse_args(argv), (FederationError, KeyExists, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ccmr_core.files import write_atomic
+from ccmr_core.flwr_env import DEFAULTS, child_env, flower_bin
 from server import pki
 
 CONNECTION = "ccmr"
@@ -38,18 +39,6 @@ DEFAULT_PORT = 9093
 
 class FederationError(ValueError):
     """Something a coordinator can fix; the message says what."""
-
-
-def _bin(name: str) -> str:
-    """A console script of this environment (flwr, flower-superlink, ...)."""
-    here = Path(sys.executable).with_name(name)
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -92,7 +81,7 @@ class Federation:
         return json.loads(self.registry_path.read_text())
 
     def save_registry(self, reg: dict) -> None:
-        _atomic_text(self.registry_path, json.dumps(reg, indent=1))
+        write_atomic(self.registry_path, json.dumps(reg, indent=1))
 
     def active_sites(self) -> list[tuple[str, dict]]:
         """(name, record) of sites not revoked, by index."""
@@ -109,22 +98,19 @@ class Federation:
 
     # --- the coordinator's flwr CLI -------------------------------------------------------------
     def env(self) -> dict:
-        env = dict(os.environ)
-        env.update(FLWR_HOME=str(self.flwr_home), CCMR_CACHE=str(self.root / "cache"),
-                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
-                   FLWR_TELEMETRY_ENABLED="0", HOME=env.get("HOME", str(self.root)),
-                   # the SuperLink spawns flower-superexec, which spawns flwr-serverapp: by PATH
-                   PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-        return env
+        # the coordinator's SuperLink always runs with the FLWR_ defaults, whatever the shell says
+        forced = {k: v for k, v in DEFAULTS.items() if k.startswith("FLWR_")}
+        return child_env(FLWR_HOME=str(self.flwr_home), CCMR_CACHE=str(self.root / "cache"),
+                         HOME=os.environ.get("HOME", str(self.root)), **forced)
 
     def write_flwr_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        _atomic_text(self.flwr_home / "config.toml",
+        write_atomic(self.flwr_home / "config.toml",
                      f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                      f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca.resolve()}"\n')
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([_bin("flwr"), *args], env=self.env(), capture_output=True, text=True,
+        return subprocess.run([flower_bin("flwr"), *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout, cwd=self.root)
 
     def flwr_json(self, *args: str, timeout: float = 120) -> dict:
@@ -136,7 +122,7 @@ class Federation:
 
     # --- the SuperLink --------------------------------------------------------------------------
     def superlink_command(self) -> list[str]:
-        return [_bin("flower-superlink"), "--ssl-ca-certfile", str(self.ca), "--ssl-certfile",
+        return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(self.ca), "--ssl-certfile",
                 str(self.root / "superlink.crt"), "--ssl-keyfile", str(self.root / "superlink.key"),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                 "--database", str(self.root / "state" / "superlink.db"), "--host", self.listen_host,
@@ -187,7 +173,7 @@ def init(root: str | Path, hosts: list[str], port: int = DEFAULT_PORT, name: str
     pki.write_public(root / "ca.crt", ca_pem, force)
     pki.write_private(root / "superlink.key", srv_key, force)
     pki.write_public(root / "superlink.crt", srv_pem, force)
-    _atomic_text(root / "federation.yaml", yaml.safe_dump(
+    write_atomic(root / "federation.yaml", yaml.safe_dump(
         {"name": name, "address": f"{hosts[0]}:{port}", "listen_host": listen_host, "port": port,
          "hosts": hosts, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}, sort_keys=False))
     fed = load(root)
@@ -209,7 +195,7 @@ def renew_certificate(fed: Federation, hosts: list[str] | None = None) -> Path:
     if hosts != fed.hosts:
         d = yaml.safe_load((fed.root / "federation.yaml").read_text())
         d["hosts"] = hosts
-        _atomic_text(fed.root / "federation.yaml", yaml.safe_dump(d, sort_keys=False))
+        write_atomic(fed.root / "federation.yaml", yaml.safe_dump(d, sort_keys=False))
     return crt
 
 
@@ -257,7 +243,7 @@ def add_site(fed: Federation, site: str, force: bool = False) -> Path:
     pki.write_public(fed.root / "keys" / f"{site}.pub", pub, force=True)
     shutil.copyfile(fed.ca, b / "ca.crt")
     index = old["index"] if old else len(reg["sites"])
-    _atomic_text(b / "site.yaml", yaml.safe_dump(
+    write_atomic(b / "site.yaml", yaml.safe_dump(
         {"federation": fed.name, "site": site, "site_index": index, "superlink": fed.address,
          "ca_certificate": "ca.crt", "private_key": "site.key",
          "issued": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}, sort_keys=False))

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ccmr_core.flwr_env import child_env
 from server import federation as fedlib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +40,7 @@ class LoopbackFederation:
         self._logs: list = []
         py = sys.executable
         self.py = py
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-        env.update(PYTHONPATH=str(ROOT), HOME=str(self.work),
-                   PATH=str(Path(py).parent) + os.pathsep + env.get("PATH", ""))
-        self.env = env
+        self.env = child_env(clean=True, PYTHONPATH=str(ROOT), HOME=str(self.work))
 
     # --- commands -------------------------------------------------------------------------------
     def cli(self, module: str, *args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:

@@ -5,6 +5,8 @@ aggregated metrics are kept for the run log."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 from typing import Iterable
 
@@ -13,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from client.egress import describe
+from server.aggregation import refused
 from server.screening import robust_aggregate, screen
 
 log = logging.getLogger("ccmr.server")
@@ -23,11 +26,6 @@ def _trained(msg: Message) -> bool:
         return True  # errors are logged and skipped by Flower itself
     m = next(iter(msg.content.metric_records.values()), {})
     return float(m.get("num-examples", 1.0)) > 0
-
-
-def _refused(msg: Message) -> bool:
-    m = next(iter(msg.content.metric_records.values()), {})
-    return bool(m.get("refused", 0.0))
 
 
 class RoundLog:
@@ -46,9 +44,6 @@ class RoundLog:
     def _audit(self, server_round: int, direction: str, kind: str, messages) -> None:
         if self.audit_path is None:
             return
-        import datetime as dt
-        import json
-
         with open(self.audit_path, "a") as f:
             for m in messages:
                 if not m.has_content():
@@ -109,7 +104,7 @@ class RoundLog:
         replies = list(replies)
         self._audit(server_round, "received", "evaluate", replies)
         # a site that refused the request (its policy, or its egress guard) has nothing to pool
-        replies = [r for r in replies if not (r.has_content() and _refused(r))]
+        replies = [r for r in replies if not (r.has_content() and refused(r.content))]
         self.last_eval = super().aggregate_evaluate(server_round, replies) if replies else None
         return self.last_eval
 

@@ -4,7 +4,6 @@ Isolated FLWR_HOME and port; the run's status is checked with `flwr ls` (flwr ru
 when a run fails); afterwards no SuperLink or SuperExec of this test may be left running."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ccmr_core.flwr_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = "39391"
@@ -32,11 +33,9 @@ def _ours(flwr_home: Path) -> list[str]:
 def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
     if not Path(_flwr()).exists():
         pytest.skip("flwr CLI not installed next to this interpreter")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     ray_dir = tempfile.mkdtemp(prefix="ccmr-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    env.update(FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=PORT,
-               CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=ray_dir,
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    env = child_env(clean=True, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=PORT,
+                    CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=ray_dir)
     out_dir = tmp_path / "run"
     cmd = [_flwr(), "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config",
            f"preset='smoke' out-dir='{out_dir}'"]
