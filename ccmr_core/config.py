@@ -121,6 +121,22 @@ class FederatedConfig(_Section):
     aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
         "mean", description="mean (weighted FedAvg/FedProx), or coordinate-wise median / trimmed mean (robust)")
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
+    round_retries: int = Field(2, ge=0, le=100, description="a train round with fewer than min_sites replies "
+                               "(after round_timeout_s) is sent again up to this many times before the run stops")
+
+
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Flower's protocol): the coordinator sees only the weighted sum of the sites' updates."""
+
+    enabled: bool = False
+    clipping_range: float = Field(0.5, gt=0.0, le=1e3, description="each coordinate of a site's weighted "
+                                  "update (weight / max_weight x (local - global)) is clipped to +-this before "
+                                  "quantisation; sites report how many were clipped")
+    max_weight: int = Field(1000, ge=1, le=10**6, description="largest weight (training patients) one site may "
+                            "carry; a site above it refuses the round")
+    quantization_bits: int = Field(24, ge=8, le=28, description="quantisation levels 2**bits over the clipping range (the sum of all sites must stay below 2**32)")
+    reconstruction_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of a site's neighbours "
+                                           "that must survive for its masks to be removed (dropout tolerance)")
 
 
 class PrivacyConfig(_Section):
@@ -139,6 +155,16 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     federated: FederatedConfig = FederatedConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @model_validator(mode="after")
+    def _secagg_sums_only(self) -> "ExperimentConfig":
+        if self.secure_aggregation.enabled and self.federated.aggregator != "mean":
+            raise ValueError(
+                f"secure_aggregation.enabled cannot be combined with federated.aggregator "
+                f"'{self.federated.aggregator}': the coordinator sees only the sum of the updates, so a "
+                "coordinate-wise median or trimmed mean cannot be computed; use aggregator 'mean'")
+        return self
 
     @model_validator(mode="after")
     def _dp_needs_per_patient_losses(self) -> "ExperimentConfig":
@@ -295,6 +321,8 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "synthetic-patients": "data.synth.patients",
     "seed": "data.synth.seed",
     "validation-patients": "federated.validation_patients",
+    "secure-aggregation": "secure_aggregation.enabled",
+    "round-timeout": "federated.round_timeout_s",
 }
 RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink", "sites")
 
@@ -332,6 +360,7 @@ __all__ = [
     "FederatedConfig",
     "IngestConfig",
     "PrivacyConfig",
+    "SecureAggregationConfig",
     "RUN_CONFIG_KEYS",
     "from_run_config",
     "ModelConfig",

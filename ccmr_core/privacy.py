@@ -126,3 +126,17 @@ class PrivateTraining:
 def strip_opacus_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Opacus wraps the model as ``_module``; weights leaving a site carry the plain names."""
     return {(k[len("_module."):] if k.startswith("_module.") else k): v for k, v in state.items()}
+
+
+def clip_update(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Site-level DP with clipping at the site (used under secure aggregation, where the
+    coordinator cannot clip what it cannot see): scale the update ``state - reference`` so its
+    L2 norm over all floating-point tensors is at most ``max_norm``. Returns the clipped state and
+    the update's norm before clipping."""
+    deltas = {k: state[k].double() - reference[k].double() for k in state if state[k].is_floating_point()}
+    norm = float(torch.sqrt(sum((d * d).sum() for d in deltas.values()))) if deltas else 0.0
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    out = {k: ((reference[k].double() + deltas[k] * scale).to(v.dtype) if k in deltas else v)
+           for k, v in state.items()}
+    return out, norm

@@ -88,10 +88,13 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "") -> list[str]:
+def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "",
+                      require_secagg: bool = False) -> list[str]:
     node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index}'
     if require_dp:
         node_config += f' policy-require-dp="{require_dp}"'
+    if require_secagg:
+        node_config += ' policy-require-secagg="true"'
     if pin_code:
         node_config += f' policy-code-sha256="{pin_code}"'
     return [flower_bin("flower-supernode"), "--superlink", b.superlink, "--root-certificates", str(b.ca), "--auth-supernode-private-key", str(b.key),
@@ -109,7 +112,7 @@ def cmd_start(args) -> int:
     if args.prepare:
         _ingest(data, _config(args), quiet=True)  # the first round then finds the cache ready
     env = child_env()
-    cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "")
+    cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "", args.require_secagg)
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
@@ -159,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=9094, help="local runtime port on 127.0.0.1 (default 9094)")
     s.add_argument("--prepare", action="store_true", help="ingest before connecting")
     s.add_argument("--require-dp", choices=["sample", "site"], help="take part only in runs with this DP mode")
+    s.add_argument("--require-secagg", action="store_true", help="take part only in runs with secure aggregation "
+                   "(SecAgg+: the coordinator sees only the sum of the sites' updates)")
     s.add_argument("--pin-code", metavar="SHA256", help="take part only in runs of this training code "
                    "(the hash `ccmr-server run` prints)")
     s.add_argument("--preset", help="with --prepare: the federation's preset")

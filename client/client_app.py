@@ -18,13 +18,15 @@ from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model
-from ccmr_core.privacy import BudgetExhausted, PrivateTraining, strip_opacus_prefix
+from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.training import model_kwargs
 from client.egress import guard, refuse
 from client.policy import violations
 from client.local import average_states, load_sites, read_ledger, write_ledger
+from client.secure_aggregation import is_secure, secure_aggregation_mod
 
-app = ClientApp()
+# secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
+app = ClientApp(mods=[secure_aggregation_mod])
 # Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
 # logger has its own and also propagates, so every line would be printed twice.
 logging.getLogger("flwr").propagate = False
@@ -50,7 +52,8 @@ def _model(cfg, kwargs, arrays: ArrayRecord, device):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
-    bad = violations(context.node_config, cfg.privacy.mode)
+    secure = is_secure(msg)
+    bad = violations(context.node_config, cfg.privacy.mode, secure)
     if bad:
         return refuse(msg, [s.name for s in sites], "train", str(c["run-key"]), int(c["global-round"]), "; ".join(bad))
     device = resolve_device(cfg.train.device)
@@ -101,21 +104,30 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": train_seconds,
     }
     if states:
-        arrays = ArrayRecord(average_states(states, weights))
+        state = average_states(states, weights)
+        if "clipping_norm" in c:  # site-level DP under secure aggregation: the site clips its own update
+            state, norm = clip_update(state, msg.content["arrays"].to_torch_state_dict(), float(c["clipping_norm"]))
+            print(f"[{', '.join(s.name for s in sites)}] update norm {norm:.3f} clipped to {float(c['clipping_norm']):g}",
+                  flush=True)
+        arrays = ArrayRecord(state)
     else:  # every hosted site declined: send the global model back with weight 0
         arrays = msg.content["arrays"]
     reply = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
     privacy = {"mode": cfg.privacy.mode, "epsilon": float(max(eps)) if cfg.privacy.mode == "sample" else None,
                "delta": cfg.privacy.delta}
+    # under secure aggregation the guard checks the reply but the audit records the masked vector
+    # that actually leaves (client/secure_aggregation.py)
     return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "train", run_key,
-                 int(c["global-round"]), privacy)
+                 int(c["global-round"]), privacy, record=not secure)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
     rnd = c.get("global-round")
-    bad = violations(context.node_config, cfg.privacy.mode)
+    # evaluation replies are statistics only; a site that requires secure aggregation answers the
+    # evaluation of runs that use it for their updates
+    bad = violations(context.node_config, cfg.privacy.mode, cfg.secure_aggregation.enabled)
     if bad:
         return refuse(msg, [s.name for s in sites], "evaluate", str(c["run-key"]), int(rnd) if rnd is not None else None,
                       "; ".join(bad))

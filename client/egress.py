@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ccmr_core.data.sources import default_cache_root
 from ccmr_core.metrics import N_BINS, N_UNC_BINS
@@ -42,6 +42,7 @@ def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
         "stats-confusion": c * c, "stats-pos_hist": c * N_BINS, "stats-neg_hist": c * N_BINS,
         "stats-calib_count": N_BINS, "stats-calib_correct": N_BINS, "stats-calib_conf": N_BINS,
         "stats-unc_correct": N_UNC_BINS, "stats-unc_wrong": N_UNC_BINS, "stats-loss_sum": 1, "stats-n": 1,
+        "secagg-clipped": 1,
     }
 
 
@@ -92,6 +93,16 @@ def describe(content: RecordDict) -> tuple[list[dict], str]:
                 n = len(v) if isinstance(v, list) else 1
                 keys.append({"key": f"{name}/{k}", "shape": [n] if isinstance(v, list) else [], "dtype": "float64",
                              "bytes": 8 * n})
+        elif isinstance(rec, ConfigRecord):  # secure aggregation's protocol messages (keys, masked vectors)
+            for k, v in sorted(rec.items()):
+                items = v if isinstance(v, list) else [v]
+                blobs = [x if isinstance(x, bytes) else json.dumps(x).encode() for x in items]
+                h.update(f"{name}/{k}".encode())
+                for b in blobs:
+                    h.update(b)
+                dtype = "bytes" if items and isinstance(items[0], bytes) else type(items[0]).__name__ if items else "-"
+                keys.append({"key": f"{name}/{k}", "shape": [len(items)] if isinstance(v, list) else [],
+                             "dtype": dtype, "bytes": int(sum(len(b) for b in blobs))})
     return keys, h.hexdigest()
 
 
@@ -128,8 +139,9 @@ def _audit(sites, content, kind, run_key, rnd, refused, privacy) -> None:
 
 
 def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_sites: int, kind: str,
-          run_key: str, rnd: int | None, privacy: dict | None = None) -> Message:
-    """The reply if it may leave (and audited), else an empty 'refused' reply (also audited)."""
+          run_key: str, rnd: int | None, privacy: dict | None = None, record: bool = True) -> Message:
+    """The reply if it may leave (and audited unless ``record`` is off: the caller audits what
+    finally leaves), else an empty 'refused' reply (always audited)."""
     reference = request.content.array_records.get("arrays") if kind == "train" else None
     try:
         check(reply.content, reference, n_classes, n_sites)
@@ -138,7 +150,8 @@ def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_
         content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
         _audit(sites, content, kind, run_key, rnd, str(e), privacy)
         return Message(content=content, reply_to=request)
-    _audit(sites, reply.content, kind, run_key, rnd, None, privacy)
+    if record:
+        _audit(sites, reply.content, kind, run_key, rnd, None, privacy)
     return reply
 
 
@@ -157,9 +170,12 @@ def summarize(path: Path) -> str:
         eps = [r["privacy"]["epsilon"] for r in rs if (r.get("privacy") or {}).get("epsilon") is not None]
         rounds = [r["round"] for r in rs if r["round"] is not None]
         refused = [r for r in rs if r["refused"]]
+        secure = sum(r["kind"].startswith("train/secagg-") for r in rs)
         line = (f"  run {run}: {len(rs)} messages ({sum(r['kind'] == 'train' for r in rs)} train, "
-                f"{sum(r['kind'] == 'evaluate' for r in rs)} evaluate), {total / 1e6:.2f} MB in all; "
-                f"model parameter arrays per train reply: {n_arrays}")
+                f"{sum(r['kind'] == 'evaluate' for r in rs)} evaluate"
+                + (f", {secure} secure-aggregation" if secure else "") + f"), {total / 1e6:.2f} MB in all; "
+                + (f"model parameter arrays per train reply: {n_arrays}" if n_arrays or not secure else
+                   "the model left only masked (secure aggregation)"))
         if rounds:
             line += f"; rounds {min(rounds)}-{max(rounds)}"
         line += f"; largest epsilon spent {max(eps):.2f}" if eps else "; no differential privacy"

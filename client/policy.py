@@ -4,6 +4,7 @@ The site sets them when it starts its SuperNode (``ccmr-client start --require-d
 --pin-code SHA256``), as node config the coordinator cannot change:
 
 * ``policy-require-dp``: ``sample`` or ``site``; a run with another privacy mode is refused.
+* ``policy-require-secagg``: ``true``; a run without secure aggregation (SecAgg+) is refused.
 * ``policy-code-sha256``: the SHA-256 of the training code the site reviewed
   (``ccmr_core.codehash``; ``ccmr-server run`` prints it for every run); a run shipping other code
   is refused.
@@ -27,14 +28,23 @@ def _app_hash() -> str:
     return code_hash(APP_ROOT)  # the code cannot change under a running process
 
 
-def violations(node_config: dict, privacy_mode: str) -> list[str]:
+def violations(node_config: dict, privacy_mode: str, secure: bool) -> list[str]:
+    """The site's rules this run breaks (empty: the site takes part). ``secure``: the request
+    arrived through secure aggregation."""
     out = []
     need = str(node_config.get("policy-require-dp", "") or "")
     if need and privacy_mode != need:
         out.append(f"this site requires differential privacy dp='{need}' and the run uses dp='{privacy_mode}'")
+    if _true(node_config.get("policy-require-secagg", False)) and not secure:
+        out.append("this site requires secure aggregation and the run does not use it "
+                   "(run config secure-aggregation=true)")
     pin = str(node_config.get("policy-code-sha256", "") or "")
     if pin:
         have = _app_hash()
         if have != pin:
             out.append(f"the run's training code has SHA-256 {have[:16]}..., this site accepts only {pin[:16]}...")
     return out
+
+
+def _true(v) -> bool:
+    return v is True or str(v).strip().lower() in ("true", "1", "yes")

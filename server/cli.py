@@ -168,6 +168,15 @@ def cmd_run(args) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out).absolute() if args.out else fed.root / "runs" / stamp
     rc = {"sites": ",".join(fed.site_slots()), "out-dir": str(out), "min-sites": args.min_sites or len(sites)}
+    if args.resume:  # continue a run after its last completed round, with the config it ran with
+        out = Path(args.resume).absolute()
+        for f in ("checkpoint.pt", "config.yaml"):
+            if not (out / f).is_file():
+                raise FederationError(f"--resume {out}: no {f} there, so there is no completed round to continue "
+                                      "from; start a new run instead")
+        rc.update({"out-dir": str(out), "resume": str(out)})
+        if not (args.preset or args.config):
+            rc["config"] = str(out / "config.yaml")
     if args.preset:
         rc["preset"] = args.preset
     if args.config:
@@ -266,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
     s.add_argument("--min-sites", type=int, help="sites a round needs (default: all active sites)")
     s.add_argument("--out", help="run folder (default FED/runs/<time>)")
+    s.add_argument("--resume", metavar="RUN_FOLDER", help="continue this run after its last completed round "
+                   "(weights, round count, privacy ledgers), e.g. after the coordinator was restarted")
     s.add_argument("--app", help="the CC-CMR app folder (default: this installation's)")
     s.add_argument("--no-follow", action="store_true", help="do not stream the run's log")
     s.add_argument("--timeout", type=float, default=24 * 3600, help="give up waiting after this many seconds")

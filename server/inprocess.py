@@ -5,6 +5,7 @@ SuperNode on exceptions (an error reply). Uses two Flower internals, hence the p
 
 from __future__ import annotations
 
+import copy
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -44,8 +45,8 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = mid = str(uuid4())
             self.sent.append(msg)
-            try:
-                rep = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            try:  # a copy, as over the wire: a ClientApp (or mod) may change what it received
+                rep = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # noqa: BLE001 - behave like a SuperNode: an error reply
                 rep = Message(Error(code=0, reason=repr(e)), reply_to=msg)
             self._replies[mid] = rep

@@ -29,6 +29,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found in /proc, then theirs)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
 class LoopbackFederation:
     def __init__(self, work: Path, sites: dict[str, Path], start_timeout: float = 120):
         self.work = Path(work)
@@ -37,6 +56,7 @@ class LoopbackFederation:
         self.root = self.work / "fed"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
+        self.named: dict[str, subprocess.Popen] = {}
         self._logs: list = []
         py = sys.executable
         self.py = py
@@ -50,9 +70,41 @@ class LoopbackFederation:
     def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
         f = open(self.work / f"{name}.log", "w")
         self._logs.append(f)
-        p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=f, stderr=subprocess.STDOUT, cwd=self.work)
+        # its own process group, so a test can crash it with everything it started (kill)
+        p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=f, stderr=subprocess.STDOUT, cwd=self.work,
+                             start_new_session=True)
         self.procs.append(p)
+        self.named[name] = p
         return p
+
+    def kill(self, name: str) -> None:
+        """Crash a process this harness started and everything under it (SIGKILL, no chance to
+        say goodbye): a SuperNode with its ClientApp, or the SuperLink with its ServerApp."""
+        root = self.named[name].pid
+        for pid in [root, *descendants(root)]:  # the SuperLink / SuperNode run in sessions of their own
+            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    kill()
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.named[name].wait(30)
+
+    def start_coordinator(self) -> subprocess.Popen:
+        n = sum(1 for k in self.named if k.startswith("superlink"))
+        name = "superlink" if n == 0 else f"superlink-{n}"
+        p = self.spawn(name, [self.py, "-m", "server.cli", "start", str(self.root)])
+        self.named["superlink"] = p
+        want = f"sites: {', '.join(self.sites)}"
+        deadline = time.time() + self.start_timeout
+        while want not in self.log(name):
+            if time.time() > deadline or p.poll() is not None:
+                raise RuntimeError("the SuperLink did not start:\n" + self.log(name))
+            time.sleep(0.5)
+        return p
+
+    def run_in_background(self, name: str, *args: str) -> subprocess.Popen:
+        """``ccmr-server run`` as a process whose output goes to NAME.log."""
+        return self.spawn(name, [self.py, "-m", "server.cli", "run", str(self.root), *args])
 
     def log(self, name: str) -> str:
         p = self.work / f"{name}.log"
@@ -81,13 +133,7 @@ class LoopbackFederation:
             r = self.cli("server.cli", "add-site", str(self.root), s)
             if r.returncode:
                 raise RuntimeError(r.stderr)
-        self.spawn("superlink", [self.py, "-m", "server.cli", "start", str(self.root)])
-        want = f"sites: {', '.join(self.sites)}"
-        deadline = time.time() + self.start_timeout
-        while want not in self.log("superlink"):
-            if time.time() > deadline or self.procs[0].poll() is not None:
-                raise RuntimeError("the SuperLink did not start:\n" + self.log("superlink"))
-            time.sleep(0.5)
+        self.start_coordinator()
         for s, data in self.sites.items():
             self.start_site(s, data)
 

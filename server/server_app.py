@@ -9,7 +9,10 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
@@ -24,6 +27,8 @@ from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, run_dir, validation_set
 from server.recorder import RunRecorder
+from server.robust_rounds import RetryGrid
+from server.secure_aggregation import SecAggPlusGrid
 from server.strategy import CCMRFedAvg, CCMRFedProx
 
 app = ServerApp()
@@ -106,10 +111,21 @@ def main(grid: Grid, context: Context) -> None:
     inner.audit_path = out / "audit.jsonl"
     inner.aggregator, inner.trim_fraction = cfg.federated.aggregator, cfg.federated.trim_fraction
     strategy = inner
+    secure = cfg.secure_aggregation.enabled
     if cfg.privacy.mode == "site":
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            inner, noise_multiplier=cfg.privacy.noise_multiplier, clipping_norm=cfg.privacy.clipping_norm,
-            num_sampled_clients=max(1, int(round(n_nodes * cfg.federated.fraction_train))))
+        # the coordinator clips each site's update, or, under secure aggregation where it sees only
+        # the sum, each site clips its own (client/client_app.py); the noise is added to the mean
+        wrapper = DifferentialPrivacyClientSideFixedClipping if secure else DifferentialPrivacyServerSideFixedClipping
+        strategy = wrapper(inner, noise_multiplier=cfg.privacy.noise_multiplier,
+                           clipping_norm=cfg.privacy.clipping_norm,
+                           num_sampled_clients=max(1, int(round(n_nodes * cfg.federated.fraction_train))))
+    if secure:
+        inner.secure = True
+        grid = SecAggPlusGrid(grid, cfg.secure_aggregation, common["weighted_by_key"], audit=inner.audit_messages)
+        print(f"  secure aggregation (SecAgg+): the coordinator sees only the weighted mean of the sites' updates; "
+              f"clipping range {cfg.secure_aggregation.clipping_range:g}, max weight "
+              f"{cfg.secure_aggregation.max_weight}", flush=True)
+    grid = RetryGrid(grid, cfg.federated.min_sites, cfg.federated.round_retries)
     val_loader = DataLoader(val, batch_size=cfg.train.batch_size) if val is not None else None
     classes = list(cfg.data.classes)
     base = {"cohort-dir": str(cohort), "num-sites": len(site_names), "bio-channels": bio, "run-key": out.name}

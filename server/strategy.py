@@ -40,8 +40,14 @@ class RoundLog:
     sent: ArrayRecord | None = None
     rejected: list = []
     audit_path = None  # the coordinator's audit log (run folder/audit.jsonl): what it sent and received
+    secure = False  # train rounds run as SecAgg+: the grid audits the protocol messages instead
 
     def _audit(self, server_round: int, direction: str, kind: str, messages) -> None:
+        if self.secure and kind == "train":
+            return
+        self.audit_messages(self.round_offset + server_round, direction, kind, messages)
+
+    def audit_messages(self, rnd: int, direction: str, kind: str, messages) -> None:
         if self.audit_path is None:
             return
         with open(self.audit_path, "a") as f:
@@ -51,7 +57,7 @@ class RoundLog:
                 keys, digest = describe(m.content)
                 node = m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id
                 f.write(json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                    "round": self.round_offset + server_round, "direction": direction, "kind": kind,
+                                    "round": rnd, "direction": direction, "kind": kind,
                                     "node": node, "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest,
                                     "keys": keys}) + "\n")
 

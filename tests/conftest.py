@@ -78,3 +78,16 @@ def make_site(cohort, tmp_path):
         return site
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fl-cache")
+
+
+@pytest.fixture
+def env(cohort, tmp_path, monkeypatch, shared_cache):
+    """A federation test's folder; one ingest cache for all of them (keyed by site path and grid;
+    privacy ledgers are keyed by run folder)."""
+    monkeypatch.setenv("CCMR_CACHE", str(shared_cache))
+    return tmp_path

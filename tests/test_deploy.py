@@ -144,26 +144,58 @@ def test_check_says_exactly_what_is_wrong(tmp_path):
     assert not ok and f"chmod 600 {good.key}" in msg
 
 
-@pytest.mark.timeout(600)
-def test_two_hospitals_over_tls_run_two_rounds_and_strangers_are_refused(cohort, tmp_path):
-    sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b"}
+def _wait_for(what: str, cond, timeout: float, lf: LoopbackFederation, *logs: str) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n" + "\n---\n".join(lf.log(n) for n in logs))
+        time.sleep(1)
+
+
+def _rounds(run: Path) -> list[int]:
+    p = run / "metrics.jsonl"
+    return [json.loads(x)["round"] for x in p.read_text().splitlines()] if p.is_file() else []
+
+
+@pytest.mark.timeout(900)
+def test_hospitals_over_tls_survive_crashes_lose_no_round_and_strangers_are_refused(cohort, tmp_path):
+    """Three hospitals on loopback, TLS and site keys. One SuperNode is killed (SIGKILL, with its
+    ClientApp) while round 1 trains and the round closes with the other two; the coordinator
+    (SuperLink + ServerApp) is killed after round 1, restarted, and `ccmr-server run --resume`
+    finishes the run: rounds 1 and 2, each exactly once. Then strangers are refused."""
+    sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b", "hospital-c": cohort / "site-c"}
+    run = tmp_path / "run"
     with LoopbackFederation(tmp_path, sites) as lf:
         fed = lf.fed
         assert all(r["status"] == "registered" for r in fed.registry()["sites"].values())
         for s, data in sites.items():
             r = lf.cli("client.cli", "check", "--bundle", str(fed.bundle(s)), "--data", str(data))
             assert r.returncode == 0 and "ready to start" in r.stdout, r.stdout + r.stderr
-        lf.wait_online(2)
+        lf.wait_online(3)
 
-        # the run: two rounds of the smoke preset; the exit status is the run's
-        r = lf.run("--preset", "smoke", "--rounds", "2", "--set", "validation-patients=0", "--out",
-                   str(tmp_path / "run"), timeout=420)
+        # the run: two rounds of the smoke preset, a round needs 2 of the 3 sites
+        first = lf.run_in_background("run-1", "--preset", "smoke", "--rounds", "2", "--min-sites", "2", "--out",
+                                     str(run), "--set", "validation-patients=0", "--set", "fraction-evaluate=0.0",
+                                     "--set", "round-timeout=60")
+        _wait_for("round 1 to reach hospital-c", lambda: "Receiving: train message" in lf.log("hospital-c"), 240,
+                  lf, "run-1", "hospital-c")
+        lf.kill("hospital-c")
+        _wait_for("round 1 to close without hospital-c", lambda: _rounds(run) == [1], 300, lf, "run-1")
+        lf.kill("superlink")
+        lf.kill("run-1")
+        assert first.poll() is not None and _rounds(run) == [1]
+        assert "[hospital-c] round 1" not in lf.log("hospital-c")
+
+        lf.start_coordinator()
+        lf.wait_online(2, timeout=180)
+        r = lf.run("--resume", str(run), "--min-sites", "2", timeout=420)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + lf.log("hospital-a")
-        assert "completed" in r.stdout
-        assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
-        m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-        assert m["sites"] == ["hospital-a", "hospital-b"] and m["test"]["n"] > 0
-        assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "report.html").is_file()
+        assert "completed" in r.stdout and "after round 1 of 2" in r.stdout
+        assert _rounds(run) == [1, 2]  # none lost, none repeated
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["sites"] == ["hospital-a", "hospital-b", "hospital-c"] and m["test"]["n"] > 0
+        assert m["test"]["site_n"][2] == 0 and m["test"]["site_n"][0] > 0  # hospital-c never came back
+        assert (run / "model.pt").is_file() and (run / "report.html").is_file()
         # the hospitals' images never reached the coordinator: its cache holds no site data
         assert not any("site-" in p.name or "hospital" in p.name for p in (fed.root / "cache").rglob("*"))
 

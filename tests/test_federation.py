@@ -18,18 +18,6 @@ def _run_config(**over):
     return rc
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("fl-cache")
-
-
-@pytest.fixture
-def env(cohort, tmp_path, monkeypatch, shared_cache):
-    # one ingest cache for these tests: it is keyed by site path and grid, ledgers by run folder
-    monkeypatch.setenv("CCMR_CACHE", str(shared_cache))
-    return tmp_path
-
-
 def _apps():
     from client.client_app import app as client_app
     from server.server_app import app as server_app

@@ -1,0 +1,91 @@
+"""Rounds that survive missing sites: a train round that got fewer than ``federated.min_sites``
+replies within ``federated.round_timeout_s`` is sent again, to the SuperNodes connected by then
+(a site that came back rejoins), up to ``federated.round_retries`` times; then the run stops
+with the last completed round checkpointed, to be continued with ``--resume``.
+
+A site that dies mid-round costs that round at most its timeout: the SuperLink answers for a
+SuperNode whose heartbeat stopped (NODE_UNAVAILABLE), and the round closes with the others.
+
+``GridWrapper`` is the seam the coordinator uses for such behaviour (also SecAgg+, see
+server/secure_aggregation.py): the strategy keeps sending through a Grid and never knows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from server.aggregation import refused
+
+log = logging.getLogger("ccmr.server")
+
+
+class GridWrapper(Grid):
+    """A Grid that delegates everything to another one (subclasses override send_and_receive)."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def set_run(self, run):
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs):
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class RoundIncomplete(RuntimeError):
+    pass
+
+
+def answered(replies: list[Message]) -> list[Message]:
+    """Replies from sites that took part (not an error, not a refusal)."""
+    return [r for r in replies if r.has_content() and not refused(r.content)]
+
+
+class RetryGrid(GridWrapper):
+    def __init__(self, grid: Grid, min_sites: int, retries: int):
+        super().__init__(grid)
+        self.min_sites, self.retries = min_sites, retries
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        if not msgs or any(m.metadata.message_type != MessageType.TRAIN for m in msgs):
+            return self.grid.send_and_receive(msgs, timeout=timeout)
+        rnd = msgs[0].content["config"].get("global-round", "?")
+        for attempt in range(self.retries + 1):
+            replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+            ok = answered(replies)
+            if len(ok) >= self.min_sites:
+                return replies
+            why = "; ".join(f"SuperNode {r.metadata.src_node_id}: {r.error.reason[:120]}" for r in replies
+                            if r.has_error())
+            msg = (f"round {rnd}: {len(ok)} of {len(msgs)} sites replied within {timeout} s, fewer than "
+                   f"min_sites {self.min_sites}" + (f" ({why})" if why else ""))
+            if attempt == self.retries:
+                raise RoundIncomplete(msg + f"; gave up after {self.retries} retries. The last completed round is "
+                                      "checkpointed: continue with ccmr-server run --resume RUN_FOLDER (deployment) "
+                                      "or --run-config \"resume='RUN_FOLDER'\"")
+            log.warning("%s; sending the round again (retry %d of %d)", msg, attempt + 1, self.retries)
+            print(f"{msg}; sending the round again (retry {attempt + 1} of {self.retries})", flush=True)
+            content, group = msgs[0].content, msgs[0].metadata.group_id
+            msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group)
+                    for nid in self.grid.get_node_ids()]
+        return replies
