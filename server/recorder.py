@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ccmr_core.checkpoint import save_model
-from ccmr_core.files import atomic_path
+from ccmr_core.files import atomic_path, write_atomic
 from ccmr_core.config import ExperimentConfig, dump_config
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,7 +45,21 @@ class RunRecorder:
             return None
         ck = torch.load(p, map_location="cpu", weights_only=False)
         self.best_loss, self.best_round, self.best_state = ck["best_loss"], ck["best_round"], ck["best_state"]
+        self._align_metrics(int(ck["round"]), ck.get("row"))
         return ck
+
+    def _align_metrics(self, done: int, row: dict | None) -> None:
+        """metrics.jsonl holds exactly rounds 1..done after a crash at any point of record_round:
+        a row written after the last checkpoint is dropped (that round is redone), and the
+        checkpoint's own row is restored if the crash came before it reached metrics.jsonl."""
+        p = self.out / "metrics.jsonl"
+        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+        keep = [r for r in rows if r["round"] <= done]
+        if row is not None and (not keep or keep[-1]["round"] < done):
+            keep.append(row)
+        if keep != rows:
+            print(f"resume: metrics.jsonl aligned with the checkpoint (rounds 1-{done})", flush=True)
+            write_atomic(p, "".join(json.dumps(r) + "\n" for r in keep))
 
     # --- every round --------------------------------------------------------------------------
     def record_round(self, rnd: int, state: dict, train: dict | None, federated: dict | None,
@@ -59,11 +73,12 @@ class RunRecorder:
         row = {"round": rnd, "seconds": round(time.perf_counter() - self.t0, 2), "train": train,
                "federated_validation": federated, "server_validation": server, "privacy": privacy,
                "best_round": self.best_round}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_clean(row)) + "\n")
+        # the checkpoint first (with its row): a crash in between is repaired on resume
         with atomic_path(self.out / CHECKPOINT) as tmp:
             torch.save({"round": rnd, "state": state, "best_loss": self.best_loss, "best_round": self.best_round,
-                        "best_state": self.best_state}, tmp)
+                        "best_state": self.best_state, "row": _clean(row)}, tmp)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_clean(row)) + "\n")
         return self._line(rnd, train, federated, server, privacy, improved)
 
     def _line(self, rnd, train, federated, server, privacy, improved) -> str:

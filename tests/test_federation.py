@@ -104,6 +104,30 @@ def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
     assert rounds == [1, 2, 3]
 
 
+def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_path):
+    import torch
+
+    from ccmr_core.config import load_config
+    from server.recorder import RunRecorder
+
+    rec = RunRecorder(tmp_path, load_config(preset="smoke"), {}, ["a", "b"])
+    state = {"w": torch.zeros(2)}
+    for rnd in (1, 2):
+        rec.record_round(rnd, state, {"train-loss": 1.0}, None, {"accuracy": 0.5, "macro-auc": 0.5, "ece": 0.1,
+                                                               "loss": 1.0 / rnd}, None)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    # crashed after round 2's checkpoint, before its metrics line
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
+    RunRecorder(tmp_path, load_config(preset="smoke"), {}, ["a", "b"]).load_checkpoint()
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a metrics line for a round whose checkpoint never landed (round 3) is dropped: it is redone
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 3}) + "\n")
+    ck = RunRecorder(tmp_path, load_config(preset="smoke"), {}, ["a", "b"]).load_checkpoint()
+    assert ck["round"] == 2
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_bad_run_config_is_refused_with_the_allowed_keys(env):
     from ccmr_core.config import ConfigError, from_run_config
 
