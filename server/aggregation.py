@@ -28,10 +28,12 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     loss = float(np.average([m["train-loss"] for m in ms], weights=w)) if w.sum() > 0 else float("nan")
     eps = np.max([m["site-epsilon"] for m in ms], axis=0)
     declined = np.max([m["site-declined"] for m in ms], axis=0)
-    return MetricRecord({"train-loss": loss, "site-epsilon": eps.tolist(), "site-declined": declined.tolist(),
-                         "patients": float(w.sum()), "delta": float(ms[0]["delta"]),
-                         "train-seconds": float(sum(m.get("train-seconds", 0.0) for m in ms)),
-                         "refused": float(n_refused)})
+    out = {"train-loss": loss, "site-epsilon": eps.tolist(), "site-declined": declined.tolist(),
+           "patients": float(w.sum()), "delta": float(ms[0]["delta"]),
+           "train-seconds": float(sum(m.get("train-seconds", 0.0) for m in ms)), "refused": float(n_refused)}
+    if any("secagg-clipped" in m for m in ms):  # coordinates the secure-aggregation range cut, all sites
+        out["secagg-clipped"] = float(sum(m.get("secagg-clipped", 0.0) for m in ms))
+    return MetricRecord(out)
 
 
 def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, np.ndarray, np.ndarray]:

@@ -85,6 +85,9 @@ class RunRecorder:
         parts = [f"round {rnd}:"]
         if train and train.get("train-loss") == train.get("train-loss"):
             parts.append(f"train loss {train['train-loss']:.3f}")
+        if train and train.get("secagg-clipped"):
+            parts.append(f"(warning: secure aggregation clipped {int(train['secagg-clipped'])} update coordinates; "
+                         "raise secure_aggregation.clipping_range)")
         if federated:
             parts.append(f"sites' validation accuracy {federated['accuracy']:.3f} (AUC {federated['macro-auc']:.3f})")
             accs = ", ".join(f"{s} {a:.2f}" for s, a in zip(self.sites, federated.get("site-accuracy", []))

@@ -40,6 +40,7 @@ def test_secure_aggregate_equals_the_plain_mean_and_the_coordinator_never_holds_
     err = max(float((p[k].float() - s[k].float()).abs().max()) for k in p)
     moved = max(float((p[k].float() - init[k].float()).abs().max()) for k in p)
     assert err < 1e-5 and moved > 100 * err, (err, moved)
+    assert json.loads((secure / "metrics.jsonl").read_text())["train"]["secagg-clipped"] == 0
 
     # in the plain run the coordinator received each site's model; in the secure run it never did:
     # every train-stage reply carries no arrays, only keys, shares and masked integer vectors that
@@ -78,6 +79,15 @@ def test_secure_aggregation_with_site_level_dp_clips_at_the_sites(env, cohort, c
     assert printed.count("clipped to 1") == 3  # each site clips its own update; the coordinator cannot
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["privacy"]["mode"] == "site" and np.isfinite(list(row["privacy"]["epsilon"].values())).all()
+
+
+def test_coordinates_beyond_the_clipping_range_are_counted_and_reported(env, cohort, capsys):
+    cfg = env / "narrow.yaml"
+    cfg.write_text("secure_aggregation:\n  clipping_range: 1.0e-6\n")
+    out, _ = _run(env, cohort, "narrow", config=str(cfg), **{"secure-aggregation": True})
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train"]["secagg-clipped"] > 1000
+    assert "secure aggregation clipped" in capsys.readouterr().out
 
 
 def test_site_policies_under_secure_aggregation(env, cohort, monkeypatch, capsys):
