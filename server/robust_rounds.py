@@ -4,7 +4,8 @@ replies within ``federated.round_timeout_s`` is sent again, to the SuperNodes co
 with the last completed round checkpointed, to be continued with ``--resume``.
 
 A site that dies mid-round costs that round at most its timeout: the SuperLink answers for a
-SuperNode whose heartbeat stopped (NODE_UNAVAILABLE), and the round closes with the others.
+SuperNode whose heartbeat stopped (NODE_UNAVAILABLE), and the round closes with the others (the
+error replies are logged and not handed to the strategy).
 
 ``GridWrapper`` is the seam the coordinator uses for such behaviour (also SecAgg+, see
 server/secure_aggregation.py): the strategy keeps sending through a Grid and never knows.
@@ -74,7 +75,14 @@ class RetryGrid(GridWrapper):
             replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
             ok = answered(replies)
             if len(ok) >= self.min_sites:
-                return replies
+                for r in replies:
+                    if r.has_error():
+                        line = f"round {rnd}: SuperNode {r.metadata.src_node_id} dropped out: {r.error.reason[:160]}"
+                        log.warning(line)
+                        print(line, flush=True)
+                # the strategy averages the replies that arrived (and site-level DP sizes its noise
+                # for them, server/strategy.py); Flower's DP wrappers would drop the whole round
+                return [r for r in replies if not r.has_error()]
             why = "; ".join(f"SuperNode {r.metadata.src_node_id}: {r.error.reason[:120]}" for r in replies
                             if r.has_error())
             msg = (f"round {rnd}: {len(ok)} of {len(msgs)} sites replied within {timeout} s, fewer than "

@@ -9,10 +9,6 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-)
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
@@ -29,7 +25,7 @@ from server.provision import ensure_cohort, run_dir, validation_set
 from server.recorder import RunRecorder
 from server.robust_rounds import RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
-from server.strategy import CCMRFedAvg, CCMRFedProx
+from server.strategy import CCMRFedAvg, CCMRFedProx, ClientSideClippingDP, ServerSideClippingDP
 
 app = ServerApp()
 # Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
@@ -115,7 +111,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.privacy.mode == "site":
         # the coordinator clips each site's update, or, under secure aggregation where it sees only
         # the sum, each site clips its own (client/client_app.py); the noise is added to the mean
-        wrapper = DifferentialPrivacyClientSideFixedClipping if secure else DifferentialPrivacyServerSideFixedClipping
+        wrapper = ClientSideClippingDP if secure else ServerSideClippingDP
         strategy = wrapper(inner, noise_multiplier=cfg.privacy.noise_multiplier,
                            clipping_norm=cfg.privacy.clipping_norm,
                            num_sampled_clients=max(1, int(round(n_nodes * cfg.federated.fraction_train))))

@@ -12,7 +12,12 @@ from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+)
 
 from client.egress import describe
 from server.aggregation import refused
@@ -39,6 +44,7 @@ class RoundLog:
     trim_fraction: float = 0.2
     sent: ArrayRecord | None = None
     rejected: list = []
+    kept_count: int = 0  # updates in the last round's mean
     audit_path = None  # the coordinator's audit log (run folder/audit.jsonl): what it sent and received
     secure = False  # train rounds run as SecAgg+: the grid audits the protocol messages instead
 
@@ -96,6 +102,7 @@ class RoundLog:
         kept = [r for r in replies if _trained(r)]
         if len(kept) < len(replies):
             self.declined_this_round = len(replies) - len(kept)
+        self.kept_count = sum(1 for r in kept if r.has_content())
         arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
         if arrays is not None and self.aggregator != "mean":
             recs = [next(iter(r.content.array_records.values())) for r in kept if r.has_content()]
@@ -120,4 +127,34 @@ class CCMRFedProx(RoundLog, FedProx):
 
 
 class CCMRFedAvg(RoundLog, FedAvg):
+    pass
+
+
+class NoiseForTheMean:
+    """Site-level DP (mixin for Flower's fixed-clipping wrappers). Flower sizes the Gaussian noise
+    for the number of sites configured at the start (stdev = noise_multiplier x clipping_norm /
+    num_sampled_clients). When fewer updates make up a round's mean (a site dropped out, declined,
+    refused or was rejected), each weighs more, so the noise is sized for the updates actually
+    averaged; otherwise that round's guarantee would be weaker than the epsilon reported."""
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays):
+        configured = self.num_sampled_clients
+        k = int(getattr(self.strategy, "kept_count", 0) or 0)
+        if 0 < k < configured:
+            self.num_sampled_clients = k
+            msg = (f"site-level DP: {k} of {configured} sites in this round's mean; noise sized for {k} "
+                   f"(stdev {self.noise_multiplier * self.clipping_norm / k:.4f})")
+            log.warning(msg)
+            print(msg, flush=True)
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
+        finally:
+            self.num_sampled_clients = configured
+
+
+class ServerSideClippingDP(NoiseForTheMean, DifferentialPrivacyServerSideFixedClipping):
+    pass
+
+
+class ClientSideClippingDP(NoiseForTheMean, DifferentialPrivacyClientSideFixedClipping):
     pass

@@ -73,7 +73,7 @@ def test_evaluation_and_rounds_with_enough_sites_pass_through_once():
     assert inner.calls == [[1, 2], [1, 2]]
 
 
-def test_a_site_that_crashes_mid_round_does_not_stop_the_run(env, cohort, monkeypatch, capsys):
+def _crash_site_b_once(monkeypatch) -> list:
     import client.client_app as ca
 
     real = ca.train_epoch
@@ -86,6 +86,11 @@ def test_a_site_that_crashes_mid_round_does_not_stop_the_run(env, cohort, monkey
         return real(model, loader, *a, **k)
 
     monkeypatch.setattr(ca, "train_epoch", crash_once_at_site_b)
+    return crashed
+
+
+def test_a_site_that_crashes_mid_round_does_not_stop_the_run(env, cohort, monkeypatch, capsys):
+    crashed = _crash_site_b_once(monkeypatch)
     server_app, client_app = _apps()
     out = env / "run"
     run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort),
@@ -95,3 +100,22 @@ def test_a_site_that_crashes_mid_round_does_not_stop_the_run(env, cohort, monkey
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["train"]["patients"] < rows[1]["train"]["patients"]  # round 1 without site-b, round 2 with it
     assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_site_level_dp_sizes_the_noise_for_the_sites_actually_averaged(env, cohort, monkeypatch, capsys, secure):
+    """Three sites configured, one crashes in round 1: that round's mean of two gets noise for two
+    (stdev noise_multiplier x clipping_norm / 2), the next round's mean of three Flower's own."""
+    from flwr.serverapp.strategy import dp_fixed_clipping
+
+    stdevs = []
+    real = dp_fixed_clipping.add_gaussian_noise_inplace
+    monkeypatch.setattr(dp_fixed_clipping, "add_gaussian_noise_inplace", lambda a, s: (stdevs.append(s), real(a, s)))
+    _crash_site_b_once(monkeypatch)
+    server_app, client_app = _apps()
+    out = env / f"dp-{secure}"
+    run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", **{
+        "out-dir": str(out), "data-dir": str(cohort), "min-sites": 2, "dp": "site", "noise-multiplier": 1.0,
+        "secure-aggregation": secure}))
+    assert stdevs == pytest.approx([0.5, 1.0 / 3])
+    assert "site-level DP: 2 of 3 sites in this round's mean; noise sized for 2 (stdev 0.5000)" in capsys.readouterr().out
