@@ -41,14 +41,14 @@ def audit_off(on: bool):
     import client.egress as eg
     import server.strategy as st
 
-    saved = eg._audit, st.RoundLog.audit_messages
+    saved = eg.audit, st.RoundLog.audit_messages
     if not on:
-        eg._audit = lambda *a, **k: None
+        eg.audit = lambda *a, **k: None
         st.RoundLog.audit_messages = lambda *a, **k: None
     try:
         yield
     finally:
-        eg._audit, st.RoundLog.audit_messages = saved
+        eg.audit, st.RoundLog.audit_messages = saved
 
 
 def one_run(cohort: Path, out: Path, mode: str, rounds: int, audit_dir: Path) -> tuple[list[float], float]:

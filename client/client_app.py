@@ -124,13 +124,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
-    rnd = c.get("global-round")
+    rnd = int(c["global-round"]) if "global-round" in c else None  # the final evaluations have none
     # evaluation replies are statistics only; a site that requires secure aggregation answers the
     # evaluation of runs that use it for their updates
     bad = violations(context.node_config, cfg.privacy.mode, cfg.secure_aggregation.enabled)
     if bad:
-        return refuse(msg, [s.name for s in sites], "evaluate", str(c["run-key"]), int(rnd) if rnd is not None else None,
-                      "; ".join(bad))
+        return refuse(msg, [s.name for s in sites], "evaluate", str(c["run-key"]), rnd, "; ".join(bad))
     device = resolve_device(cfg.train.device)
     split = str(c.get("split", "val"))
     mc = int(c.get("mc-samples", 0))
@@ -154,5 +153,4 @@ def evaluate(msg: Message, context: Context) -> Message:
                "site-n": site_n.tolist()}
     metrics.update({f"stats-{k}": v for k, v in total.to_flat().items()})
     reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c["run-key"]),
-                 int(rnd) if rnd is not None else None)
+    return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c["run-key"]), rnd)

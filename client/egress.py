@@ -122,16 +122,24 @@ def append_audit(sites: list[str], entry: dict) -> None:
             os.fsync(f.fileno())
 
 
-def refuse(request: Message, sites: list[str], kind: str, run_key: str, rnd: int | None, reason: str) -> Message:
+def _refused(request: Message, sites: list[str], kind: str, run_key: str, rnd: int | None, reason: str,
+             privacy: dict | None) -> Message:
     """An empty reply that says 'refused' (the coordinator treats it like a site that did not
-    train), with the reason printed at the site and written to its audit log."""
-    print(f"[{', '.join(sites)}] REFUSED the {kind} request: {reason}", flush=True)
+    train), written to the site's audit log with the reason."""
     content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
-    _audit(sites, content, kind, run_key, rnd, reason, None)
+    audit(sites, content, kind, run_key, rnd, reason, privacy)
     return Message(content=content, reply_to=request)
 
 
-def _audit(sites, content, kind, run_key, rnd, refused, privacy) -> None:
+def refuse(request: Message, sites: list[str], kind: str, run_key: str, rnd: int | None, reason: str) -> Message:
+    """Decline a request (the site's policy), with the reason printed at the site and audited."""
+    print(f"[{', '.join(sites)}] REFUSED the {kind} request: {reason}", flush=True)
+    return _refused(request, sites, kind, run_key, rnd, reason, None)
+
+
+def audit(sites: list[str], content: RecordDict, kind: str, run_key: str, rnd: int | None, refused: str | None,
+          privacy: dict | None) -> None:
+    """Append what leaves (``content``; empty for a refusal) to the hosted sites' audit logs."""
     keys, digest = describe(content)
     append_audit(sites, {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": run_key,
                          "round": rnd, "kind": kind, "refused": refused, "keys": keys,
@@ -147,11 +155,9 @@ def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_
         check(reply.content, reference, n_classes, n_sites)
     except EgressRefused as e:
         print(f"[{', '.join(sites)}] REFUSED to send the {kind} reply: {e}", flush=True)
-        content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
-        _audit(sites, content, kind, run_key, rnd, str(e), privacy)
-        return Message(content=content, reply_to=request)
+        return _refused(request, sites, kind, run_key, rnd, str(e), privacy)
     if record:
-        _audit(sites, reply.content, kind, run_key, rnd, None, privacy)
+        audit(sites, reply.content, kind, run_key, rnd, None, privacy)
     return reply
 
 

@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from ccmr_core.config import from_run_config
-from client.egress import EgressRefused, append_audit, describe
+from client.egress import EgressRefused, audit
 from client.local import hosted_sites
 from client.policy import violations
 
@@ -75,8 +75,7 @@ def to_masked_update(request: Message, reply: Message, max_weight: int, clipping
                                  f"{max_weight}; the coordinator must raise it for this federation")
     glob = request.content["arrays"]
     # 0-d parameters (learnable scalars) travel as shape (1,): Flower's SecAgg+ arithmetic needs arrays
-    delta = [np.asarray(arrays[k].numpy() - glob[k].numpy(), dtype=np.float64).reshape(-1) if not glob[k].shape
-             else np.asarray(arrays[k].numpy() - glob[k].numpy(), dtype=np.float64) for k in glob.keys()]
+    delta = [np.atleast_1d(np.asarray(arrays[k].numpy() - glob[k].numpy(), dtype=np.float64)) for k in glob.keys()]
     scaled_max = max((float(np.abs(d).max()) for d in delta if d.size), default=0.0) * weight / max_weight
     clipped = int(sum(int((np.abs(d) * weight / max_weight > clipping_range).sum()) for d in delta))
     if clipped:
@@ -132,22 +131,14 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
         check_outgoing(out.content, stage)
     except (SecureRoundRefused, EgressRefused) as e:
         return _refuse(msg, names, kind, run_key, rnd, str(e))
-    keys, digest = describe(out.content)
-    append_audit(names, _entry(run_key, rnd, kind, None, keys, digest))
+    audit(names, out.content, kind, run_key, rnd, None, None)
     return out
 
 
 def _refuse(msg: Message, sites: list[str], kind: str, run_key: str, rnd: int | None, reason: str) -> Message:
     """An error reply (the protocol drops the site from this round) with the reason, audited."""
     print(f"[{', '.join(sites)}] REFUSED the secure train round: {reason}", flush=True)
-    append_audit(sites, _entry(run_key, rnd, kind, reason, [], ""))
+    audit(sites, RecordDict(), kind, run_key, rnd, reason, None)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"refused by the site: {reason}"),
                    reply_to=msg)
 
-
-def _entry(run_key, rnd, kind, refused, keys, digest) -> dict:
-    import datetime as dt
-
-    return {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": run_key, "round": rnd,
-            "kind": kind, "refused": refused, "keys": keys, "bytes": int(sum(k["bytes"] for k in keys)),
-            "sha256": digest, "privacy": None}

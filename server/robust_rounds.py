@@ -52,6 +52,11 @@ class GridWrapper(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
+def is_train_round(msgs: list[Message]) -> bool:
+    """The strategy's train messages of one round (a wrapper's business), not evaluation."""
+    return bool(msgs) and all(m.metadata.message_type == MessageType.TRAIN for m in msgs)
+
+
 class RoundIncomplete(RuntimeError):
     pass
 
@@ -68,7 +73,7 @@ class RetryGrid(GridWrapper):
 
     def send_and_receive(self, messages, *, timeout=None):
         msgs = list(messages)
-        if not msgs or any(m.metadata.message_type != MessageType.TRAIN for m in msgs):
+        if not is_train_round(msgs):
             return self.grid.send_and_receive(msgs, timeout=timeout)
         rnd = msgs[0].content["config"].get("global-round", "?")
         for attempt in range(self.retries + 1):

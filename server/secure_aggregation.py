@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import FitIns, Parameters, parameters_to_ndarrays
 from flwr.serverapp import Grid
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -31,7 +31,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 from ccmr_core.config import SecureAggregationConfig
 from client.secure_aggregation import WEIGHT_KEY
-from server.robust_rounds import GridWrapper
+from server.robust_rounds import GridWrapper, is_train_round
 
 log = logging.getLogger("ccmr.server")
 
@@ -113,11 +113,10 @@ class SecAggPlusGrid(GridWrapper):
     def __init__(self, grid: Grid, sa: SecureAggregationConfig, weight_key: str, audit: Callable | None = None):
         super().__init__(grid)
         self.sa, self.weight_key, self.audit = sa, weight_key, audit
-        self.last_aggregate: list[np.ndarray] | None = None  # the unmasked weighted mean update (tests)
 
     def send_and_receive(self, messages, *, timeout=None):
         msgs = list(messages)
-        if not msgs or any(m.metadata.message_type != MessageType.TRAIN for m in msgs):
+        if not is_train_round(msgs):
             return self.grid.send_and_receive(msgs, timeout=timeout)
         return self.secure_round(msgs, timeout)
 
@@ -162,7 +161,6 @@ class SecAggPlusGrid(GridWrapper):
         mean_update = ctx.strategy.aggregate
         if mean_update is None:
             return []
-        self.last_aggregate = mean_update
         names = list(arrays.keys())
         new = ArrayRecord({k: _as_array(arrays[k].numpy().astype(np.float64) + d, arrays[k])
                            for k, d in zip(names, mean_update)})
@@ -173,9 +171,7 @@ class SecAggPlusGrid(GridWrapper):
                         reply_to=by_node[r.metadata.src_node_id]) for r in collected]
 
 
-def _as_array(values: np.ndarray, like):
-    from flwr.app import Array
-
+def _as_array(values: np.ndarray, like: Array) -> Array:
     ref = like.numpy()
     out = np.rint(values) if np.issubdtype(ref.dtype, np.integer) else values
     return Array(np.asarray(out, dtype=ref.dtype).reshape(ref.shape))  # 0-d parameters stay arrays
