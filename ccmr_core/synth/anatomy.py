@@ -11,6 +11,12 @@ Motion: the endocardial radius of sector (z, theta) at cardiac phase t is
 end-systole) and ``m`` the regional contractility. The shortening ``s`` is solved in closed form so
 that the stack's ejection fraction equals the sampled target EF. Each sector keeps its myocardial
 cross-section area through the cycle (incompressible wall), so walls thicken as cavities shrink.
+
+Scar and motion follow one law for every diagnosis, as in patients: a sector's contractility falls
+with the transmural extent of its scar (``scar_contractility``): under about 10% of the wall it is
+unchanged, at half the wall it is markedly hypokinetic, beyond about 60% akinetic. So a small
+subendocardial infarct can be bright on LGE and nearly invisible on cine, mid-wall fibrosis in
+DCM and patchy scar in HCM slow their segments, and LGE has something of its own to teach.
 """
 
 from __future__ import annotations
@@ -46,6 +52,18 @@ class Scar:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """How an anatomy model draws the LV beyond circles: the standard cohort uses none of it; the
+    external site's anatomy model (ccmr_core/synth/external.py) uses all of it."""
+
+    ellipticity: float = 1.0  # minor / major axis of the LV cross-section (same area as the circle)
+    ellipse_angle: float = 0.0  # rad, image orientation of the major axis
+    roughness: np.ndarray | None = None  # (S, N_SECTORS) multiplicative endocardial radius (trabeculae)
+    papillary_mm: float = 0.0  # radius of the two papillary muscles at mid-ventricle (0 = none)
+    curve: str = "standard"  # contraction curve: "standard" or "sine" (another ejection shape)
+
+
+@dataclass(frozen=True)
 class Heart:
     """Everything needed to render one patient's cine and LGE and to derive ground truth."""
 
@@ -67,18 +85,23 @@ class Heart:
     centre_mm: tuple[float, float] = (0.0, 0.0)  # LV centre offset from the image centre
     axis_tilt_mm: tuple[float, float] = (0.0, 0.0)  # LV centre drift from base to apex
     has_lge: bool = True
+    shape: Shape = field(default_factory=Shape)
 
     @property
     def n_slices(self) -> int:
         return int(self.z.shape[0])
 
 
-def contraction_curve(phase: np.ndarray, es_phase: float, relaxation: float) -> np.ndarray:
-    """f(phase) in [0, 1]: 0 at end-diastole, 1 at end-systole, rapid filling, diastasis, atrial kick."""
+def contraction_curve(phase: np.ndarray, es_phase: float, relaxation: float, kind: str = "standard") -> np.ndarray:
+    """f(phase) in [0, 1]: 0 at end-diastole, 1 at end-systole, rapid filling, diastasis, atrial kick.
+    ``kind`` "sine" ejects faster early in systole (another anatomy model's curve)."""
     phase = np.mod(phase, 1.0)
     f = np.empty_like(phase, dtype=np.float64)
     sys = phase <= es_phase
-    f[sys] = 0.5 * (1 - np.cos(np.pi * phase[sys] / es_phase))
+    if kind == "sine":
+        f[sys] = np.sin(0.5 * np.pi * phase[sys] / es_phase) ** 1.5
+    else:
+        f[sys] = 0.5 * (1 - np.cos(np.pi * phase[sys] / es_phase))
     u = (phase[~sys] - es_phase) / (1 - es_phase)
     atrial = 0.22 + 0.25 * max(0.0, relaxation - 0.2)  # stiffer ventricles lean on the atrium
     smooth = np.clip((u - 0.72) / 0.28, 0, 1)
@@ -146,7 +169,6 @@ def _try_sample(diagnosis: str, rng: np.random.Generator, spacing: float, hard_s
     rr = u(780, 1150)
     relaxation = u(0.17, 0.22)
     scars: list[Scar] = []
-    motion_mod: np.ndarray | None = None
     wall_mod = None  # callable(z, angles) -> multiplicative factor
 
     if diagnosis == "DCM":
@@ -163,31 +185,25 @@ def _try_sample(diagnosis: str, rng: np.random.Generator, spacing: float, hard_s
         centre += u(-0.25, 0.25)
         transmural = u(0.3, 1.0)
         if hard and u() < 0.5:
-            variant = "preserved-ef"  # small territory, hypokinesis: the cine cue is regional
-            half = u(0.45, 0.7)
+            variant = "preserved-ef"  # small subendocardial infarct: bright on LGE, subtle or no cine cue
+            half = u(0.5, 0.8)
             ef = u(0.5, 0.57)
-            depression = u(0.55, 0.8)
-            transmural = u(0.25, 0.6)
+            transmural = u(0.2, 0.35)
         elif hard:
             variant = "dilated"  # volumes like DCM; the regional pattern tells them apart
             half = u(1.0, 1.35)
             r_base = u(29.0, 33.5)
             lv_length = u(95, 108)
             ef = u(0.25, 0.37)
-            depression = u(0.85, 1.0)
+            transmural = u(0.55, 1.0)
         else:
             half = u(0.7, 1.2)
             r_base = u(23.0, 29.0)
             ef = u(0.3, 0.48)
-            depression = u(0.8, 1.0)
         z0, z1 = z_range
         zr = (max(0.0, z0 + u(-0.1, 0.1)), min(1.0, z1 + u(-0.1, 0.05)))
         scars.append(Scar("subendocardial", centre, half, zr, (0.0, transmural)))
         thinning = 1 - 0.45 * max(0.0, transmural - 0.4) / 0.6
-
-        def motion_mod(zz: np.ndarray, ang: np.ndarray, _c=centre, _h=half, _zr=zr, _d=depression) -> np.ndarray:
-            inside = _taper(_angdiff(ang, _c), _h, 0.3) * _zwin(zz, _zr)
-            return 1 - _d * inside
 
         def wall_mod(zz: np.ndarray, ang: np.ndarray, _c=centre, _h=half, _zr=zr, _t=thinning) -> np.ndarray:
             return 1 - (1 - _t) * _taper(_angdiff(ang, _c), _h, 0.3) * _zwin(zz, _zr)
@@ -240,9 +256,7 @@ def _try_sample(diagnosis: str, rng: np.random.Generator, spacing: float, hard_s
     motion = np.clip(1 + _smooth_noise(rng, (n_slices, N_SECTORS), 0.08), 0.75, 1.15)
     if diagnosis == "NOR":
         motion = motion * (1 + 0.08 * np.cos(ang - np.pi))  # lateral wall moves a bit more
-    if motion_mod is not None:
-        motion = motion * motion_mod(zz, ang)
-    motion = np.clip(motion, 0.0, 1.2)
+    motion = np.clip(motion * scar_contractility(scar_transmurality(tuple(scars), z)), 0.0, 1.2)
     s = solve_shortening(r_endo, motion, ef)
     if s is None:
         return None
@@ -269,6 +283,56 @@ def _try_sample(diagnosis: str, rng: np.random.Generator, spacing: float, hard_s
     )
 
 
+def scar_field(scars: tuple[Scar, ...], z: np.ndarray, theta: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Scar fraction in [0, 1] at anatomical angle ``theta`` and wall depth ``depth`` (0 =
+    endocardium), for slices at long-axis positions ``z``; arrays shaped (S, ...) like theta."""
+    zz = z.reshape((-1,) + (1,) * (theta.ndim - 1))
+    out = np.zeros(theta.shape, np.float32)
+    for sc in scars:
+        zwin = np.clip((zz - sc.z_range[0] + 0.06) / 0.06, 0, 1) * np.clip((sc.z_range[1] + 0.06 - zz) / 0.06, 0, 1)
+        if sc.kind == "patchy":
+            f = np.zeros_like(out)
+            for ang, zc, rad in sc.blobs:
+                da = np.angle(np.exp(1j * (theta - ang)))
+                g = np.exp(-0.5 * ((da / rad) ** 2 + ((zz - zc) / 0.12) ** 2 + ((depth - 0.5) / 0.22) ** 2))
+                f = np.maximum(f, g)
+            field = np.clip((f - 0.35) / 0.15, 0, 1)
+        else:
+            da = np.abs(np.angle(np.exp(1j * (theta - sc.centre))))
+            ang_in = np.clip((sc.half_width - da) / 0.12 + 0.5, 0, 1)
+            # irregular border: the depth limit varies smoothly with angle
+            lo, hi = sc.depth
+            wobble = 0.08 * np.sin(3 * theta + sc.centre) if sc.kind == "subendocardial" else 0.04 * np.sin(5 * theta)
+            d_in = np.clip((hi + wobble - depth) / 0.06 + 0.5, 0, 1) * np.clip((depth - lo) / 0.06 + 0.5, 0, 1)
+            field = ang_in * d_in
+        out = np.maximum(out, field * zwin)
+    return out
+
+
+def scar_transmurality(scars: tuple[Scar, ...], z: np.ndarray, depths: int = 21) -> np.ndarray:
+    """Transmural extent of scar (share of the wall's depth) per slice and sector, (S, N_SECTORS)."""
+    if not scars:
+        return np.zeros((len(z), N_SECTORS))
+    d = np.linspace(0.0, 1.0, depths)
+    theta = np.broadcast_to(SECTOR_ANGLES[None, :, None], (len(z), N_SECTORS, depths))
+    depth = np.broadcast_to(d[None, None, :], theta.shape)
+    return scar_field(scars, z, theta, depth).mean(-1).astype(np.float64)
+
+
+def scar_contractility(transmurality: np.ndarray) -> np.ndarray:
+    """Share of a sector's contraction left by its scar: 1 below 10% transmural extent, falling
+    linearly to 0.05 (akinetic) at 60% and beyond."""
+    return 1.0 - 0.95 * np.clip((transmurality - 0.1) / 0.5, 0.0, 1.0)
+
+
+def scar_extent(heart: "Heart") -> float:
+    """Share of the LV myocardium (by end-diastolic cross-section area) that is scar."""
+    t = scar_transmurality(heart.scars, heart.z)
+    r, w = heart.r_endo_ed[:, None], heart.wall_ed
+    area = (r + w) ** 2 - r**2
+    return float((t * area).sum() / area.sum())
+
+
 def _zwin(zz: np.ndarray, z_range: tuple[float, float], edge: float = 0.08) -> np.ndarray:
     lo, hi = z_range
     a = np.clip((zz - lo + edge) / edge, 0, 1)
@@ -278,8 +342,10 @@ def _zwin(zz: np.ndarray, z_range: tuple[float, float], edge: float = 0.08) -> n
 
 def radii(heart: Heart, phases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Endocardial and epicardial radii (T, S, N_SECTORS) in mm at the given cardiac phases."""
-    f = contraction_curve(np.asarray(phases, dtype=np.float64), heart.es_phase, heart.relaxation)
+    f = contraction_curve(np.asarray(phases, dtype=np.float64), heart.es_phase, heart.relaxation, heart.shape.curve)
     r_ed = heart.r_endo_ed[:, None]
+    if heart.shape.roughness is not None:
+        r_ed = r_ed * heart.shape.roughness
     r_endo = r_ed * (1 - heart.shortening * heart.motion[None] * f[:, None, None])
     area = (r_ed + heart.wall_ed) ** 2 - r_ed**2  # conserved per sector
     r_epi = np.sqrt(r_endo**2 + area[None])

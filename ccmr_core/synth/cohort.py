@@ -1,7 +1,7 @@
 """Generate the synthetic multi-site cine + LGE DICOM cohort (``ccmr synth``).
 
 Output (DIR):
-    DIR/<site>/labels.csv            patient_id,diagnosis
+    DIR/<site>/labels.csv            patient_id,diagnosis,<report measurements: lvef, lvedv_ml, ...>
     DIR/<site>/biomechanics.csv      patient_id,t,<signals...>
     DIR/<site>/**                    DICOM, laid out as that site's PACS exports it
     DIR/groundtruth/<site>.json      per-patient physics (EF, walls, scar) for tests and checks
@@ -27,14 +27,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ccmr_core.measurements import MEASUREMENTS
 from ccmr_core.proc import worker_pool
-from ccmr_core.synth.anatomy import Heart, sample_heart
+from ccmr_core.synth.anatomy import Heart, lv_volume_ml, sample_heart, scar_extent, scar_transmurality
 from ccmr_core.synth.biomechanics import SIGNALS, biomechanics
+from ccmr_core.synth.external import CINE_CONTRAST, LGE_CONTRAST, EXTERNAL_SITE, sample_external_heart
 from ccmr_core.synth.dicom_writer import SeriesTemplate, base_dataset, stable_uid, write_bytes
-from ccmr_core.synth.render import Grid, render, scanner_effects
-from ccmr_core.synth.sites import SiteProfile, allocate, site_diagnoses, site_profiles
+from ccmr_core.synth.render import Grid, render, rv_edv_ml, scanner_effects
+from ccmr_core.synth.sites import SiteProfile, allocate, public_profiles, site_diagnoses, site_profiles
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: scar transmurality sets regional contractility
 
 
 class CohortExistsError(FileExistsError):
@@ -56,9 +58,9 @@ class PatientJob:
         return f"{self.site.name.upper()}-{self.index + 1:04d}"
 
 
-def _orientation(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _orientation(rng: np.random.Generator, obliquity: float = 0.12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row direction, column direction and slice normal (base to apex) of an oblique short axis."""
-    n = np.array([0.62, -0.45, -0.64]) + rng.normal(0, 0.12, 3)
+    n = np.array([0.62, -0.45, -0.64]) + rng.normal(0, obliquity, 3)
     n /= np.linalg.norm(n)
     row = np.cross(n, [0.0, 0.0, 1.0])
     row /= np.linalg.norm(row)
@@ -66,6 +68,25 @@ def _orientation(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.n
     a = rng.uniform(-0.3, 0.3)
     row, col = np.cos(a) * row + np.sin(a) * col, -np.sin(a) * row + np.cos(a) * col
     return row, col, np.cross(row, col)
+
+
+REPORT_MISSING = 0.1  # share of report values a cardiologist did not state
+
+
+def report_values(heart: Heart, slice_spacing: float, rng: np.random.Generator) -> tuple[dict, dict]:
+    """What the study's clinical report states (labels.csv measurement columns): the phantom's
+    volumes, ejection fractions and maximal wall thickness with reader error and rounding, some
+    values not stated; and the exact values (ground truth)."""
+    edv, esv = lv_volume_ml(heart, np.array([0.0, heart.es_phase]), slice_spacing)
+    exact = {"lvef": 100 * (edv - esv) / edv, "lvedv_ml": edv, "lvesv_ml": esv, "rvef": 100 * heart.rv_ef,
+             "rvedv_ml": rv_edv_ml(heart, slice_spacing), "max_wall_mm": float(heart.wall_ed.max())}
+    vol_err = rng.normal(0, 0.07)  # a reader's contours are consistently a little tight or loose
+    read = {"lvef": exact["lvef"] + rng.normal(0, 3.0), "lvedv_ml": edv * (1 + vol_err),
+            "lvesv_ml": esv * (1 + vol_err + rng.normal(0, 0.05)), "rvef": exact["rvef"] + rng.normal(0, 4.0),
+            "rvedv_ml": exact["rvedv_ml"] * (1 + rng.normal(0, 0.1)),
+            "max_wall_mm": exact["max_wall_mm"] + rng.normal(0, 1.0)}
+    stated = {k: float(round(v)) for k, v in read.items() if rng.uniform() >= REPORT_MISSING}
+    return stated, {k: round(float(v), 2) for k, v in exact.items()}
 
 
 def _relpath(job: PatientJob, study: str, series_no: int, desc: str, sop: str, inst: int) -> str:
@@ -86,10 +107,14 @@ def generate_patient(job: PatientJob) -> dict:
     """Render and write one patient's studies; returns labels, biomechanics and ground truth."""
     site = job.site
     rng = np.random.default_rng([job.seed, job.site_index, job.index])
-    heart: Heart = sample_heart(job.diagnosis, rng, site.slice_spacing)
+    external = site.anatomy == "external"
+    sample = sample_external_heart if external else sample_heart
+    heart: Heart = sample(job.diagnosis, rng, site.slice_spacing)
     heart = dataclasses.replace(heart, has_lge=bool(rng.uniform() >= site.no_lge_share))
     grid = Grid(site.matrix, site.pixel_spacing)
-    out = render(heart, grid, site.frames, rng, with_masks=job.with_masks)
+    frames = int(rng.integers(site.frames_range[0], site.frames_range[1] + 1)) if site.frames_range else site.frames
+    contrast = dict(cine_contrast=CINE_CONTRAST, lge_contrast=LGE_CONTRAST) if site.contrast == "external" else {}
+    out = render(heart, grid, frames, rng, with_masks=job.with_masks, **contrast)
     scale = site.intensity_scale * rng.uniform(0.85, 1.15)
     max_value = 32767 if site.signed else 4095
     cine = scanner_effects(out["cine"], rng, site.noise, site.bias, scale, max_value)
@@ -102,7 +127,7 @@ def generate_patient(job: PatientJob) -> dict:
     study = stable_uid(*key, "study")
     frame_ref = stable_uid(*key, "for")
     date = f"2026{1 + job.index % 12:02d}{1 + job.index % 28:02d}"
-    row, col, normal = _orientation(rng)
+    row, col, normal = _orientation(rng, site.obliquity)
     centre = np.array([15.0, -10.0, -20.0]) + rng.normal(0, 12, 3)
     half = (site.matrix - 1) / 2 * site.pixel_spacing
     positions = [
@@ -147,8 +172,8 @@ def generate_patient(job: PatientJob) -> dict:
                 )
                 write_bytes(root / _relpath(job, study, series_no, desc, sop, inst), data)
 
-    trig = [t * heart.rr_ms / site.frames for t in range(site.frames)]
-    write_series(3, site.cine_description, cine, trig, cardiac={"rr": heart.rr_ms, "frames": site.frames})
+    trig = [t * heart.rr_ms / frames for t in range(frames)]
+    write_series(3, site.cine_description, cine, trig, cardiac={"rr": heart.rr_ms, "frames": frames})
     if lge is not None:
         ti = float(rng.uniform(*site.inversion_time))
         write_series(
@@ -161,6 +186,7 @@ def generate_patient(job: PatientJob) -> dict:
         )
 
     t_ms, sig = biomechanics(heart, site.slice_spacing, rng)
+    report, exact = report_values(heart, site.slice_spacing, np.random.default_rng([job.seed, job.site_index, job.index, 17]))
     if job.with_masks:
         mdir = Path(job.out) / "groundtruth" / "masks" / site.name
         mdir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +202,7 @@ def generate_patient(job: PatientJob) -> dict:
         "site": site.name,
         "patient_id": job.patient_id,
         "diagnosis": job.diagnosis,
+        "report": report,
         "bio": [(job.patient_id, float(t), *map(float, s)) for t, s in zip(t_ms, sig)],
         "truth": {
             "patient_id": job.patient_id,
@@ -186,23 +213,28 @@ def generate_patient(job: PatientJob) -> dict:
             "rv_ef": round(heart.rv_ef, 4),
             "rv_scale": round(heart.rv_scale, 4),
             "n_slices": heart.n_slices,
-            "frames": site.frames,
+            "frames": frames,
             "rr_ms": round(heart.rr_ms, 1),
-            "es_frame": int(round(heart.es_phase * site.frames)) % site.frames,
+            "es_frame": int(round(heart.es_phase * frames)) % frames,
             "r_endo_base_mm": round(float(heart.r_endo_ed[0]), 2),
             "wall_mean_mm": round(float(wall.mean()), 2),
             "wall_max_mm": round(float(wall.max()), 2),
+            "measurements": exact,
             "scars": [sc.kind for sc in heart.scars],
+            "scar_extent": round(scar_extent(heart), 4),
+            "scar_transmurality_max": round(float(scar_transmurality(heart.scars, heart.z).max()), 3),
         },
     }
 
 
-def _params(sites: int, patients: int, seed: int, with_masks: bool) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "sites": sites, "patients": patients, "seed": seed,
-            "masks": with_masks}
+def _params(sites: int, patients: int, seed: int, with_masks: bool, kind: str = "sites") -> dict:
+    out = {"generator_version": GENERATOR_VERSION, "sites": sites, "patients": patients, "seed": seed,
+           "masks": with_masks}
+    return {**out, "kind": kind} if kind != "sites" else out
 
 
-def cohort_matches(out: Path, sites: int, patients: int, seed: int, with_masks: bool = False) -> bool:
+def cohort_matches(out: Path, sites: int, patients: int, seed: int, with_masks: bool = False,
+                   kind: str = "sites") -> bool:
     """True when ``out`` already holds a complete cohort generated from these parameters."""
     meta = out / "cohort.json"
     if not meta.is_file():
@@ -211,7 +243,7 @@ def cohort_matches(out: Path, sites: int, patients: int, seed: int, with_masks: 
         got = json.loads(meta.read_text())["parameters"]
     except (ValueError, KeyError):
         return False
-    want = _params(sites, patients, seed, with_masks)
+    want = _params(sites, patients, seed, with_masks, kind)
     return got == want or (got == {**want, "masks": True} and not with_masks)
 
 
@@ -224,20 +256,30 @@ def generate_cohort(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    kind: str = "sites",
 ) -> dict:
-    """Write the cohort to ``out``; returns the cohort description (also in cohort.json)."""
+    """Write the cohort to ``out``; returns the cohort description (also in cohort.json).
+
+    ``kind``: "sites" (the federation's hospitals), "external" (one independent external site,
+    ccmr_core/synth/external.py) or "public" (a stand-in for public data, with scanners of its own,
+    for pretraining at no privacy cost)."""
     out = Path(out).absolute()
+    if kind not in ("sites", "external", "public"):
+        raise ValueError(f"cohort kind {kind!r}: choose sites, external or public")
+    if kind == "external" and sites != 1:
+        raise ValueError("the external cohort is one site; pass sites=1 (ccmr synth --external --sites 1)")
     if patients < sites:
         raise ValueError(f"--patients {patients} is less than --sites {sites}: every site needs a patient")
     if out.exists():
-        if cohort_matches(out, sites, patients, seed, with_masks):
+        if cohort_matches(out, sites, patients, seed, with_masks, kind):
             return json.loads((out / "cohort.json").read_text())
         if not force:
             raise CohortExistsError(
                 f"{out} already exists and was not generated with these parameters; "
                 "choose another --out or pass --force to replace it"
             )
-    profiles = site_profiles(sites, seed)
+    profiles = {"external": lambda: [EXTERNAL_SITE], "public": lambda: public_profiles(sites, seed),
+                "sites": lambda: site_profiles(sites, seed)}[kind]()
     counts = allocate(patients, [p.weight for p in profiles])
     jobs: list[PatientJob] = []
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -263,7 +305,7 @@ def generate_cohort(
                     results.append(r)
                     bar.update()
         bar.close()
-        description = _write_tables(tmp, profiles, counts, results, _params(sites, patients, seed, with_masks))
+        description = _write_tables(tmp, profiles, counts, results, _params(sites, patients, seed, with_masks, kind))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -288,8 +330,9 @@ def _write_tables(root: Path, profiles: list[SiteProfile], counts: list[int], re
         rows = sorted(by_site[p.name], key=lambda r: r["patient_id"])
         with open(root / p.name / "labels.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["patient_id", "diagnosis"])
-            w.writerows([r["patient_id"], r["diagnosis"]] for r in rows)
+            w.writerow(["patient_id", "diagnosis", *MEASUREMENTS])
+            w.writerows([r["patient_id"], r["diagnosis"], *(f"{r['report'][k]:g}" if k in r["report"] else ""
+                                                            for k in MEASUREMENTS)] for r in rows)
         with open(root / p.name / "biomechanics.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["patient_id", "t", *SIGNALS])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ccmr_core.synth.anatomy import N_SECTORS, Heart, contraction_curve, radii
+from ccmr_core.synth.anatomy import N_SECTORS, Heart, contraction_curve, radii, scar_field
 
 # label values in the ground-truth masks
 BACKGROUND, LV_CAVITY, LV_MYO, RV_CAVITY, SCAR = 0, 1, 2, 3, 4
@@ -64,6 +64,11 @@ def _polar(heart: Heart, grid: Grid, window: tuple[slice, slice] = (slice(None),
     px = x[None] - cx[:, None, None].astype(np.float32)
     py = y[None] - cy[:, None, None].astype(np.float32)
     rho = np.hypot(px, py)
+    e = heart.shape.ellipticity
+    if e != 1.0:  # an elliptical LV of the same area: distances stretched along the major axis
+        ca, sa = np.cos(heart.shape.ellipse_angle), np.sin(heart.shape.ellipse_angle)
+        u, v = px * ca + py * sa, -px * sa + py * ca
+        rho = np.hypot(u * np.sqrt(e), v / np.sqrt(e)).astype(np.float32)
     theta = np.mod(np.arctan2(py, px) - heart.rv_angle, 2 * np.pi).astype(np.float32)
     return rho, theta, px, py
 
@@ -108,26 +113,39 @@ def _rv_fractions(pu, pv, d, a, b, inside_lv, spacing):
     return cav * visible, wall * visible
 
 
-def rv_shrink(heart: Heart, grid: Grid) -> float:
-    """Factor q on the RV semi-axes at end-systole that gives the target RV ejection fraction."""
-    coarse = Grid(64, grid.matrix * grid.spacing / 64)
+def _rv_setup(heart: Heart, coarse: Grid):
+    """What the RV size computations share: RV-frame coordinates, the LV (ED, ES) and RV axes."""
     rho, theta, px, py = _polar(heart, coarse)
     ca, sa = np.cos(heart.rv_angle), np.sin(heart.rv_angle)
     pu, pv = px * ca + py * sa, -px * sa + py * ca
     r_endo, r_epi = radii(heart, np.array([0.0, heart.es_phase]))
-    epi = _sector_lookup(r_epi, theta)
-    inside = _ramp(epi - rho[None], coarse.spacing)
+    inside = _ramp(_sector_lookup(r_epi, theta) - rho[None], coarse.spacing)
     d, a, b = _rv_geometry(heart, r_epi[0].mean(-1))
-    ed = _rv_fractions(pu, pv, d[:, None, None], a[:, None, None], b[:, None, None], inside[0], coarse.spacing)[0].sum()
+    return pu, pv, inside, d[:, None, None], a[:, None, None], b[:, None, None]
+
+
+def rv_shrink(heart: Heart, grid: Grid) -> float:
+    """Factor q on the RV semi-axes at end-systole that gives the target RV ejection fraction."""
+    coarse = Grid(64, grid.matrix * grid.spacing / 64)
+    pu, pv, inside, d, a, b = _rv_setup(heart, coarse)
+    ed = _rv_fractions(pu, pv, d, a, b, inside[0], coarse.spacing)[0].sum()
     lo, hi = 0.2, 1.0
     for _ in range(18):
         q = 0.5 * (lo + hi)
-        cav = _rv_fractions(pu, pv, d[:, None, None], (a * q)[:, None, None], (b * q)[:, None, None], inside[1], coarse.spacing)[0].sum()
+        cav = _rv_fractions(pu, pv, d, a * q, b * q, inside[1], coarse.spacing)[0].sum()
         if 1 - cav / max(ed, 1e-6) > heart.rv_ef:
             lo = q
         else:
             hi = q
     return 0.5 * (lo + hi)
+
+
+def rv_edv_ml(heart: Heart, slice_spacing_mm: float, fov_mm: float = 300.0) -> float:
+    """RV end-diastolic cavity volume (Simpson's rule over the stack, as a reader would sum it)."""
+    coarse = Grid(96, fov_mm / 96)
+    pu, pv, inside, d, a, b = _rv_setup(heart, coarse)
+    area = _rv_fractions(pu, pv, d, a, b, inside[0], coarse.spacing)[0].sum() * coarse.spacing**2
+    return float(area * slice_spacing_mm / 1000.0)
 
 
 def _static_background(heart: Heart, grid: Grid, rng: np.random.Generator, contrast: dict) -> np.ndarray:
@@ -169,37 +187,33 @@ def _static_background(heart: Heart, grid: Grid, rng: np.random.Generator, contr
     return out
 
 
-def _scar_field(heart: Heart, theta: np.ndarray, depth: np.ndarray) -> np.ndarray:
-    """Scar fraction (S, H, W) in [0, 1] within the wall (depth in [0, 1])."""
-    zz = heart.z[:, None, None]
-    out = np.zeros(theta.shape, np.float32)
-    for sc in heart.scars:
-        zwin = np.clip((zz - sc.z_range[0] + 0.06) / 0.06, 0, 1) * np.clip((sc.z_range[1] + 0.06 - zz) / 0.06, 0, 1)
-        if sc.kind == "patchy":
-            f = np.zeros_like(out)
-            for ang, zc, rad in sc.blobs:
-                da = np.angle(np.exp(1j * (theta - ang)))
-                g = np.exp(-0.5 * ((da / rad) ** 2 + ((zz - zc) / 0.12) ** 2 + ((depth - 0.5) / 0.22) ** 2))
-                f = np.maximum(f, g)
-            field = np.clip((f - 0.35) / 0.15, 0, 1)
-        else:
-            da = np.abs(np.angle(np.exp(1j * (theta - sc.centre))))
-            ang_in = np.clip((sc.half_width - da) / 0.12 + 0.5, 0, 1)
-            # irregular border: the depth limit varies smoothly with angle
-            lo, hi = sc.depth
-            wobble = 0.08 * np.sin(3 * theta + sc.centre) if sc.kind == "subendocardial" else 0.04 * np.sin(5 * theta)
-            d_in = np.clip((hi + wobble - depth) / 0.06 + 0.5, 0, 1) * np.clip((depth - lo) / 0.06 + 0.5, 0, 1)
-            field = ang_in * d_in
-        out = np.maximum(out, field * zwin)
+PAPILLARY_ANGLES = (np.deg2rad(140.0), np.deg2rad(235.0))  # anterolateral, posteromedial (anatomical)
+
+
+def _papillary(heart: Heart, rho: np.ndarray, theta: np.ndarray, endo: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Fraction of each pixel in the two papillary muscles (T, S, h, w): discs inside the cavity at
+    mid-ventricular slices, centred at 62% of the endocardial radius so that they follow the wall,
+    thickening in systole."""
+    on = ((heart.z > 0.25) & (heart.z < 0.75)).astype(np.float32)[None, :, None, None]
+    radius = (heart.shape.papillary_mm * (1 + 0.35 * f))[:, None, None, None].astype(np.float32)
+    out = np.zeros(endo.shape, np.float32)
+    for a in PAPILLARY_ANGLES:
+        d = np.angle(np.exp(1j * (theta - a)))[None]
+        dist = np.sqrt((rho[None] * np.cos(d) - 0.62 * endo) ** 2 + (rho[None] * np.sin(d)) ** 2)
+        out = np.maximum(out, _ramp(radius - dist, 1.0) * on)
     return out
 
 
-def render(heart: Heart, grid: Grid, frames: int, rng: np.random.Generator, with_masks: bool = False):
+def render(heart: Heart, grid: Grid, frames: int, rng: np.random.Generator, with_masks: bool = False,
+           cine_contrast: dict | None = None, lge_contrast: dict | None = None):
     """Cine (T, S, H, W), LGE (S, H, W) in relative intensity, and masks when asked.
 
     Returns a dict with ``cine``, ``lge`` (None when the patient has no LGE), and with masks
-    ``cine_mask`` (T, S, H, W) uint8 and ``lge_mask`` (S, H, W) uint8.
+    ``cine_mask`` (T, S, H, W) uint8 and ``lge_mask`` (S, H, W) uint8. ``cine_contrast`` and
+    ``lge_contrast`` replace the tissue intensities of :data:`CINE` and :data:`LGE`.
     """
+    CINE_ = cine_contrast or CINE
+    LGE_ = lge_contrast or LGE
     sp = grid.spacing
     win = grid.heart_window(heart)  # the heart is rendered in its window only, the chest everywhere
     rho, theta, px, py = _polar(heart, grid, win)
@@ -213,8 +227,12 @@ def render(heart: Heart, grid: Grid, frames: int, rng: np.random.Generator, with
     blood = _ramp(endo - rho[None], sp)
     inside = _ramp(epi - rho[None], sp)
     myo = inside - blood
+    if heart.shape.papillary_mm > 0:  # muscle inside the cavity: myocardium where there was blood
+        muscle = blood * _papillary(heart, rho, theta, endo,
+                                    contraction_curve(phases_all, heart.es_phase, heart.relaxation, heart.shape.curve))
+        blood, myo = blood - muscle, myo + muscle
     q = rv_shrink(heart, grid)
-    f_rv = contraction_curve(phases_all, heart.es_phase, heart.relaxation)
+    f_rv = contraction_curve(phases_all, heart.es_phase, heart.relaxation, heart.shape.curve)
     k = (1 - (1 - q) * f_rv).astype(np.float32)[:, None, None, None]
     d, a, b = _rv_geometry(heart, r_epi_s[0].mean(-1))
     d, a, b = (v.astype(np.float32)[None, :, None, None] for v in (d, a, b))
@@ -224,26 +242,26 @@ def render(heart: Heart, grid: Grid, frames: int, rng: np.random.Generator, with
     occ = np.clip(heart_occ + fat, 0, 1)
 
     bg_rng = np.random.default_rng(rng.integers(2**63))
-    bg_cine = _static_background(heart, grid, np.random.default_rng(bg_rng.integers(2**63)), CINE)
+    bg_cine = _static_background(heart, grid, np.random.default_rng(bg_rng.integers(2**63)), CINE_)
     cine = np.broadcast_to(bg_cine[None], (frames,) + bg_cine.shape).copy()
     cine[(Ellipsis,) + win] = (
         bg_cine[(slice(None),) + win][None] * (1 - occ[:frames])
-        + CINE["blood"] * (blood[:frames] + rv_cav[:frames])
-        + CINE["myo"] * (myo[:frames] + rv_wall[:frames])
-        + CINE["fat"] * fat[:frames]
+        + CINE_["blood"] * (blood[:frames] + rv_cav[:frames])
+        + CINE_["myo"] * (myo[:frames] + rv_wall[:frames])
+        + CINE_["fat"] * fat[:frames]
     )
     out = {"cine": cine, "lge": None}
     depth = np.clip((rho - endo[-1]) / np.maximum(epi[-1] - endo[-1], 1e-3), 0, 1)
-    scar = _scar_field(heart, theta, depth) * myo[-1]
+    scar = scar_field(heart.scars, heart.z, theta, depth) * myo[-1]
     if heart.has_lge:
-        bg_lge = _static_background(heart, grid, np.random.default_rng(bg_rng.integers(2**63)), LGE)
+        bg_lge = _static_background(heart, grid, np.random.default_rng(bg_rng.integers(2**63)), LGE_)
         lge = bg_lge.copy()
         lge[(slice(None),) + win] = (
             bg_lge[(slice(None),) + win] * (1 - occ[-1])
-            + LGE["blood"] * (blood[-1] + rv_cav[-1])
-            + LGE["myo"] * (myo[-1] - scar + rv_wall[-1])
-            + LGE["scar"] * scar
-            + LGE["fat"] * fat[-1]
+            + LGE_["blood"] * (blood[-1] + rv_cav[-1])
+            + LGE_["myo"] * (myo[-1] - scar + rv_wall[-1])
+            + LGE_["scar"] * scar
+            + LGE_["fat"] * fat[-1]
         )
         out["lge"] = lge
     if with_masks:

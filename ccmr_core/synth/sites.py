@@ -35,6 +35,10 @@ class SiteProfile:
     class_mix: dict[str, float]
     no_lge_share: float
     weight: float  # share of the cohort's patients
+    anatomy: str = "standard"  # which anatomy model draws the hearts ("external": ccmr_core/synth/external.py)
+    frames_range: tuple[int, int] | None = None  # cine frames drawn per patient instead of ``frames``
+    obliquity: float = 0.12  # spread of the short-axis plane's orientation
+    contrast: str = "standard"  # tissue intensities ("external": another sequence's)
 
     @property
     def slice_spacing(self) -> float:
@@ -163,3 +167,13 @@ def site_diagnoses(site: SiteProfile, n: int, rng: np.random.Generator) -> list[
     out = [c for c, k in zip(names, counts) for _ in range(k)]
     rng.shuffle(out)
     return out
+
+
+def public_profiles(n_sites: int, seed: int) -> list[SiteProfile]:
+    """Scanner profiles of a "public" cohort (the stand-in for public data such as ACDC or M&Ms):
+    perturbed variants of the base scanners, named public-1, public-2, ..., none of them a
+    federation site's scanner, with a balanced class mix."""
+    variants = site_profiles(len(BASE_SITES) + n_sites, seed + 104729)[len(BASE_SITES):]
+    balanced = {c: 1.0 / len(DEFAULT_CLASSES) for c in DEFAULT_CLASSES}
+    return [dataclasses.replace(v, name=f"public-{k + 1}", description=f"public cohort, {v.description}",
+                                class_mix=balanced) for k, v in enumerate(variants)]
