@@ -4,7 +4,7 @@ import torch
 from ccmr_core.classes import DEFAULT_CLASSES
 from ccmr_core.data.dataset import CacheDataset
 from ccmr_core.data.ingest import ingest
-from ccmr_core.data.transforms import (Compose, RandomAffine, RandomIntensity, RandomNoise, RandomSliceReverse,
+from ccmr_core.data.transforms import (Compose, RandomBiasField, RandomGeometry, RandomIntensity, RandomNoise,
                                        default_augmentation)
 
 from .conftest import SMALL, labels_of
@@ -65,21 +65,46 @@ def test_transforms_keep_shape_range_and_missing_lge():
     assert float(out["lge"].abs().sum()) == 0.0  # an absent LGE stays absent
 
 
-def test_affine_is_shared_by_cine_and_lge_and_is_small():
-    torch.manual_seed(1)
-    img = torch.zeros(32, 32)
-    img[10:22, 12:20] = 1
-    s = {"cine": img.expand(2, 3, 32, 32).clone(), "lge": img.expand(2, 32, 32).clone(), "has_lge": torch.tensor(True)}
-    out = RandomAffine(p=1.0)(s)
-    assert torch.allclose(out["cine"][0, 0], out["lge"][0], atol=1e-6)
-    assert torch.allclose(out["cine"][1, 2], out["cine"][0, 0], atol=1e-6)
-    overlap = (out["lge"][0] * img).sum() / img.sum()
-    assert overlap > 0.5  # a small perturbation, not a different picture
+def _disc(r=8.0, n=64):
+    yy, xx = torch.meshgrid(torch.arange(n) - (n - 1) / 2, torch.arange(n) - (n - 1) / 2, indexing="ij")
+    return (torch.hypot(yy, xx) - r).neg().add(0.5).clamp(0, 1)
 
 
-def test_no_left_right_flip_or_time_reversal():
+def test_geometry_is_shared_by_cine_and_lge_and_keeps_areas():
+    """Shape changes, size does not: the grid is in millimetres and cavity area defines classes."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        img = _disc()
+        s = {"cine": img.expand(2, 3, 64, 64).clone(), "lge": img.expand(2, 64, 64).clone(),
+             "has_lge": torch.tensor(True)}
+        out = RandomGeometry(p=1.0, elastic_px=0.0)(s)
+        assert torch.allclose(out["cine"][0, 0], out["lge"][0], atol=1e-6)  # one transform for every key
+        assert torch.allclose(out["cine"][1, 2], out["cine"][0, 0], atol=1e-6)  # and every slice and frame
+        assert float(out["cine"][0, 0].sum()) == pytest.approx(float(img.sum()), rel=0.03)
+        assert not torch.allclose(out["cine"][0, 0], img, atol=0.1)  # it did change the shape or place
+        elastic = RandomGeometry(p=1.0)(s)["cine"][0, 0]
+        assert float(elastic.sum()) == pytest.approx(float(img.sum()), rel=0.1)
+
+
+def test_no_flip_slice_reversal_or_time_change():
+    """Slices stay base to apex and frame 0 stays end-diastole: a sample whose slices and frames
+    differ keeps each in its place (only the in-plane geometry and intensities change)."""
     torch.manual_seed(2)
-    s = _sample()
-    t = Compose([RandomIntensity(p=0.0), RandomNoise(p=0.0), RandomSliceReverse(p=1.0)])
-    out = t(s)
-    assert torch.equal(out["cine"], s["cine"].flip(0))  # slices reversed, frames and pixels untouched
+    x = torch.zeros(4, 8, 64, 64)
+    for k in range(4):
+        for t in range(8):
+            x[k, t] = _disc(4 + k + 0.5 * t)
+    s = {"cine": x, "lge": torch.zeros(4, 64, 64), "has_lge": torch.tensor(False)}
+    for _ in range(5):
+        out = default_augmentation()(s)["cine"]
+        sizes = out.sum((-1, -2))
+        assert (sizes[1:] > sizes[:-1]).all() and (sizes[:, 1:] > sizes[:, :-1]).all()
+
+
+def test_bias_field_changes_intensity_smoothly_within_range():
+    torch.manual_seed(3)
+    s = {"cine": torch.full((2, 3, 32, 32), 0.5), "lge": torch.zeros(2, 32, 32), "has_lge": torch.tensor(False)}
+    out = RandomBiasField(strength=0.6, p=1.0)(s)["cine"]
+    assert 0 <= float(out.min()) and float(out.max()) <= 1 and float(out.std()) > 0.005
+    assert float((out[..., 1:] - out[..., :-1]).abs().max()) < 0.1  # smooth: no edges made up (an edge here is 0.2+)
+

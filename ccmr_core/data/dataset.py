@@ -3,7 +3,8 @@
 Each item is a dict of tensors: ``cine`` (S, T, H, W) float32 in [0, 1]; ``lge`` (S, H, W)
 (zeros when the study has none) with ``has_lge``; ``label`` (class index); ``bio`` (C, L), the
 biomechanical signals resampled to L points over one cycle and standardised per signal (zeros
-with ``has_bio`` False when absent); and ``index`` (position in the dataset). Patient identifiers
+with ``has_bio`` False when absent); ``meas`` (M,), the report measurements as standardised
+targets with ``has_meas`` (M,) saying which were reported; and ``index`` (position in the dataset). Patient identifiers
 are deliberately not part of the item, so they cannot travel with a batch; ``patient_ids`` holds
 them for splitting.
 """
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ccmr_core.data.ingest import load_manifest
+from ccmr_core.measurements import targets
 
 
 class CacheDataset(Dataset):
@@ -29,6 +31,7 @@ class CacheDataset(Dataset):
         transform: Callable[[dict], dict] | None = None,
         bio_length: int = 32,
         load_lge: bool = True,
+        measurements: Sequence[str] = (),
     ):
         self.cache = Path(cache)
         manifest = load_manifest(self.cache)
@@ -45,6 +48,7 @@ class CacheDataset(Dataset):
         self.transform = transform
         self.bio_length = bio_length
         self.load_lge = load_lge
+        self.measurements = tuple(measurements)
         self.signals: list[str] = manifest.get("biomechanics_signals", [])
         self._bio = self._load_bio() if self.signals else {}
         first = studies[0] if studies else None
@@ -89,6 +93,7 @@ class CacheDataset(Dataset):
             has_lge = self.load_lge and "lge" in z.files
             lge = torch.from_numpy(z["lge"].astype(np.float32)) if has_lge else torch.zeros(cine.shape[0], *cine.shape[2:])
         bio = self._bio.get(s["patient_id"])
+        meas, has_meas = targets(s.get("measurements", {}), self.measurements)
         item = {
             "cine": cine,
             "lge": lge,
@@ -96,6 +101,8 @@ class CacheDataset(Dataset):
             "label": torch.tensor(self.classes.index(s["label"])),
             "bio": torch.from_numpy(bio) if bio is not None else torch.zeros(max(len(self.signals), 1), self.bio_length),
             "has_bio": torch.tensor(bio is not None),
+            "meas": torch.from_numpy(meas),
+            "has_meas": torch.from_numpy(has_meas),
             "index": torch.tensor(i),
         }
         if self.transform is not None:

@@ -342,6 +342,8 @@ def _manifest(site, cache, cfg, classes, labels, studies: dict[str, _Study], pro
         }
         if pid in labels.split:
             entry["split"] = labels.split[pid]
+        if pid in labels.measurements:
+            entry["measurements"] = labels.measurements[pid]
         entries.append(entry)
     errors.extend(labels.errors)
     have_images = {st.patient_id for st in studies.values()}

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from ccmr_core.config import ExperimentConfig
@@ -61,8 +62,8 @@ class MultiSite(ConcatDataset):
     """Sites concatenated, with each row's site and patient kept for splitting and reporting."""
 
     def __init__(self, caches: list[tuple[str, Path]], cfg: ExperimentConfig, transform=None):
-        self.parts = [CacheDataset(c, cfg.data.classes, transform=transform, bio_length=cfg.model.bio_length)
-                      for _, c in caches]
+        self.parts = [CacheDataset(c, cfg.data.classes, transform=transform, bio_length=cfg.model.bio_length,
+                                   measurements=cfg.data.measurements) for _, c in caches]
         super().__init__(self.parts)
         self.site_names = [n for n, _ in caches]
         self.sites = [n for (n, _), d in zip(caches, self.parts) for _ in range(len(d))]
@@ -75,9 +76,14 @@ class MultiSite(ConcatDataset):
             raise SourceError(f"sites were ingested with different grids {sorted(shapes)}; re-ingest with one config")
         self.cine_shape = shapes.pop() if shapes else None
 
-    def set_transform(self, transform) -> None:
-        for d in self.parts:
-            d.transform = transform
+    hidden_labels: frozenset[int] = frozenset()  # rows whose diagnosis training may not use
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        i = i if i >= 0 else len(self) + i
+        item["index"] = torch.tensor(i)  # unique across sites
+        item["has_label"] = torch.tensor(i not in self.hidden_labels)
+        return item
 
 
 def subset(ds: Dataset, idx: list[int]):

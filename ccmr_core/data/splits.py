@@ -45,3 +45,20 @@ def stratified_split(labels: list[int], val_fraction: float, test_fraction: floa
             out["train"].remove(pick)
             out[part].append(pick)
     return {k: sorted(v) for k, v in out.items()}
+
+
+def labelled_subset(labels: list[int], idx: list[int], fraction: float, seed: int) -> list[int]:
+    """A stratified ``fraction`` of the rows ``idx`` (at least one per class present) whose diagnosis
+    training may use; the same seed gives the same rows."""
+    if fraction >= 1.0:
+        return list(idx)
+    rng = np.random.default_rng([seed, 4242])
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i in idx:
+        by_class[labels[i]].append(i)
+    keep = []
+    for y in sorted(by_class):
+        rows = list(by_class[y])
+        rng.shuffle(rows)
+        keep += rows[: max(1, int(round(fraction * len(rows))))]
+    return sorted(keep)

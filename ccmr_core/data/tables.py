@@ -1,5 +1,8 @@
 """The site's tables: labels.csv (required) and biomechanics.csv (optional).
 
+labels.csv may also carry report measurements (ccmr_core/measurements.py: lvef, lvedv_ml, ...),
+one column each; an empty cell means "not reported".
+
 Row problems become error entries naming the file, line and value; only a missing or headerless
 labels.csv stops ingestion, because without it no study can be labelled.
 """
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ccmr_core.measurements import MEASUREMENTS, parse_value
 
 LABELS = "labels.csv"
 BIOMECHANICS = "biomechanics.csv"
@@ -26,6 +31,7 @@ class TableError(ValueError):
 class Labels:
     diagnosis: dict[str, str] = field(default_factory=dict)
     split: dict[str, str] = field(default_factory=dict)
+    measurements: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: list[dict] = field(default_factory=list)
 
 
@@ -63,6 +69,16 @@ def read_labels(site: Path, classes: tuple[str, ...]) -> Labels:
             out.diagnosis[pid] = dx
             if split:
                 out.split[pid] = split
+            values = {}
+            for name in MEASUREMENTS:
+                if row.get(name, ""):
+                    try:
+                        values[name] = parse_value(name, row[name])
+                    except ValueError as e:
+                        out.errors.append({"patient_id": pid, "reason": f"{e} ({where}); that value is not "
+                                           "used, the patient is"})
+            if values:
+                out.measurements[pid] = values
     out.diagnosis = {k: v for k, v in out.diagnosis.items() if v}
     return out
 

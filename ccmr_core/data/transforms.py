@@ -1,11 +1,15 @@
 """Composable, dictionary-based augmentations that are safe for cardiac cine and LGE.
 
 Each transform takes and returns a sample dict (``cine`` (S, T, H, W), ``lge`` (S, H, W), ...)
-and touches only its ``keys``. What is deliberately absent: left-right or up-down flips (they
-would put the right ventricle on the wrong side, a chirality no heart has), large rotations, and
-time reversal or phase shifts (systole and diastole are not symmetric, and frame 0 is the
-R-wave-triggered end-diastole). Reversing the slice order is allowed because the direction of
-the slice normal (base-to-apex or apex-to-base) depends on the scanner's planning.
+and touches only its ``keys``. The geometry changes the shape of a heart but not what defines
+its class: rotation, translation, an area-preserving stretch (cross-sections are not circles) and
+a gentle elastic deformation, the same for every slice, frame and key of a sample, so volumes,
+ejection fraction, regional motion and the cine/LGE correspondence are kept. What is deliberately
+absent: any change of size (the grid is in millimetres and cavity size separates DCM, NOR and
+HCM), left-right or up-down flips (they would put the right ventricle on the wrong side, a
+chirality no heart has), large rotations, reversing the slices (ingest orders them base to apex),
+and time reversal or phase shifts (systole and diastole are not symmetric, and frame 0 is the
+R-wave-triggered end-diastole).
 """
 
 from __future__ import annotations
@@ -34,26 +38,47 @@ def _present(sample: Sample, keys: Sequence[str]) -> list[str]:
     return [k for k in keys if sample.get(k) is not None and bool(sample.get(f"has_{k}", True))]
 
 
-class RandomAffine:
-    """Small in-plane rotation, isotropic scaling and translation, the same for all slices,
-    frames and keys of one sample (so cine and LGE stay aligned)."""
+def divergence_free_field(h: int, w: int, grid: int, pixels: float) -> torch.Tensor:
+    """A smooth random displacement (1, H, W, 2) in grid_sample units whose divergence is zero:
+    the curl of a random stream function, so it bends boundaries without shrinking or growing any
+    region (cavity areas, hence volumes, are kept). Its RMS is ``pixels`` pixels."""
+    psi = F.interpolate(torch.randn(1, 1, grid, grid), size=(h + 1, w + 1), mode="bicubic", align_corners=True)[0, 0]
+    dy = psi[1:, :-1] - psi[:-1, :-1]  # d psi / d row
+    dx = psi[:-1, 1:] - psi[:-1, :-1]  # d psi / d column
+    disp = torch.stack([dy, -dx], -1)  # (x, y) displacement in pixels: (d psi/dy, -d psi/dx)
+    disp = disp * (pixels / disp.pow(2).sum(-1).mean().sqrt().clamp_min(1e-8))
+    return (disp * torch.tensor([2.0 / w, 2.0 / h]))[None]
 
-    def __init__(self, keys=("cine", "lge"), rotate_deg=10.0, scale=(0.92, 1.08), translate=0.06, p=0.8):
-        self.keys, self.rotate, self.scale, self.translate, self.p = keys, rotate_deg, scale, translate, p
+
+class RandomGeometry:
+    """Rotation, translation, an area-preserving stretch along a random axis and a smooth elastic
+    displacement, applied in one resampling to every slice, frame and key of a sample."""
+
+    def __init__(self, keys=("cine", "lge"), rotate_deg=15.0, translate=0.06, stretch=1.15, elastic_px=1.0,
+                 grid=4, p=0.9):
+        self.keys, self.rotate, self.translate, self.stretch = keys, rotate_deg, translate, stretch
+        self.elastic, self.grid, self.p = elastic_px, grid, p
 
     def __call__(self, sample: Sample) -> Sample:
-        if torch.rand(()) >= self.p:
+        keys = _present(sample, self.keys)
+        if not keys or torch.rand(()) >= self.p:
             return sample
         a = math.radians(float(torch.empty(()).uniform_(-self.rotate, self.rotate)))
-        s = float(torch.empty(()).uniform_(*self.scale))
-        tx, ty = (float(v) for v in torch.empty(2).uniform_(-self.translate, self.translate) * 2)
-        theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, tx], [math.sin(a) / s, math.cos(a) / s, ty]])
+        axis = float(torch.empty(()).uniform_(0, math.pi))
+        k = math.exp(float(torch.empty(()).uniform_(-math.log(self.stretch), math.log(self.stretch))))
+        rot = lambda t: torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])  # noqa: E731
+        lin = rot(a) @ rot(axis) @ torch.diag(torch.tensor([k, 1 / k])) @ rot(-axis)  # det 1: areas kept
+        shift = torch.empty(2).uniform_(-self.translate, self.translate) * 2
+        theta = torch.cat([lin, shift[:, None]], 1)
+        h, w = sample[keys[0]].shape[-2:]
+        base = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)  # (1, H, W, 2)
+        if self.elastic > 0:
+            base = base + divergence_free_field(h, w, self.grid, self.elastic)
         out = dict(sample)
-        for k in _present(sample, self.keys):
-            x = sample[k]
-            flat = x.reshape(-1, 1, *x.shape[-2:])
-            grid = F.affine_grid(theta[None].expand(flat.shape[0], -1, -1), list(flat.shape), align_corners=False)
-            out[k] = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
+        for key in keys:
+            x = sample[key]
+            flat = x.reshape(1, -1, h, w)
+            out[key] = F.grid_sample(flat, base, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
         return out
 
 
@@ -87,20 +112,25 @@ class RandomNoise:
         return out
 
 
-class RandomSliceReverse:
-    """Reverse the slice axis of every key together (normal direction is scanner-dependent)."""
+class RandomBiasField:
+    """A smooth multiplicative intensity field per key (receive-coil inhomogeneity), values kept in
+    [0, 1]."""
 
-    def __init__(self, keys=("cine", "lge"), p=0.5):
-        self.keys, self.p = keys, p
+    def __init__(self, keys=("cine", "lge"), strength=0.3, p=0.5):
+        self.keys, self.strength, self.p = keys, strength, p
 
     def __call__(self, sample: Sample) -> Sample:
-        if torch.rand(()) >= self.p:
-            return sample
         out = dict(sample)
         for k in _present(sample, self.keys):
-            out[k] = sample[k].flip(0)
+            if torch.rand(()) >= self.p:
+                continue
+            h, w = sample[k].shape[-2:]
+            yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+            c = torch.randn(4) * self.strength / 2
+            field = torch.exp(c[0] * xx + c[1] * yy + c[2] * xx * yy + c[3] * (xx**2 + yy**2))
+            out[k] = (sample[k] * field).clamp(0, 1)
         return out
 
 
 def default_augmentation() -> Compose:
-    return Compose([RandomAffine(), RandomIntensity(), RandomNoise(), RandomSliceReverse()])
+    return Compose([RandomGeometry(), RandomBiasField(), RandomIntensity(), RandomNoise()])
