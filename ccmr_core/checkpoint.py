@@ -14,16 +14,16 @@ from ccmr_core.models.registry import build_model
 FORMAT = 1
 
 
-def save_model(path: str | Path, model: nn.Module, *, name: str, kwargs: dict, classes: list[str], ingest: dict,
-               config: dict, info: dict | None = None, refer: dict | None = None) -> None:
-    """``refer``: the referral thresholds set on validation data (ccmr_core/referral.py)."""
-    base = getattr(model, "_module", model)
+def save_model(path: str | Path, state: dict[str, torch.Tensor], *, name: str, kwargs: dict, classes: list[str],
+               ingest: dict, config: dict, info: dict | None = None, refer: dict | None = None) -> None:
+    """``state``: the model's state dict; ``refer``: the referral thresholds set on validation
+    data (ccmr_core/referral.py)."""
     blob = {
         "format": FORMAT,
         "kind": "ccmr-model",
         "model": name,
         "model_kwargs": kwargs,
-        "state_dict": {k: v.detach().cpu() for k, v in base.state_dict().items()},
+        "state_dict": {k.removeprefix("_module."): v.detach().cpu() for k, v in state.items()},
         "classes": list(classes),
         "ingest": ingest,
         "config": config,

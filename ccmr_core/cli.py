@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ccmr_core.config import ConfigError, load_config
+from ccmr_core.config import MODEL_NAMES, ConfigError, load_config
 
 EPILOG = """examples:
   ccmr synth --out cohort                        # 3 sites, 231 patients, seed 0
@@ -37,11 +37,12 @@ def cmd_synth(args) -> int:
     from ccmr_core.synth.cohort import generate_cohort
 
     cfg = _config(args).data.synth
-    sites = args.sites if args.sites is not None else cfg.sites
+    sites = args.sites if args.sites is not None else (1 if args.external else cfg.sites)
     patients = args.patients if args.patients is not None else cfg.patients
     seed = args.seed if args.seed is not None else cfg.seed
     desc = generate_cohort(args.out, sites=sites, patients=patients, seed=seed, with_masks=args.masks,
-                           workers=args.workers, force=args.force, progress=not args.quiet)
+                           workers=args.workers, force=args.force, progress=not args.quiet,
+                           kind="external" if args.external else "sites")
     print(f"synthetic cohort in {Path(args.out).absolute()} (seed {seed}):")
     for s in desc["sites"]:
         mix = ", ".join(f"{k} {v}" for k, v in s["classes"].items())
@@ -85,7 +86,8 @@ def cmd_train(args) -> int:
         overrides.append(f"model.name={args.model}")
     cfg = load_config(args.config, args.preset, overrides)
     m = train_central(args.data, args.out, cfg, test_site=args.test_site, progress=not args.quiet)
-    print(f"{cfg.model.name}: best epoch {m['best_epoch']}; run folder {args.out}")
+    print(f"{cfg.model.name}: trained {m['epochs']} epochs, calibration temperature {m['calibration_temperature']:.2f}; "
+          f"run folder {args.out}")
     if "test" in m:
         print("test: " + _metrics_line(m["test"]))
     return 0
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, help="patients over all sites (default from config: 231)")
     p.add_argument("--seed", type=int, help="random seed (default from config: 0)")
     p.add_argument("--masks", action="store_true", help="also write ground-truth label masks (outside the DICOM tree)")
+    p.add_argument("--external", action="store_true", help="one independent external site instead (another vendor, "
+                   "protocol and anatomy model), for testing a trained model's generalisation")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
     p.add_argument("--force", action="store_true", help="replace an existing, different cohort in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -189,11 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model centrally (CC-CMR or a baseline)",
                        description="Ingest (incrementally, into ~/.cache/ccmr or $CCMR_CACHE) and train on a "
                        "cohort, a site folder or a cache: patient-level stratified split (or labels.csv's split "
-                       "column, or --test-site for external testing), early stopping on validation loss, best "
-                       "checkpoint, and a run folder with config.yaml, metrics.jsonl, model.pt, metrics.json "
-                       "and report.html.")
+                       "column, or --test-site for external testing), a fixed schedule (warm-up, cosine to zero; CC-CMR: "
+                       "teacher, then student) whose final model is kept, calibrated and given referral thresholds "
+                       "on the validation patients, and a run folder with config.yaml, metrics.jsonl, model.pt, "
+                       "metrics.json and report.html.")
     p.add_argument("--data", required=True, help="cohort folder, site folder or cache")
-    p.add_argument("--model", choices=["cc-cmr", "cine-only", "dual-path", "lge-only"], help="model (default: config)")
+    p.add_argument("--model", choices=list(MODEL_NAMES), help="model (default: config)")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--test-site", help="hold out this whole site as the external test set")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

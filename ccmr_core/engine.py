@@ -2,10 +2,12 @@
 benchmarks all call these functions.
 
 FedProx is applied as a decoupled proximal step after each optimiser step,
-``w <- w - lr * mu * (w - w_global)``. For SGD this is exactly the gradient of
-mu/2 * ||w - w_global||^2; unlike a term added to the loss it still acts under DP-SGD, where
-Opacus replaces the gradients with clipped, noised per-sample gradients (and, being
-post-processing of private weights, it costs no privacy). ``mu = 0`` is FedAvg.
+``w <- w - s * mu * (w - w_global)``, with ``s`` the learning-rate schedule's factor (1 at the
+peak): ``mu`` is the share of a parameter's drift from the global model removed per step, the
+same whatever the optimiser's units (with SGD at the peak learning rate it is the gradient step
+of (mu / lr) / 2 * ||w - w_global||^2). Unlike a term added to the loss it still acts under
+DP-SGD, where Opacus replaces the gradients with clipped, noised per-sample gradients, and as
+post-processing of private weights it costs no privacy. ``mu = 0`` is FedAvg.
 """
 
 from __future__ import annotations
@@ -46,17 +48,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+FAST_MODULES = ("weighting", "temperature")  # learned loss weights and contrastive temperature
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The trainable parameters in two groups: the network, and the learned task weights and
+    temperature, which get ``cfg.fast_lr_factor`` times the learning rate so that they adapt
+    within a run, without weight decay. Each group keeps its ``base_lr`` for the schedule."""
+    fast, slow = [], []
+    for name, p in core(model).named_parameters():
+        if p.requires_grad:
+            (fast if name.split(".")[0] in FAST_MODULES else slow).append(p)
+    groups = [{"params": slow, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if fast:
+        groups.append({"params": fast, "base_lr": cfg.lr * cfg.fast_lr_factor, "weight_decay": 0.0})
+    for g in groups:
+        g["lr"] = g["base_lr"]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _prox_step(model: nn.Module, global_params: list[torch.Tensor], mu: float, lr: float) -> None:
+def _prox_step(model: nn.Module, global_params: list[torch.Tensor], share: float) -> None:
     with torch.no_grad():
         for p, g in zip(core(model).parameters(), global_params):
-            p.sub_(lr * mu * (p - g))
+            if p.requires_grad:
+                p.sub_(share * (p - g))
 
 
 def train_epoch(
@@ -65,18 +82,32 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     *,
+    lr_at=None,
     prox_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
     progress: bool = False,
     desc: str = "training",
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss, each task's mean and the time taken."""
+    """One pass over ``loader``; returns the mean loss, each task's mean and the time taken.
+
+    ``lr_at(f)``: learning-rate factor at fraction ``f`` of this epoch (ccmr_core/schedule.py),
+    applied to each parameter group's ``base_lr`` before every step, taken at the step's middle
+    (so that an epoch of a single step is not spent entirely at its warm-up's starting point)."""
     model.train()
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx needs the global parameters (global_params) when prox_mu > 0")
+    prepare = getattr(core(model), "prepare_epoch", None)
+    if prepare is not None:
+        prepare(loader, device)
     sums: dict[str, float] = {}
     n_total, t0 = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    n_batches = max(1, len(loader))
+    for i, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)):
+        factor = 1.0
+        if lr_at is not None:
+            factor = lr_at((i + 0.5) / n_batches)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         out = model(**model_inputs(model, batch, training=True))
@@ -86,7 +117,7 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         if prox_mu > 0:
-            _prox_step(model, global_params, prox_mu, optimizer.param_groups[0]["lr"])
+            _prox_step(model, global_params, min(1.0, prox_mu * factor))
         n_total += n
         sums["loss"] = sums.get("loss", 0.0) + float(total.detach().sum())
         for k, v in parts.items():
@@ -114,11 +145,14 @@ def mc_dropout(model: nn.Module, on: bool):
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0, progress: bool = False) -> dict:
     """Per-patient outputs of the inference path: mean class probabilities over ``mc_samples``
-    MC-dropout passes of the head, epistemic uncertainty (mutual information between the
-    prediction and the dropout mask, in nats; 0 without MC), the cine-head loss, labels and
-    dataset indices. Models that need LGE skip patients without it."""
+    MC-dropout passes of the head (logits divided by the model's calibration temperature),
+    epistemic uncertainty (mutual information between the prediction and the dropout mask, in
+    nats; 0 without MC), the loss, the raw logits (no dropout), measurement estimates
+    (standardised, for models that make them), labels and dataset indices. Models that need LGE
+    skip patients without it."""
     m = core(model)
-    probs, labels, unc, losses, index = [], [], [], [], []
+    t_cal = float(getattr(m, "calibration", torch.ones(())))
+    probs, labels, unc, losses, index, logits, meas = [], [], [], [], [], [], []
     with mc_dropout(m, on=mc_samples > 1):
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
             batch = to_device(batch, device)
@@ -127,8 +161,13 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
                 continue
             batch = {k: (v[keep] if torch.is_tensor(v) and v.ndim and v.shape[0] == keep.shape[0] else v) for k, v in batch.items()}
             h = m.embed(**model_inputs(m, batch, training=False))
+            with mc_dropout(m, on=False):
+                logits.append(m.head(h).cpu())
+                est = m.measure(h) if hasattr(m, "measure") else None
+                if est is not None:
+                    meas.append(est.cpu())
             k = max(1, mc_samples)
-            p = torch.stack([F.softmax(m.head(h), dim=-1) for _ in range(k)])  # (K, B, C)
+            p = torch.stack([F.softmax(m.head(h) / t_cal, dim=-1) for _ in range(k)])  # (K, B, C)
             mean = p.mean(0)
             ent = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
             exp_ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(0)
@@ -139,15 +178,21 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
             index.append(batch["index"].cpu())
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0,), dtype=np.float32)  # noqa: E731
     return {"probs": torch.cat(probs).numpy() if probs else np.zeros((0, 0)), "labels": cat(labels),
-            "uncertainty": cat(unc), "loss": cat(losses), "index": cat(index)}
+            "uncertainty": cat(unc), "loss": cat(losses), "index": cat(index),
+            "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 0)),
+            "measurements": torch.cat(meas).numpy() if meas else None}
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, classes: list[str], mc_samples: int = 0,
-             seed: int = 0, progress: bool = False) -> dict:
-    out = predict(model, loader, device, mc_samples, progress)
+             seed: int = 0, progress: bool = False, thresholds: dict | None = None) -> dict:
+    return summarize(predict(model, loader, device, mc_samples, progress), classes, mc_samples, seed, thresholds)
+
+
+def summarize(out: dict, classes: list[str], mc_samples: int = 0, seed: int = 0, thresholds: dict | None = None) -> dict:
+    """The metrics of :func:`predict`'s per-patient outputs."""
     if len(out["labels"]) == 0:
         return {"n": 0}
     m = classification_metrics(out["probs"], out["labels"].astype(int), classes,
-                               out["uncertainty"] if mc_samples > 1 else None, seed=seed)
+                               out["uncertainty"] if mc_samples > 1 else None, seed=seed, thresholds=thresholds)
     m["loss"] = float(out["loss"].mean())
     return m

@@ -33,7 +33,7 @@ class CineInference(nn.Module):
         self.model = model.eval()
 
     def forward(self, cine: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model.head(self.model.embed(cine)), dim=-1)
+        return torch.softmax(self.model.head(self.model.embed(cine)) / self.model.calibration, dim=-1)
 
 
 def metadata(pred: Predictor) -> dict:

@@ -33,6 +33,7 @@ from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
 from ccmr_core.files import write_atomic
+from ccmr_core.measurements import from_outputs
 from ccmr_core.referral import refer
 
 
@@ -113,6 +114,7 @@ class Predictor:
                                "reads a cine study only (use a cc-cmr or cine-only model)")
         cfg = validate(blob["config"], f"{path} (embedded config)")
         self.ingest = cfg.data.ingest
+        self.measurement_names = tuple(cfg.data.measurements)
         g = self.ingest
         with torch.no_grad():
             n_out = self.model.head(self.model.embed(torch.zeros(1, g.slices, g.frames, g.size, g.size))).shape[-1]
@@ -125,7 +127,7 @@ class Predictor:
         self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": name,
                          "classes": self.classes, "training_run": info.get("run"), "saved": info.get("saved"),
                          "federated": bool(info.get("federated", False)), "sites": info.get("sites"),
-                         "round_or_epoch": info.get("round", info.get("best_epoch"))}
+                         "round_or_epoch": info.get("round", info.get("epochs"))}
 
     def check_grid(self, cine: np.ndarray) -> None:
         want = (self.ingest.slices, self.ingest.frames, self.ingest.size, self.ingest.size)
@@ -146,9 +148,13 @@ class Predictor:
         k = int(probs.argmax())
         u = float(out["uncertainty"][0]) if self.mc_samples > 1 else None
         ref, reasons = refer(float(probs[k]), u, self.thresholds)
+        est = None
+        if out["measurements"] is not None and out["measurements"].shape[-1] == len(self.measurement_names):
+            est = {n: round(v, 1) for n, v in from_outputs(out["measurements"][0], self.measurement_names).items()}
         return {"predicted": self.classes[k], "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
                 "confidence": float(probs[k]), "epistemic_uncertainty": u, "mc_samples": self.mc_samples,
-                "refer": ref, "refer_reasons": reasons, "refer_thresholds": self.thresholds}
+                "refer": ref, "refer_reasons": reasons, "refer_thresholds": self.thresholds,
+                "estimated_measurements": est}
 
     def saliency(self, cine: np.ndarray, class_name: str) -> np.ndarray:
         """|d logit(class) / d cine| (S, T, H, W), dropout off, smoothed over 3x3 pixels:

@@ -1,8 +1,9 @@
 """Losses, each returning per-sample values (B,) so that they can be clipped per patient.
 
-``clip_loss`` couples the patients of a batch (each is the other's negative): it is for non-DP
-training only (see DESIGN.md, Privacy rules). ``slice_alignment_loss`` aligns a patient's cine and
-LGE slices using that patient's other slices as negatives, so it depends on one patient only.
+``patient_alignment_loss`` uses other patients as negatives (in the batch, or a bank of the
+site's patients): it couples patients and is for non-DP training only (see DESIGN.md, Privacy
+rules). ``slice_alignment_loss`` aligns a patient's cine and LGE slices using that patient's other
+slices as negatives, so it depends on one patient only; so do the others.
 """
 
 from __future__ import annotations
@@ -16,17 +17,43 @@ if TYPE_CHECKING:  # the models import these losses
     from ccmr_core.models.blocks import Temperature
 
 
-def clip_loss(zc: torch.Tensor, zl: torch.Tensor, temperature: Temperature, has_lge: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between patients' cine and LGE embeddings (open_clip style).
-    Patients without LGE take no part (their row is 0). Returns (B,)."""
-    idx = has_lge.nonzero(as_tuple=True)[0]
-    out = zc.new_zeros(zc.shape[0])
-    if len(idx) < 2:
-        return out + 0.0 * (temperature(zc @ zl.t()).sum())  # keep every parameter in the graph
-    logits = temperature(zc[idx] @ zl[idx].t())
-    target = torch.arange(len(idx), device=zc.device)
-    per = 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none"))
-    return out.index_put((idx,), per)
+def patient_alignment_loss(z: torch.Tensor, zl: torch.Tensor, temperature: Temperature, mask: torch.Tensor,
+                           positives: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE between patients' cine embeddings ``z`` (B, P) and LGE embeddings (open_clip style).
+
+    Without ``positives``: ``zl`` is (B, P), row i of each is patient i, and the loss is symmetric
+    over the patients in ``mask``. With ``positives``: ``zl`` is a bank (N, P) of LGE embeddings and
+    patient i's match is row ``positives[i]``, every other row a negative. Patients outside ``mask``
+    get 0. Returns (B,)."""
+    out = z.new_zeros(z.shape[0])
+    idx = mask.nonzero(as_tuple=True)[0]
+    if positives is None:
+        if len(idx) < 2:
+            return out + 0.0 * temperature(z @ zl.t()).sum()  # keep every parameter in the graph
+        logits = temperature(z[idx] @ zl[idx].t())
+        target = torch.arange(len(idx), device=z.device)
+        per = 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none"))
+        return out.index_put((idx,), per)
+    logits = temperature(z @ zl.t())  # (B, N)
+    if len(idx) == 0 or zl.shape[0] < 2:
+        return out + 0.0 * logits.sum()
+    per = F.cross_entropy(logits[idx], positives[idx], reduction="none")
+    return out.index_put((idx,), per) + 0.0 * logits.sum()
+
+
+def diagnosis_loss(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the diagnosis and the mask of patients whose diagnosis is known to training
+    (``has_label``; all of them unless a label-efficiency experiment hides some). (B,), (B,)."""
+    known = batch["has_label"].float() if "has_label" in batch else torch.ones_like(logits[:, 0])
+    return F.cross_entropy(logits, batch["label"], reduction="none") * known, known
+
+
+def measurement_loss(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between estimated and reported measurements (standardised), averaged over the
+    values each patient's report states; 0 for a patient without any. (B, M) -> (B,)."""
+    present = present.to(pred.dtype)
+    err = F.smooth_l1_loss(pred, target, reduction="none") * present
+    return err.sum(-1) / present.sum(-1).clamp_min(1.0)
 
 
 def slice_alignment_loss(zc: torch.Tensor, zl: torch.Tensor, temperature: Temperature, has_lge: torch.Tensor) -> torch.Tensor:
@@ -41,7 +68,10 @@ def slice_alignment_loss(zc: torch.Tensor, zl: torch.Tensor, temperature: Temper
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0) -> torch.Tensor:
-    """KL(teacher || student) per sample at temperature tau; the teacher is not updated by it."""
-    t = F.log_softmax(teacher_logits.detach() / tau, dim=-1)
-    s = F.log_softmax(student_logits / tau, dim=-1)
-    return (t.exp() * (t - s)).sum(-1) * tau * tau
+    """Soft-target cross-entropy H(teacher, student) at temperature tau, per sample (the teacher is
+    not updated by it). Its gradient is that of KL(teacher || student); its value also counts the
+    teacher's own entropy, the noise no student can remove, which keeps it on the scale of the
+    other tasks' losses so that uncertainty weighting (1 / loss at equilibrium) does not inflate
+    it the way a near-zero KL would."""
+    t = F.softmax(teacher_logits.detach() / tau, dim=-1)
+    return -(t * F.log_softmax(student_logits / tau, dim=-1)).sum(-1) * tau * tau

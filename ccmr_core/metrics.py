@@ -12,27 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ccmr_core.calibration import TEMPERATURES, nll_sums
 
 N_BINS = 20  # probability histogram and calibration bins
 N_UNC_BINS = 24  # epistemic-uncertainty bins: [0, 1e-4), then log-spaced up to ln C
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted as half); NaN if one class."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve (ties count half); NaN if only one class is present."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float(roc_auc_score(positive, scores))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = N_BINS) -> float:
@@ -79,8 +72,9 @@ def _nanmean(values: list[float]) -> float:
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str],
-                           uncertainty: np.ndarray | None = None, seed: int = 0) -> dict:
-    """Everything metrics.json holds, from per-patient outputs (used inside a site)."""
+                           uncertainty: np.ndarray | None = None, seed: int = 0, thresholds: dict | None = None) -> dict:
+    """Everything metrics.json holds, from per-patient outputs (used inside a site); with the
+    referral ``thresholds``, what the referral rule did."""
     n_cls = len(classes)
     pred = probs.argmax(1)
     correct = pred == labels
@@ -99,8 +93,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
         "confusion_matrix": cm.tolist(),
         "ece": expected_calibration_error(probs, labels) if len(labels) else float("nan"),
         "classes": list(classes),
-        "curves": curves_from_stats(EvalStats.from_outputs(probs, labels, uncertainty=uncertainty), classes),
     }
+    stats = EvalStats.from_outputs(probs, labels, uncertainty=uncertainty, thresholds=thresholds)
+    out["curves"] = curves_from_stats(stats, classes)
+    out["referral"] = referral_summary(stats)
+    out["confidence_error_auc"] = roc_auc(-probs.max(1), ~correct) if len(labels) else float("nan")
     if uncertainty is not None and len(labels) > 2:
         err = (~correct).astype(float)
         if err.std() > 0 and uncertainty.std() > 0:
@@ -127,14 +124,19 @@ class EvalStats:
     calib_conf: np.ndarray  # (N_BINS,) summed confidence per bin
     unc_correct: np.ndarray  # (N_UNC_BINS,) correct predictions per epistemic-uncertainty bin
     unc_wrong: np.ndarray  # (N_UNC_BINS,) wrong predictions per epistemic-uncertainty bin
+    nll_t: np.ndarray  # (len(TEMPERATURES),) summed NLL at each calibration temperature (from raw logits)
+    refer: np.ndarray  # (4,) kept correct, kept wrong, referred correct, referred wrong (given thresholds)
     loss_sum: float
     n: int
 
     @classmethod
     def from_outputs(cls, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray | None = None,
-                     uncertainty: np.ndarray | None = None) -> EvalStats:
+                     uncertainty: np.ndarray | None = None, logits: np.ndarray | None = None,
+                     thresholds: dict | None = None) -> EvalStats:
         """Counts only. ``uncertainty`` (mutual information, nats) is binned by
-        ``uncertainty_edges``; without it the uncertainty histograms stay empty."""
+        ``uncertainty_edges``; without it the uncertainty histograms stay empty. ``logits`` (raw,
+        uncalibrated) give the NLL sums that fit the calibration temperature; ``thresholds``
+        (ccmr_core/referral.py) give how many patients the referral rule would keep and refer."""
         n, c = probs.shape
         pred = probs.argmax(1)
         cm = np.zeros((c, c), dtype=np.int64)
@@ -156,7 +158,15 @@ class EvalStats:
             ub = uncertainty_bin(np.asarray(uncertainty), c)
             unc_ok = np.bincount(ub[pred == labels], minlength=N_UNC_BINS)
             unc_bad = np.bincount(ub[pred != labels], minlength=N_UNC_BINS)
-        return cls(cm, pos, neg, count, corr, csum, unc_ok, unc_bad,
+        nll = nll_sums(logits, labels) if logits is not None else np.zeros(len(TEMPERATURES))
+        refer = np.zeros(4, dtype=np.int64)
+        if thresholds is not None and n:
+            from ccmr_core.referral import referred  # noqa: PLC0415 (referral builds on these statistics)
+
+            ref = referred(conf, np.asarray(uncertainty) if uncertainty is not None else None, thresholds)
+            ok = pred == labels
+            refer = np.array([(~ref & ok).sum(), (~ref & ~ok).sum(), (ref & ok).sum(), (ref & ~ok).sum()])
+        return cls(cm, pos, neg, count, corr, csum, unc_ok, unc_bad, nll, refer,
                    float(losses.sum()) if losses is not None else 0.0, int(n))
 
     def __add__(self, other: EvalStats) -> EvalStats:
@@ -164,7 +174,7 @@ class EvalStats:
                          self.n + other.n)
 
     NAMES = ("confusion", "pos_hist", "neg_hist", "calib_count", "calib_correct", "calib_conf", "unc_correct",
-             "unc_wrong")
+             "unc_wrong", "nll_t", "refer")
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return tuple(getattr(self, k) for k in self.NAMES)
@@ -188,6 +198,8 @@ class EvalStats:
             np.asarray(d["calib_conf"]).astype(float),
             np.asarray(d.get("unc_correct", np.zeros(N_UNC_BINS))).astype(np.int64),
             np.asarray(d.get("unc_wrong", np.zeros(N_UNC_BINS))).astype(np.int64),
+            np.asarray(d.get("nll_t", np.zeros(len(TEMPERATURES)))).astype(float),
+            np.asarray(d.get("refer", np.zeros(4))).astype(np.int64),
             float(d["loss_sum"][0]),
             int(d["n"][0]),
         )
@@ -216,6 +228,7 @@ def curves_from_stats(stats: EvalStats, classes: list[str]) -> dict:
     seen = stats.calib_count > 0
     edges = uncertainty_edges(len(classes))
     return {
+        "risk_coverage": risk_coverage(stats),
         "roc": roc,
         "reliability": {"confidence": (stats.calib_conf[seen] / stats.calib_count[seen]).tolist(),
                         "accuracy": (stats.calib_correct[seen] / stats.calib_count[seen]).tolist(),
@@ -223,6 +236,40 @@ def curves_from_stats(stats: EvalStats, classes: list[str]) -> dict:
         "uncertainty": {"edges": edges.tolist(), "correct": stats.unc_correct.astype(int).tolist(),
                         "wrong": stats.unc_wrong.astype(int).tolist()},
     }
+
+
+def risk_coverage(stats: EvalStats) -> dict:
+    """Accuracy of the patients kept when the least confident (or the most uncertain) are referred,
+    against the share kept, from the histograms: {"confidence": {...}, "uncertainty": {...}}."""
+    out = {}
+    for key, ok, total in (
+        ("confidence", stats.calib_correct[::-1], stats.calib_count[::-1]),  # most confident bins first
+        ("uncertainty", stats.unc_correct, stats.unc_correct + stats.unc_wrong),  # least uncertain first
+    ):
+        kept, right = np.cumsum(total), np.cumsum(ok)
+        m = kept > 0
+        n = total.sum()
+        out[key] = {"coverage": (kept[m] / n).tolist() if n else [], "accuracy": (right[m] / kept[m]).tolist()}
+    return out
+
+
+def error_detection_auc(stats: EvalStats) -> dict:
+    """How well a score separates wrong from right predictions (AUROC), from the histograms: the
+    epistemic uncertainty (higher = more likely wrong) and the confidence (lower = more likely
+    wrong); NaN without both kinds of prediction."""
+    conf_wrong = stats.calib_count - stats.calib_correct
+    return {"uncertainty": auc_from_histograms(stats.unc_wrong, stats.unc_correct),
+            "confidence": auc_from_histograms(conf_wrong[::-1], stats.calib_correct[::-1])}
+
+
+def referral_summary(stats: EvalStats) -> dict | None:
+    """What the referral rule did on these patients: share referred and the accuracy of the rest."""
+    kc, kw, rc, rw = (int(x) for x in stats.refer)
+    n = kc + kw + rc + rw
+    if not n:
+        return None
+    return {"referred": (rc + rw) / n, "accuracy_kept": kc / (kc + kw) if kc + kw else float("nan"),
+            "accuracy_referred": rc / (rc + rw) if rc + rw else float("nan"), "n": n}
 
 
 def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -252,4 +299,6 @@ def metrics_from_stats(stats: EvalStats, classes: list[str]) -> dict:
         "loss": stats.loss_sum / n if n else float("nan"),
         "classes": list(classes),
         "curves": curves_from_stats(stats, classes),
+        "error_detection_auc": error_detection_auc(stats),
+        "referral": referral_summary(stats),
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,10 +35,10 @@ class BudgetExhausted(RuntimeError):
 
 
 def check_dp_compatible(cfg: ExperimentConfig) -> None:
-    if cfg.privacy.mode == "sample" and cfg.model.name == "cc-cmr" and cfg.model.alignment == "batch":
+    if cfg.privacy.mode == "sample" and cfg.model.name == "cc-cmr" and cfg.alignment == "bank":
         raise ConfigError(
-            "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'batch': "
-            "in-batch contrastive negatives couple patients, so the reported epsilon would be false. "
+            "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'bank': "
+            "contrastive negatives from other patients couple patients, so the reported epsilon would be false. "
             "Set model.alignment to 'slice' (run config: alignment='slice') or use privacy.mode 'site'."
         )
 
@@ -70,9 +71,11 @@ class Ledger:
 
 
 def plan_noise(cfg: ExperimentConfig, n_patients: int) -> tuple[float, float, int]:
-    """(noise multiplier, sample rate, steps per epoch) for the whole run's budget."""
-    q = min(1.0, cfg.train.batch_size / max(n_patients, 1))
-    steps_per_epoch = max(1, int(round(1 / q)))
+    """(noise multiplier, sample rate, steps per epoch) for the whole run's budget. As Opacus does
+    with a loader of ``n_patients`` and ``batch_size``: an epoch is ceil(N / B) Poisson-sampled
+    steps at sample rate 1 / steps, so the plan is exactly what its accountant will record."""
+    steps_per_epoch = max(1, math.ceil(max(n_patients, 1) / cfg.train.batch_size))
+    q = 1.0 / steps_per_epoch
     total = steps_per_epoch * cfg.federated.local_epochs * cfg.federated.rounds
     sigma = get_noise_multiplier(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.delta,
                                  sample_rate=q, steps=total, accountant="rdp")

@@ -43,6 +43,15 @@ def thresholds_from_outputs(probs: np.ndarray, labels: np.ndarray, uncertainty: 
                                  fraction)
 
 
+def referred(confidence: np.ndarray, uncertainty: np.ndarray | None, thresholds: dict) -> np.ndarray:
+    """Which patients the rule refers (vectorised :func:`refer`)."""
+    out = np.asarray(confidence) < thresholds["confidence"]
+    u = thresholds.get("uncertainty")
+    if u is not None and uncertainty is not None:
+        out = out | (np.asarray(uncertainty) > u)
+    return out
+
+
 def refer(confidence: float, uncertainty: float | None, thresholds: dict | None) -> tuple[bool, list[str]]:
     """(refer?, reasons in words)."""
     if not thresholds:

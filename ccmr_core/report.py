@@ -1,6 +1,7 @@
 """report.html for a run folder: the final table with confidence intervals, learning curves per
 round (global and per site), per-site accuracy, ROC curves per class, confusion matrix,
-reliability diagram, uncertainty vs error and epsilon per site under DP, as one self-contained
+reliability diagram, uncertainty vs error, risk-coverage with the referral rule's effect and
+epsilon per site under DP, as one self-contained
 page (PNG plots embedded) that opens offline. Every plot is drawn from counts that the run
 already holds (federated runs never see per-patient outputs).
 
@@ -159,7 +160,33 @@ def _uncertainty(test: dict) -> str | None:
     ax2.set_ylabel("error rate")
     ax.legend(fontsize=7, loc="upper left")
     ax2.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"uncertainty vs error (AUC of uncertainty for errors {_f(test.get('uncertainty_error_auc'))})")
+    auc = test.get("uncertainty_error_auc", (test.get("error_detection_auc") or {}).get("uncertainty"))
+    ax.set_title(f"uncertainty vs error (AUC of uncertainty for errors {_f(auc)})")
+    return _png(fig)
+
+
+def _risk_coverage(test: dict) -> str | None:
+    import matplotlib.pyplot as plt
+
+    rc = (test.get("curves") or {}).get("risk_coverage") or {}
+    if not any((rc.get(k) or {}).get("coverage") for k in ("confidence", "uncertainty")):
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for key, label in (("confidence", "refer the least confident first"),
+                       ("uncertainty", "refer the most uncertain first")):
+        c = rc.get(key) or {}
+        if c.get("coverage") and any(v > 0 for v in c["coverage"]):
+            ax.plot(c["coverage"], c["accuracy"], marker=".", label=label)
+    ref = test.get("referral")
+    if ref:
+        ax.scatter([1 - ref["referred"]], [ref["accuracy_kept"]], s=80, color="black", zorder=5,
+                   label=f"the stored rule: {ref['referred']:.0%} referred, accuracy of the rest {_f(ref['accuracy_kept'])}")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(max(0.0, min(ax.get_ylim()[0], 0.5)), 1.01)
+    ax.set_xlabel("share of test patients the model reads (coverage)")
+    ax.set_ylabel("accuracy of those patients")
+    ax.set_title("risk-coverage: what referring the doubtful cases buys")
+    ax.legend(fontsize=7, loc="lower left")
     return _png(fig)
 
 
@@ -234,6 +261,21 @@ def _table(metrics: dict, test: dict) -> str:
                 f"confidence is below {ref['confidence']:.2f}"
                 + (f" or epistemic uncertainty is above {u:.2e} nats" if u is not None else "")
                 + f"; each alone would refer about {ref['fraction']:.0%} of validation patients.</p>")
+    done = test.get("referral")
+    if done:
+        out += (f"<p>On the {done['n']} test patients the rule referred {done['referred']:.0%}; the model's accuracy on "
+                f"the patients it kept was {_f(done['accuracy_kept'])} (on the referred: "
+                f"{_f(done['accuracy_referred'])}).</p>")
+    det = test.get("error_detection_auc") or {}
+    unc_auc = test.get("uncertainty_error_auc", det.get("uncertainty"))
+    conf_auc = test.get("confidence_error_auc", det.get("confidence"))
+    if unc_auc is not None or conf_auc is not None:
+        out += (f"<p>How well each score flags the model's errors (AUROC): epistemic uncertainty {_f(unc_auc)}, "
+                f"low confidence {_f(conf_auc)}.</p>")
+    t = metrics.get("calibration_temperature")
+    if t is not None:
+        out += (f"<p>Probabilities are calibrated by temperature scaling fitted on validation patients "
+                f"(temperature {t:.2f}; above 1 softens an overconfident model).</p>")
     return out
 
 
@@ -251,6 +293,7 @@ def write_report(run: str | Path) -> Path:
         ("Confusion matrix", _confusion(test)),
         ("Calibration", _reliability(test)),
         ("Uncertainty and error", _uncertainty(test)),
+        ("Risk-coverage and referral", _risk_coverage(test)),
         ("Privacy", _epsilon(rows)),
     ]
     body = "".join(f'<section><h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="{i}"></section>'

@@ -1,13 +1,14 @@
 """Central training (``ccmr train``) and external evaluation (``ccmr evaluate``).
 
-A run folder holds config.yaml (resolved), metrics.jsonl (one line per epoch), model.pt (the
-best model by validation loss, with its config and class list), metrics.json (test metrics) and
-report.html.
+Training follows a fixed schedule (ccmr_core/schedule.py: stages, warm-up, cosine to zero) and
+keeps the model at its end; validation is monitored every epoch, and afterwards sets the
+calibration temperature and the referral thresholds. A run folder holds config.yaml (resolved),
+metrics.jsonl (one line per epoch), model.pt (the model with its config and class list),
+metrics.json (test metrics) and report.html.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -16,24 +17,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ccmr_core.calibration import fit_temperature, nll_sums
 from ccmr_core.checkpoint import load_model, save_model
 from ccmr_core.config import ExperimentConfig, dump_config, validate
 from ccmr_core.data.sources import MultiSite, SourceError, prepare, subset
-from ccmr_core.data.splits import stratified_split
+from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
-from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, train_epoch
-from ccmr_core.models.registry import build_model
-from ccmr_core.referral import thresholds_from_outputs
+from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
+from ccmr_core.models.registry import build_model, model_kwargs
+from ccmr_core.files import write_atomic
+from ccmr_core.referral import referred, thresholds_from_outputs
 from ccmr_core.report import write_report
+from ccmr_core.schedule import plan_for, set_stage
 
 log = logging.getLogger("ccmr.train")
-
-
-def model_kwargs(cfg: ExperimentConfig, n_classes: int, slices: int, bio_channels: int) -> dict:
-    m = cfg.model
-    return dict(n_classes=n_classes, slices=slices, width=m.width, dim=m.dim, proj=m.proj, dropout=m.dropout,
-                alignment=m.alignment, temperature=m.temperature, learn_temperature=m.learn_temperature,
-                bio_channels=bio_channels, bio_length=m.bio_length)
 
 
 def loader(ds, cfg: ExperimentConfig, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -44,17 +41,20 @@ def loader(ds, cfg: ExperimentConfig, shuffle: bool, seed: int = 0) -> DataLoade
 def split_indices(ds: MultiSite, cfg: ExperimentConfig, test_site: str | None) -> dict[str, list[int]]:
     t = cfg.train
     if test_site is None:
-        return stratified_split(ds.labels, t.val_fraction, t.test_fraction, t.seed, ds.splits)
+        return stratified_split(ds.labels, t.val_fraction, t.test_fraction, t.split_seed, ds.splits)
     if test_site not in ds.site_names:
         raise SourceError(f"--test-site {test_site!r} is not one of the sites: {', '.join(ds.site_names)}")
     rest = [i for i, s in enumerate(ds.sites) if s != test_site]
-    sub = stratified_split([ds.labels[i] for i in rest], t.val_fraction / (1 - t.test_fraction), 0.0, t.seed)
+    sub = stratified_split([ds.labels[i] for i in rest], t.val_fraction / (1 - t.test_fraction), 0.0, t.split_seed)
     return {"train": [rest[i] for i in sub["train"]], "val": [rest[i] for i in sub["val"]],
             "test": [i for i, s in enumerate(ds.sites) if s == test_site]}
 
 
 def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None = None,
-                  progress: bool = True, cache_root: Path | None = None) -> dict:
+                  progress: bool = True, cache_root: Path | None = None,
+                  splits: dict[str, list[int]] | None = None) -> dict:
+    """Train on ``data`` (see the module's docstring). ``splits``: given train/val/test rows of the
+    cohort (e.g. the very patients each site of a federation holds out), instead of a split here."""
     out = Path(out)
     if (out / "model.pt").exists():
         raise FileExistsError(f"{out} already holds a trained model; choose another --out")
@@ -65,61 +65,82 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     device = resolve_device(cfg.train.device)
     caches = prepare(data, cfg, cache_root, progress)
     ds = MultiSite(caches, cfg)
-    idx = split_indices(ds, cfg, test_site)
+    idx = splits if splits is not None else split_indices(ds, cfg, test_site)
     if not idx["train"] or not idx["val"]:
         raise SourceError(f"not enough patients to split ({len(ds)} usable); add data or lower train.val_fraction")
     classes = list(cfg.data.classes)
-    kwargs = model_kwargs(cfg, len(classes), ds.cine_shape[0], ds.bio_channels)
+    kwargs = model_kwargs(cfg, ds.bio_channels)
     model = build_model(cfg.model.name, **kwargs).to(device)
     train_ds = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
+    labelled = labelled_subset(ds.labels, idx["train"], cfg.train.label_fraction, cfg.train.seed)
+    train_ds.hidden_labels = frozenset(idx["train"]) - frozenset(labelled)
     train_loader = loader(subset(train_ds, idx["train"]), cfg, shuffle=True, seed=cfg.train.seed)
     val_loader = loader(subset(ds, idx["val"]), cfg, shuffle=False)
-    opt = make_optimizer(model, cfg.train)
+    plan = plan_for(model, cfg.train.epochs, cfg.model.teacher_share)
     (out / "config.yaml").write_text(dump_config(cfg))
-    log.info("training %s on %d patients (validation %d, test %d) from %s", cfg.model.name, len(idx["train"]),
-             len(idx["val"]), len(idx["test"]), ", ".join(ds.site_names))
-    best, best_loss, best_epoch, stale = None, float("inf"), 0, 0
-    history = []
+    log.info("training %s on %d patients (validation %d, test %d) from %s; %s", cfg.model.name, len(idx["train"]),
+             len(idx["val"]), len(idx["test"]), ", ".join(ds.site_names),
+             ", then ".join(f"{st} for {hi - lo} epochs" for st, lo, hi in plan.bounds()))
+    stage, opt = None, None
     with open(out / "metrics.jsonl", "w") as mf:
-        for epoch in range(1, cfg.train.epochs + 1):
-            tr = train_epoch(model, train_loader, opt, device, progress=progress, desc=f"epoch {epoch}")
+        for epoch in range(plan.epochs):
+            if plan.stage_at(epoch) != stage:
+                stage = plan.stage_at(epoch)
+                set_stage(model, stage)
+                opt = make_optimizer(model, cfg.train)
+            tr = train_epoch(model, train_loader, opt, device, lr_at=lambda f, e=epoch: plan.lr_factor(e + f),
+                             progress=progress, desc=f"epoch {epoch + 1} ({stage})")
             va = evaluate(model, val_loader, device, classes)
-            row = {"epoch": epoch, "train": tr, "val": {k: va[k] for k in ("loss", "accuracy", "macro_auc", "ece")}}
-            history.append(row)
+            row = {"epoch": epoch + 1, "stage": stage, "train": tr,
+                   "val": {k: va[k] for k in ("loss", "accuracy", "macro_auc", "ece")}}
+            if hasattr(model, "weighting"):
+                row["task_weights"] = model.weighting.weights()
             mf.write(json.dumps(row) + "\n")
             mf.flush()
-            improved = va["loss"] < best_loss - 1e-4
-            if improved:
-                best, best_loss, best_epoch, stale = copy.deepcopy(model.state_dict()), va["loss"], epoch, 0
-            else:
-                stale += 1
-            msg = (f"epoch {epoch}: train loss {tr['loss']:.3f}, validation loss {va['loss']:.3f}, "
-                   f"accuracy {va['accuracy']:.3f}{' (best so far)' if improved else ''}")
+            diag = tr.get("cls", tr.get("teacher_cls", tr["loss"]))  # the weighted total can be negative
+            msg = (f"epoch {epoch + 1}/{plan.epochs} ({stage}): diagnosis loss {diag:.3f} (train), {va['loss']:.3f} "
+                   f"(validation), validation accuracy {va['accuracy']:.3f}")
             log.info(msg)
             if progress:
                 print(msg, flush=True)
-            if stale >= cfg.train.patience:
-                log.info("stopping early: no validation improvement for %d epochs", stale)
-                break
-    model.load_state_dict(best)
+    set_stage(model, plan.stages[-1])
+    vo = predict(model, val_loader, device)
+    model.calibration.fill_(fit_temperature(nll_sums(vo["logits"], vo["labels"].astype(int))))
     vo = predict(model, val_loader, device, cfg.model.mc_samples)
     refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int),
                                     vo["uncertainty"] if cfg.model.mc_samples > 1 else None, cfg.model.refer_fraction)
-    log.info("referral thresholds from %d validation patients: confidence below %.2f or uncertainty above %s",
-             refer["validation_n"], refer["confidence"], refer["uncertainty"])
-    info = {"best_epoch": best_epoch, "sites": ds.site_names, "test_site": test_site,
-            "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"]), "run": out.name}
-    save_model(out / "model.pt", model, name=cfg.model.name, kwargs=kwargs, classes=classes,
+    log.info("calibration temperature %.2f; referral thresholds from %d validation patients: confidence below %.2f "
+             "or uncertainty above %s", float(model.calibration), refer["validation_n"], refer["confidence"],
+             refer["uncertainty"])
+    info = {"epochs": plan.epochs, "sites": ds.site_names, "test_site": test_site, "n_train": len(idx["train"]),
+            "n_train_labelled": len(labelled),
+            "n_val": len(idx["val"]), "n_test": len(idx["test"]), "run": out.name,
+            "calibration_temperature": float(model.calibration)}
+    save_model(out / "model.pt", model.state_dict(), name=cfg.model.name, kwargs=kwargs, classes=classes,
                ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info,
                refer=refer)
     metrics: dict = {"model": cfg.model.name, **info, "refer": refer}
     if idx["test"]:
-        test = evaluate(model, loader(subset(ds, idx["test"]), cfg, shuffle=False), device, classes,
-                        mc_samples=cfg.model.mc_samples, seed=cfg.train.seed)
-        metrics["test"] = test
+        to = predict(model, loader(subset(ds, idx["test"]), cfg, shuffle=False), device, cfg.model.mc_samples)
+        metrics["test"] = summarize(to, classes, cfg.model.mc_samples, cfg.train.seed, refer)
+        write_predictions(out / "test_predictions.csv", to, ds, classes, refer)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(out)
     return metrics
+
+
+def write_predictions(path: Path, out: dict, ds: MultiSite, classes: list[str], refer: dict | None) -> None:
+    """Per-patient outputs of a central run's test (they stay with the researcher who trained it):
+    patient, site, truth, prediction, calibrated probabilities, uncertainty, referral."""
+    conf = out["probs"].max(1)
+    unc = out["uncertainty"]
+    ref = referred(conf, unc, refer) if refer else np.zeros(len(conf), bool)
+    rows = ["patient_id,site,label,predicted,confidence,uncertainty,referred," + ",".join(f"p_{c}" for c in classes)]
+    for k, i in enumerate(out["index"].astype(int)):
+        rows.append(",".join([ds.patient_ids[i].split("/", 1)[1], ds.sites[i], classes[int(out["labels"][k])],
+                              classes[int(out["probs"][k].argmax())], f"{conf[k]:.5f}", f"{unc[k]:.6g}",
+                              str(int(ref[k])), *(f"{v:.5f}" for v in out["probs"][k])]))
+    write_atomic(path, "\n".join(rows) + "\n")
 
 
 def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True,
@@ -129,10 +150,11 @@ def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | N
     cfg = validate(blob["config"], f"{model_path} (embedded config)")
     caches = prepare(data, cfg, cache_root, progress)
     ds = MultiSite(caches, cfg)
+    o = predict(model, loader(ds, cfg, shuffle=False), torch.device("cpu"), cfg.model.mc_samples)
     metrics = {"model": blob["model"], "model_file": str(model_path), "data": str(data), "sites": ds.site_names,
-               "test": evaluate(model, loader(ds, cfg, shuffle=False), torch.device("cpu"), blob["classes"],
-                                mc_samples=cfg.model.mc_samples)}
+               "test": summarize(o, blob["classes"], cfg.model.mc_samples, thresholds=blob.get("refer"))}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_predictions(Path(out) / "predictions.csv", o, ds, blob["classes"], blob.get("refer"))
     return metrics

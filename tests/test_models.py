@@ -1,45 +1,64 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from ccmr_core.losses import clip_loss, slice_alignment_loss
+from ccmr_core.losses import measurement_loss, patient_alignment_loss, slice_alignment_loss
 from ccmr_core.models import MODEL_NAMES, build_model
 from ccmr_core.models.blocks import TaskWeighting, Temperature
 from ccmr_core.models.registry import model_inputs
 
 S, T, H = 4, 6, 32
+KW = dict(width=4, dim=32, proj=16, n_measurements=3)
 
 
 def batch(b=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"cine": torch.rand(b, S, T, H, H, generator=g), "lge": torch.rand(b, S, H, H, generator=g),
             "bio": torch.randn(b, 4, 32, generator=g), "label": torch.arange(b) % 5,
-            "has_lge": torch.tensor([True, False, True][:b]), "has_bio": torch.ones(b, dtype=torch.bool)}
+            "has_lge": torch.tensor([True, False, True][:b]), "has_bio": torch.ones(b, dtype=torch.bool),
+            "meas": torch.randn(b, 3, generator=g), "has_meas": torch.tensor([[True, True, False], [False] * 3,
+                                                                                [True] * 3])[:b],
+            "index": torch.arange(b)}
+
+
+def stages(name):
+    return [(s, build_model(name, 5, S, **KW)) for s in getattr(build_model(name, 5, S, **KW), "stages", ["train"])]
+
+
+def test_the_config_schema_offers_exactly_the_registered_models():
+    from ccmr_core.config import MODEL_NAMES as CONFIG_NAMES
+
+    assert set(CONFIG_NAMES) == set(MODEL_NAMES)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_opacus_accepts_every_model_as_is(name):
-    m = build_model(name, 5, S, width=4, dim=32, proj=16)
+    m = build_model(name, 5, S, **KW)
     assert ModuleValidator.validate(m, strict=False) == []
     assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_shapes_and_per_sample_losses(name):
-    m = build_model(name, 5, S, width=4, dim=32, proj=16)
-    b = batch()
-    out = m(**model_inputs(m, b, training=True))
-    assert out["logits"].shape == (3, 5)
-    total, parts = m.losses(out, b)
-    assert total.shape == (3,) and torch.isfinite(total).all()
-    total.mean().backward()
-    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+def test_shapes_and_per_sample_losses_in_every_stage(name):
+    for stage, m in stages(name):
+        if hasattr(m, "set_stage"):
+            m.set_stage(stage)
+        b = batch()
+        out = m(**model_inputs(m, b, training=True))
+        total, parts = m.losses(out, b)
+        assert total.shape == (3,) and torch.isfinite(total).all(), stage
+        total.mean().backward()
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None for p in trainable), stage
+        with torch.no_grad():
+            assert m.head(m.embed(**model_inputs(m, b, training=False))).shape == (3, 5)
 
 
 def test_cc_cmr_inference_reads_cine_only():
     torch.manual_seed(0)
-    m = build_model("cc-cmr", 5, S, width=4, dim=32, proj=16).eval()
+    m = build_model("cc-cmr", 5, S, **KW).eval()
     b1, b2 = batch(seed=1), batch(seed=1)
     b2["lge"] = torch.rand_like(b2["lge"]) * 5
     b2["has_lge"] = torch.tensor([False, False, False])
@@ -50,12 +69,70 @@ def test_cc_cmr_inference_reads_cine_only():
         assert torch.equal(m.head(m.embed(**i1)), m(**i1)["logits"])
 
 
-def test_patients_without_lge_have_no_lge_terms():
-    m = build_model("cc-cmr", 5, S, width=4, dim=32, proj=16)
+def test_stages_freeze_the_other_half_and_the_student_starts_from_the_teacher_once():
+    torch.manual_seed(0)
+    m = build_model("cc-cmr", 5, S, **KW)
+    assert m.stages == ("teacher", "student")
+    m.set_stage("teacher")
+    assert all(p.requires_grad for p in m.teacher.parameters())
+    assert not any(p.requires_grad for p in list(m.cine.parameters()) + list(m.heads.parameters()))
+    with torch.no_grad():
+        for p in m.teacher.cine.parameters():
+            p.add_(0.1)
+    m.set_stage("student")
+    assert float(m.student_ready) == 1.0
+    for a, b in zip(m.cine.state_dict().values(), m.teacher.cine.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in m.teacher.parameters())
+    assert all(p.requires_grad for p in m.cine.parameters())
+    with torch.no_grad():  # the student moves on; entering the stage again must not reset it
+        for p in m.cine.parameters():
+            p.add_(1.0)
+    m.set_stage("student")
+    assert not torch.equal(next(m.cine.parameters()), next(m.teacher.cine.parameters()))
+    with pytest.raises(ValueError, match="no stage"):
+        m.set_stage("warmup")
+
+
+def test_ablation_has_no_lge_path_at_all():
+    m = build_model("cc-cmr", 5, S, **KW, use_lge=False)
+    assert m.teacher is None and m.stages == ("student",)
     b = batch()
+    out = m(**model_inputs(m, b, training=True))
+    _, parts = m.losses(out, b)
+    assert set(parts) == {"cls", "measure"}
+
+
+def test_patients_without_lge_have_no_lge_terms():
+    m = build_model("cc-cmr", 5, S, **KW)
+    b = batch()
+    for stage, keys in (("teacher", ("teacher_joint", "teacher_align")), ("student", ("distill", "align"))):
+        m.set_stage(stage)
+        _, parts = m.losses(m(**model_inputs(m, b, training=True)), b)
+        for k in keys:
+            assert float(parts[k][1]) == 0.0 and float(parts[k][0]) > 0.0, (stage, k)
+
+
+def test_measurement_terms_follow_what_each_report_states():
+    pred = torch.zeros(3, 3)
+    target = torch.tensor([[1.0, 2.0, 50.0], [9.0, 9.0, 9.0], [1.0, 0.0, 0.0]])
+    present = torch.tensor([[True, True, False], [False] * 3, [True, False, False]])
+    loss = measurement_loss(pred, target, present)
+    assert float(loss[1]) == 0.0  # nothing reported
+    assert float(loss[0]) == pytest.approx((0.5 + 1.5) / 2)  # smooth-L1 of 1 and 2; the 50 is not stated
+    assert float(loss[2]) == pytest.approx(0.5)
+
+
+def test_bank_alignment_uses_the_sites_other_patients_as_negatives():
+    torch.manual_seed(0)
+    m = build_model("cc-cmr", 5, S, **KW)
+    m.set_stage("student")
+    b = batch()
+    m.prepare_epoch([b], torch.device("cpu"))
+    assert m.bank.shape == (2, 16) and set(m.bank_row) == {0, 2}  # only patients with LGE
     _, parts = m.losses(m(**model_inputs(m, b, training=True)), b)
-    for k in ("align", "joint", "distill"):
-        assert float(parts[k][1]) == 0.0 and float(parts[k][0]) > 0.0
+    assert float(parts["align"][1]) == 0.0 and float(parts["align"][0]) > 0.0
+    assert "bank" not in m.state_dict() and "bank_row" not in m.state_dict()  # never leaves the site
 
 
 def test_task_weighting_learns_to_downweight_noisy_tasks():
@@ -87,17 +164,21 @@ def test_temperature_fixed_or_learnable():
 
 def test_contrastive_losses_reward_matching_pairs():
     temp = Temperature(0.1, learnable=False)
-    z = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    z = F.normalize(torch.randn(6, 16), dim=-1)
     has = torch.ones(6, dtype=torch.bool)
-    matched = clip_loss(z, z, temp, has).mean()
-    shuffled = clip_loss(z, z[torch.randperm(6)], temp, has).mean()
+    matched = patient_alignment_loss(z, z, temp, has).mean()
+    shuffled = patient_alignment_loss(z, z[torch.randperm(6)], temp, has).mean()
     assert matched < shuffled
     has[2] = False
-    assert float(clip_loss(z, z, temp, has)[2]) == 0.0
-    zs = torch.nn.functional.normalize(torch.randn(3, 5, 16), dim=-1)
+    assert float(patient_alignment_loss(z, z, temp, has)[2]) == 0.0
+    bank = F.normalize(torch.randn(10, 16), dim=-1)
+    right = patient_alignment_loss(bank[:4], bank, temp, torch.ones(4, dtype=torch.bool), positives=torch.arange(4))
+    wrong = patient_alignment_loss(bank[:4], bank, temp, torch.ones(4, dtype=torch.bool), positives=torch.arange(4) + 4)
+    assert (right < wrong).all()
+    zs = F.normalize(torch.randn(3, 5, 16), dim=-1)
     per = slice_alignment_loss(zs, zs, temp, torch.tensor([True, True, False]))
     assert per.shape == (3,) and float(per[2]) == 0.0
     other = zs.clone()
-    other[1] = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    other[1] = F.normalize(torch.randn(5, 16), dim=-1)
     changed = slice_alignment_loss(zs, other, temp, torch.tensor([True, True, False]))
     assert torch.equal(changed[0], per[0]) and not torch.equal(changed[1], per[1])  # per patient only

@@ -50,6 +50,9 @@ def test_prediction_json_and_saliency(trained_run, make_site, cohort, tmp_path):
     assert saved["model"]["training_run"] == run.name and len(saved["model"]["sha256"]) == 64
     assert saved["ingestion"]["cine_grid"] == [4, 8, 32, 32]
     assert any("LGE" in n for n in saved["ingestion"]["notes"])
+    est = saved["estimated_measurements"]  # the report values it learnt to estimate, in report units
+    assert list(est) == ["lvef", "lvedv_ml", "lvesv_ml", "rvef", "rvedv_ml", "max_wall_mm"]
+    assert all(np.isfinite(v) for v in est.values())
     png = (tmp_path / "out" / "saliency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -23,7 +23,14 @@ def _batch(seed=0, b=4):
     g = torch.Generator().manual_seed(seed)
     return {"cine": torch.rand(b, S, T, H, H, generator=g), "lge": torch.rand(b, S, H, H, generator=g),
             "bio": torch.randn(b, 4, 32, generator=g), "label": torch.tensor([0, 1, 2, 1][:b]),
-            "has_lge": torch.tensor([True, True, False, True][:b]), "has_bio": torch.ones(b, dtype=torch.bool)}
+            "has_lge": torch.tensor([True, True, False, True][:b]), "has_bio": torch.ones(b, dtype=torch.bool),
+            "meas": torch.randn(b, 2, generator=g), "has_meas": torch.tensor([[True, True], [True, False],
+                                                                               [False, False], [True, True]])[:b],
+            "index": torch.arange(b)}
+
+
+def _trainable(m):
+    return [p for p in m.parameters() if p.requires_grad]
 
 
 def _per_sample(model, batch):
@@ -33,7 +40,7 @@ def _per_sample(model, batch):
     total, _ = m.losses(out, batch)
     total.sum().backward()
     n = len(batch["label"])
-    return torch.stack([torch.cat([p.grad_sample[i].flatten() for p in m.parameters()]) for i in range(n)])
+    return torch.stack([torch.cat([p.grad_sample[i].flatten() for p in _trainable(m)]) for i in range(n)])
 
 
 def _single(model, batch, i):
@@ -41,13 +48,21 @@ def _single(model, batch, i):
     one = {k: v[i : i + 1] for k, v in batch.items()}
     total, _ = m.losses(m(**model_inputs(m, one, training=True)), one)
     total.sum().backward()
-    return torch.cat([p.grad.flatten() for p in m.parameters()])
+    return torch.cat([p.grad.flatten() for p in _trainable(m)])
 
 
-@pytest.mark.parametrize("name", ["cc-cmr", "cine-only", "dual-path", "lge-only"])
-def test_per_sample_gradients_are_per_patient(name):
+def _model(name, stage=None):
     torch.manual_seed(0)
-    model = build_model(name, 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="slice")
+    m = build_model(name, 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="slice", n_measurements=2)
+    if stage is not None:
+        m.set_stage(stage)
+    return m
+
+
+@pytest.mark.parametrize("name,stage", [("cc-cmr", "teacher"), ("cc-cmr", "student"), ("cine-only", None),
+                                        ("dual-path", None), ("lge-only", None)])
+def test_per_sample_gradients_are_per_patient(name, stage):
+    model = _model(name, stage)
     b = _batch()
     ps = _per_sample(model, b)
     for i in range(len(b["label"])):
@@ -66,9 +81,9 @@ def _change_patient(b, i):
     return b2
 
 
-def test_changing_one_patient_changes_only_that_patients_gradient():
-    torch.manual_seed(0)
-    model = build_model("cc-cmr", 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="slice")
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_changing_one_patient_changes_only_that_patients_gradient(stage):
+    model = _model("cc-cmr", stage)
     b = _batch()
     g1, g2 = _per_sample(model, b), _per_sample(model, _change_patient(b, 3))
     for i in range(3):
@@ -76,15 +91,18 @@ def test_changing_one_patient_changes_only_that_patients_gradient():
     assert _rel(g1[3], g2[3]) > 1e-2
 
 
-def test_in_batch_contrastive_couples_patients_and_is_refused():
+def test_contrastive_negatives_from_other_patients_couple_them_and_are_refused():
     torch.manual_seed(0)
-    model = build_model("cc-cmr", 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="batch")
+    model = build_model("cc-cmr", 5, S, width=4, dim=16, proj=8, dropout=0.0, alignment="bank")
+    model.set_stage("teacher")
     b = _batch()
     b["has_lge"][:] = True
     g1, g2 = _per_sample(model, b), _per_sample(model, _change_patient(b, 3))
     assert _rel(g1[0], g2[0]) > 1e-3  # another patient's gradient moved: Opacus' epsilon would be false
-    with pytest.raises(ConfigError, match="in-batch contrastive negatives couple patients"):
-        load_config(overrides=["privacy.mode=sample"])
+    with pytest.raises(ConfigError, match="negatives from other patients couple patients"):
+        load_config(overrides=["privacy.mode=sample", "model.alignment=bank"])
+    assert load_config(overrides=["privacy.mode=sample"]).alignment == "slice"  # auto picks the per-patient form
+    assert load_config().alignment == "bank"
 
 
 def _dp_cfg(**kw):
@@ -99,7 +117,7 @@ def test_dp_round_trains_reports_epsilon_and_keeps_prox():
     ds = Toy(16)
     eps = []
     final = {}
-    for mu in (0.0, 10.0):
+    for mu in (0.0, 0.3):
         torch.manual_seed(0)
         model = build_model("cc-cmr", 2, S, width=4, dim=16, proj=8, alignment="slice")
         g = [p.detach().clone() for p in model.parameters()]
@@ -114,7 +132,22 @@ def test_dp_round_trains_reports_epsilon_and_keeps_prox():
         assert not any(k.startswith("_module.") for k in state)
         final[mu] = float(sum(((p - q) ** 2).sum() for p, q in zip(pm._module.parameters(), g)))  # distance to global
     assert eps[0] > 0 and eps[0] == pytest.approx(eps[1])
-    assert final[10.0] != final[0.0]  # the proximal step still acts under DP-SGD
+    assert final[0.3] < 0.9 * final[0.0]  # the proximal step still acts under DP-SGD: pulled toward the global model
+
+
+def test_the_ledger_records_what_the_accountant_spent_in_a_real_round():
+    cfg = _dp_cfg()
+    torch.manual_seed(0)
+    ds = Toy(18)
+    model = build_model("cine-only", 2, S, width=4, dim=16)
+    dp = PrivateTraining(cfg, Ledger(), len(ds))
+    planned = dp.round_cost()
+    pm, popt, pdl = dp.wrap(model, make_optimizer(model, cfg.train), DataLoader(ds, batch_size=4))
+    train_epoch(pm, pdl, popt, torch.device("cpu"))
+    eps = dp.finish()
+    assert dp.ledger.history == [planned]  # Opacus' own accountant: same noise, sample rate and steps as planned
+    assert eps == pytest.approx(Ledger(history=[planned]).epsilon(cfg.privacy.delta))
+    assert 0 < eps < cfg.privacy.target_epsilon
 
 
 def test_ledger_persists_and_budget_declines():
@@ -150,3 +183,21 @@ def test_empty_poisson_batch_first_and_later_still_steps(name):
     assert res["n"] == 3
     assert any(not torch.equal(a, b) for a, b in zip(before, pm.parameters()))
     assert dp.finish() > 0
+
+
+def test_clip_update_bounds_the_update_keeps_its_direction_and_leaves_integers():
+    from ccmr_core.privacy import clip_update
+
+    g = torch.Generator().manual_seed(0)
+    ref = {"w": torch.randn(10, 4, generator=g), "b": torch.randn(4, generator=g), "steps": torch.tensor(3)}
+    state = {"w": ref["w"] + 2 * torch.randn(10, 4, generator=g), "b": ref["b"] + torch.randn(4, generator=g),
+             "steps": torch.tensor(7)}
+    delta = torch.cat([(state[k] - ref[k]).flatten() for k in ("w", "b")])
+    out, norm = clip_update(state, ref, 1.5)
+    assert norm == pytest.approx(float(delta.norm()), rel=1e-6) and norm > 1.5
+    new = torch.cat([(out[k] - ref[k]).flatten() for k in ("w", "b")])
+    assert float(new.norm()) == pytest.approx(1.5, rel=1e-5)
+    assert float(torch.nn.functional.cosine_similarity(new, delta, dim=0)) == pytest.approx(1.0, abs=1e-6)
+    assert int(out["steps"]) == 7 and out["w"].dtype == state["w"].dtype
+    same, n2 = clip_update(state, ref, 10 * norm)  # inside the bound: unchanged
+    assert all(torch.equal(same[k], state[k]) for k in state) and n2 == pytest.approx(norm)

@@ -11,17 +11,28 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ccmr_core.losses import diagnosis_loss
 
 from ccmr_core.models.encoders import CNNLSTMEncoder, LGEEncoder
 
 
-class CineOnly(nn.Module):
+class Classifier(nn.Module):
+    """What every model shares: a calibration temperature for its logits (set on validation data
+    after training; 1 until then), a buffer so that it travels with the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calibration", torch.ones(()))
+
+
+class CineOnly(Classifier):
     name = "cine-only"
     inputs = ("cine",)
+    head_modules = ("cls",)
 
-    def __init__(self, n_classes: int, slices: int, width: int = 16, dim: int = 128, dropout: float = 0.2, **_):
+    def __init__(self, n_classes: int, slices: int, width: int = 8, dim: int = 128, dropout: float = 0.2):
         super().__init__()
         self.cine = CNNLSTMEncoder(slices, width, dim)
         self.drop = nn.Dropout(dropout)
@@ -37,16 +48,17 @@ class CineOnly(nn.Module):
         return {"logits": self.head(self.embed(cine))}
 
     def losses(self, out, batch):
-        ce = F.cross_entropy(out["logits"], batch["label"], reduction="none")
+        ce, _ = diagnosis_loss(out["logits"], batch)
         return ce, {"cls": ce}
 
 
-class DualPath(nn.Module):
+class DualPath(Classifier):
     name = "dual-path"
     inputs = ("cine", "bio")
+    head_modules = ("cls",)
 
-    def __init__(self, n_classes: int, slices: int, width: int = 16, dim: int = 128, dropout: float = 0.2,
-                 bio_channels: int = 4, bio_length: int = 32, **_):
+    def __init__(self, n_classes: int, slices: int, width: int = 8, dim: int = 128, dropout: float = 0.2,
+                 bio_channels: int = 4, bio_length: int = 32):
         super().__init__()
         self.cine = CNNLSTMEncoder(slices, width, dim)
         self.bio = nn.Sequential(nn.Linear(bio_channels * bio_length, dim), nn.SiLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
@@ -65,16 +77,17 @@ class DualPath(nn.Module):
         return {"logits": self.head(self.embed(cine, bio=bio))}
 
     def losses(self, out, batch):
-        ce = F.cross_entropy(out["logits"], batch["label"], reduction="none")
+        ce, _ = diagnosis_loss(out["logits"], batch)
         return ce, {"cls": ce}
 
 
-class LGEOnly(nn.Module):
+class LGEOnly(Classifier):
     name = "lge-only"
     inputs = ("lge",)
     requires_lge = True
+    head_modules = ("cls",)
 
-    def __init__(self, n_classes: int, slices: int, width: int = 16, dim: int = 128, dropout: float = 0.2, **_):
+    def __init__(self, n_classes: int, slices: int, width: int = 8, dim: int = 128, dropout: float = 0.2):
         super().__init__()
         self.lge = LGEEncoder(slices, width, dim)
         self.drop = nn.Dropout(dropout)
@@ -90,5 +103,5 @@ class LGEOnly(nn.Module):
         return {"logits": self.head(self.embed(lge=lge))}
 
     def losses(self, out, batch):
-        ce = F.cross_entropy(out["logits"], batch["label"], reduction="none") * batch["has_lge"].float()
+        ce = diagnosis_loss(out["logits"], batch)[0] * batch["has_lge"].float()
         return ce, {"cls": ce}

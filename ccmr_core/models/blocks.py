@@ -4,51 +4,68 @@ activations, learnable scalars inside single-input leaf modules: what Opacus nee
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 
 def gn(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(8, c), num_channels=c)
+    groups = next(g for g in (8, 4, 2, 1) if c % g == 0)
+    return nn.GroupNorm(num_groups=groups, num_channels=c)
 
 
-class R2Plus1D(nn.Module):
-    """(2+1)D block: spatial (1,3,3) convolution, then temporal (3,1,1) convolution."""
+class FrameEncoder(nn.Module):
+    """A 2D CNN run on every image of a patient at once: (B, 1, D, H, W) -> (B, C, D, H/8, W/8).
 
-    def __init__(self, cin: int, cout: int, s_stride: int = 2, t_stride: int = 1):
+    The images (slices x frames of a cine, or slices of an LGE stack) lie on the depth axis of
+    (1, 3, 3) convolutions, so the patient stays the first dimension (per-patient gradients for
+    DP-SGD) while every image is processed in one batched call. Three stages, each a strided
+    and a plain convolution; widths ``width``, 2 ``width``, 4 ``width``."""
+
+    def __init__(self, width: int = 8):
         super().__init__()
-        self.spatial = nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, s_stride, s_stride), padding=(0, 1, 1), bias=False)
-        self.gn1 = gn(cout)
-        self.temporal = nn.Conv3d(cout, cout, (3, 1, 1), stride=(t_stride, 1, 1), padding=(1, 0, 0), bias=False)
-        self.gn2 = gn(cout)
+        layers, cin = [], 1
+        for w in (width, 2 * width, 4 * width):
+            layers += [nn.Conv3d(cin, w, (1, 3, 3), (1, 2, 2), (0, 1, 1), bias=False), gn(w), nn.SiLU(),
+                       nn.Conv3d(w, w, (1, 3, 3), 1, (0, 1, 1), bias=False), gn(w), nn.SiLU()]
+            cin = w
+        self.body = nn.Sequential(*layers)
+        self.channels = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class TemporalConv(nn.Module):
+    """Residual convolution along the cardiac cycle (depth axis of (B, C, T, H, W)), circular in
+    time because the cycle is periodic: frame 0 follows the last frame."""
+
+    def __init__(self, c: int, dilation: int = 1):
+        super().__init__()
+        self.d = dilation
+        self.conv = nn.Conv3d(c, c, (3, 1, 1), dilation=(dilation, 1, 1), bias=False)
+        self.norm = gn(c)
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.gn2(self.temporal(self.act(self.gn1(self.spatial(x))))))
+        y = F.pad(x, (0, 0, 0, 0, self.d, self.d), mode="circular")
+        return x + self.act(self.norm(self.conv(y)))
 
 
-class Conv2dBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 2):
+class SlicePool(nn.Module):
+    """(B, C, S) slice features -> (B, C x J): J learned weightings of the slices, so the pooled
+    feature keeps where along the long axis it was seen (base, mid, apex) with J x S weights
+    instead of a flatten-and-project of every slice."""
+
+    def __init__(self, slices: int, pools: int = 4):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.norm = gn(cout)
-        self.act = nn.SiLU()
+        self.weights = nn.Linear(slices, pools, bias=False)
+        with torch.no_grad():
+            self.weights.weight.copy_(torch.linspace(-1, 1, pools)[:, None] * torch.linspace(-1, 1, slices)[None] / slices
+                                      + 1.0 / slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
-
-
-class SliceMixer(nn.Module):
-    """(B, S, D) slice features -> (B, D): keeps where along the long axis each feature is
-    (regional disease is not the same at base and apex)."""
-
-    def __init__(self, slices: int, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(slices * dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x.flatten(1)))
+        return self.weights(x).flatten(1)
 
 
 class Temperature(nn.Module):

@@ -1,6 +1,8 @@
-"""Build a model by name from the config."""
+"""Build a model by name; its arguments come from the config in one place (``model_kwargs``)."""
 
 from __future__ import annotations
+
+import inspect
 
 from torch import nn
 
@@ -11,17 +13,22 @@ MODELS: dict[str, type[nn.Module]] = {m.name: m for m in (CCCMR, CineOnly, DualP
 MODEL_NAMES = tuple(MODELS)
 
 
-def build_model(name: str, n_classes: int, slices: int, *, width: int = 16, dim: int = 128, proj: int = 64,
-                dropout: float = 0.2, alignment: str = "batch", temperature: float = 0.07,
-                learn_temperature: bool = True, bio_channels: int = 4, bio_length: int = 32) -> nn.Module:
+def model_kwargs(cfg, bio_channels: int = 4) -> dict:
+    """Everything a model of ``cfg`` is built from (stored in model.pt to rebuild it)."""
+    m = cfg.model
+    return dict(n_classes=len(cfg.data.classes), slices=cfg.data.ingest.slices, width=m.width, dim=m.dim,
+                proj=m.proj, dropout=m.dropout, alignment=cfg.alignment, temperature=m.temperature,
+                learn_temperature=m.learn_temperature, use_lge=m.use_lge, n_measurements=len(cfg.data.measurements),
+                bio_channels=bio_channels, bio_length=m.bio_length)
+
+
+def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
+    """The model ``name``, given the arguments it takes (others in ``kwargs`` are ignored)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    kw = dict(n_classes=n_classes, slices=slices, width=width, dim=dim, dropout=dropout)
-    if name == "cc-cmr":
-        kw.update(proj=proj, alignment=alignment, temperature=temperature, learn_temperature=learn_temperature)
-    if name == "dual-path":
-        kw.update(bio_channels=bio_channels, bio_length=bio_length)
-    return MODELS[name](**kw)
+    cls = MODELS[name]
+    takes = inspect.signature(cls).parameters
+    return cls(n_classes=n_classes, slices=slices, **{k: v for k, v in kwargs.items() if k in takes})
 
 
 def model_inputs(model: nn.Module, batch: dict, training: bool) -> dict:

@@ -1,0 +1,79 @@
+"""What each epoch of a run trains and at what learning rate; the same plan for central training
+(epochs) and federated training (rounds x local epochs), so the two differ only in where the
+data are.
+
+A model may train in stages (CC-CMR: ``teacher`` then ``student``); a stage starts on a round
+boundary so that every site of a federation trains the same stage in a round. Stages change what
+trains, not the learning rate: it warms up linearly at the start of the run and then follows one
+cosine to zero over all epochs (the student continues the teacher's cine branch). The model at
+the end of the schedule is the one kept, with no selection on a small validation set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs: int  # in all (federated: rounds x local epochs)
+    stages: tuple[str, ...] = ("train",)
+    first_share: float = 0.5  # share of the epochs for the first of two stages
+    unit: int = 1  # epochs per round; stage boundaries fall on multiples of it
+    warmup: float = 0.05  # share of the run spent warming up
+
+    def bounds(self) -> list[tuple[str, int, int]]:
+        """(stage, first epoch, end epoch) for each stage, epochs counted from 0."""
+        if len(self.stages) == 1:
+            return [(self.stages[0], 0, self.epochs)]
+        rounds = self.epochs // self.unit
+        first = min(max(1, round(self.first_share * rounds)), rounds - 1) * self.unit if rounds > 1 else self.epochs
+        return [(self.stages[0], 0, first), (self.stages[1], first, self.epochs)]
+
+    def stage_at(self, epoch: int) -> str:
+        for stage, lo, hi in self.bounds():
+            if lo <= epoch < hi:
+                return stage
+        return self.bounds()[-1][0]
+
+    def lr_factor(self, t: float) -> float:
+        """Learning-rate multiplier at time ``t`` (in epochs from the start of the run)."""
+        x = min(max(t / max(self.epochs, 1e-9), 0.0), 1.0)
+        warm = min(1.0, (x + 1e-3) / self.warmup) if self.warmup > 0 else 1.0
+        return warm * 0.5 * (1 + math.cos(math.pi * x))
+
+
+def plan_for(model, epochs: int, teacher_share: float, unit: int = 1, pretrained: bool = False) -> Plan:
+    """The plan for ``model``; a model that starts pretrained trains its last stage only."""
+    base = getattr(model, "_module", model)
+    stages = tuple(getattr(base, "stages", ("train",)))
+    return Plan(epochs=epochs, stages=stages[-1:] if pretrained else stages, first_share=teacher_share, unit=unit)
+
+
+def starts_pretrained(cfg) -> bool:
+    """Whether a federated run of ``cfg`` starts from a pretrained global model."""
+    f = cfg.federated
+    return bool(f.initial_model) or f.pretrain == "public" or (f.pretrain == "auto" and cfg.privacy.mode == "sample")
+
+
+def finetunes_head(cfg) -> bool:
+    """Whether the sites train only the heads (PrivacyConfig.finetune): always with 'head' (also
+    without DP, to compare like with like); with 'auto' under patient-level DP from a pretrained start."""
+    p = cfg.privacy
+    return p.finetune == "head" or (p.finetune == "auto" and p.mode == "sample" and starts_pretrained(cfg))
+
+
+def train_only_heads(model) -> None:
+    """Freeze everything but the model's heads (``head_modules``) and its learned loss weights."""
+    base = getattr(model, "_module", model)
+    keep = set(getattr(base, "head_modules", ())) | {"weighting", "temperature"}
+    for name, p in base.named_parameters():
+        if name.split(".")[0] not in keep:
+            p.requires_grad_(False)
+
+
+def set_stage(model, stage: str) -> None:
+    base = getattr(model, "_module", model)
+    if hasattr(base, "set_stage"):
+        base.set_stage(stage)
