@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader, Subset
 from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.metrics import EvalStats
-from ccmr_core.models.registry import build_model
+from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
-from ccmr_core.training import model_kwargs
+from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
 from client.egress import guard, refuse
 from client.policy import violations
-from client.local import average_states, load_sites, read_ledger, write_ledger
+from client.local import average_states, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 
 # secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
@@ -36,10 +36,10 @@ log = logging.getLogger("ccmr.client")
 def _setup(msg: Message, context: Context):
     cfg = from_run_config(context.run_config)
     c = msg.content["config"]
-    set_threads(cfg.train.threads or 1)
+    set_threads(cfg.train.threads)
     sites = load_sites(context.node_config, cfg, str(c["cohort-dir"]))
     n_sites = int(c["num-sites"])
-    kwargs = model_kwargs(cfg, len(cfg.data.classes), cfg.data.ingest.slices, int(c["bio-channels"]))
+    kwargs = model_kwargs(cfg, int(c["bio-channels"]))
     return cfg, c, sites, n_sites, kwargs
 
 
@@ -59,17 +59,28 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(cfg.train.device)
     mu = float(c.get("proximal-mu", 0.0))
     run_key = str(c["run-key"])
+    rnd = int(c["global-round"])
+    local = cfg.federated.local_epochs
     states, weights, losses = [], [], []
     train_seconds = 0.0
     eps = np.zeros(n_sites)
     declined = np.zeros(n_sites)
     for site in sites:
-        torch.manual_seed(cfg.train.seed * 1000 + int(c["global-round"]) * 31 + site.index)
+        torch.manual_seed(cfg.train.seed * 1000 + rnd * 31 + site.index)
         model = _model(cfg, kwargs, msg.content["arrays"], device)
+        # the run's schedule: this round is epochs (rnd-1)*local ... rnd*local-1 of it
+        plan = plan_for(model, cfg.federated.rounds * local, cfg.model.teacher_share, unit=local,
+                        pretrained=starts_pretrained(cfg))
+        first = (rnd - 1) * local
+        set_stage(model, plan.stage_at(first))
+        if finetunes_head(cfg):
+            train_only_heads(model)
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
         loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True)
         opt = make_optimizer(model, cfg.train)
+        stage = plan.stage_at(first)
+        continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)
         dp = None
         if cfg.privacy.mode == "sample":
             ledger = read_ledger(site, run_key)
@@ -83,16 +94,20 @@ def train(msg: Message, context: Context) -> Message:
                 declined[site.index] = 1
                 continue
             model, opt, loader = dp.wrap(model, opt, loader)
-        for epoch in range(cfg.federated.local_epochs):
-            res = train_epoch(model, loader, opt, device, prox_mu=mu, global_params=global_params)
+        for epoch in range(first, first + local):
+            res = train_epoch(model, loader, opt, device, lr_at=lambda f, e=epoch: plan.lr_factor(e + f),
+                              prox_mu=mu, global_params=global_params)
             train_seconds += res["seconds"]
         if dp is not None:
             eps[site.index] = dp.finish()
             write_ledger(site, run_key, dp.ledger)
+        if cfg.federated.keep_optimizer:
+            keep_optimizer(opt, site, run_key, rnd, stage)
         states.append(strip_opacus_prefix(model.state_dict()))
         weights.append(float(len(idx)))
         losses.append(res["loss"])
-        print(f"[{site.name}] round {c['global-round']}: {len(idx)} patients, loss {res['loss']:.3f}"
+        print(f"[{site.name}] round {rnd} ({stage}{', optimiser continued' if continued else ''}): "
+              f"{len(idx)} patients, loss {res['loss']:.3f}"
               + (f", epsilon {eps[site.index]:.2f}" if dp is not None else ""), flush=True)
     metrics = {
         "num-examples": float(sum(weights)),
@@ -121,6 +136,14 @@ def train(msg: Message, context: Context) -> Message:
                  int(c["global-round"]), privacy, record=not secure)
 
 
+def _thresholds(c) -> dict | None:
+    """The referral thresholds the coordinator asks the site to count against (final test)."""
+    if "refer-confidence" not in c:
+        return None
+    u = float(c["refer-uncertainty"])
+    return {"confidence": float(c["refer-confidence"]), "uncertainty": u if u >= 0 else None}
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
@@ -145,7 +168,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         if len(out["labels"]) == 0:
             continue
         stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"],
-                                       out["uncertainty"] if mc > 1 else None)
+                                       out["uncertainty"] if mc > 1 else None, logits=out["logits"],
+                                       thresholds=_thresholds(c))
         total = total + stats
         site_correct[site.index] = float(np.trace(stats.confusion))
         site_n[site.index] = float(stats.n)

@@ -26,6 +26,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ccmr_core.data.sources import default_cache_root
+from ccmr_core.calibration import TEMPERATURES
 from ccmr_core.metrics import N_BINS, N_UNC_BINS
 
 
@@ -42,6 +43,7 @@ def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
         "stats-confusion": c * c, "stats-pos_hist": c * N_BINS, "stats-neg_hist": c * N_BINS,
         "stats-calib_count": N_BINS, "stats-calib_correct": N_BINS, "stats-calib_conf": N_BINS,
         "stats-unc_correct": N_UNC_BINS, "stats-unc_wrong": N_UNC_BINS, "stats-loss_sum": 1, "stats-n": 1,
+        "stats-nll_t": len(TEMPERATURES), "stats-refer": 4,
         "secagg-clipped": 1,
     }
 

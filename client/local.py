@@ -17,7 +17,7 @@ import torch
 
 from ccmr_core.config import ExperimentConfig
 from ccmr_core.data.dataset import CacheDataset
-from ccmr_core.data.ingest import ingest
+from ccmr_core.data.ingest import MANIFEST, ingest
 from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
 from ccmr_core.files import write_atomic
 from ccmr_core.data.splits import stratified_split
@@ -39,7 +39,8 @@ _SITES: dict[tuple, list[Site]] = {}  # a SuperNode process keeps its datasets a
 
 
 def hosted_sites(node_config: dict, cohort_dir: str, n_partitions_hint: int | None = None) -> list[tuple[int, str, Path]]:
-    """(index, name, folder) of the sites this SuperNode serves."""
+    """(index, name, folder) of the sites this SuperNode serves (a site folder of DICOM, or a cache
+    that ``ccmr ingest`` already prepared)."""
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"]))
         name = str(node_config.get("site-name", path.name))
@@ -52,18 +53,22 @@ def hosted_sites(node_config: dict, cohort_dir: str, n_partitions_hint: int | No
 
 def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> list[Site]:
     key = (json.dumps(node_config, sort_keys=True, default=str), cohort_dir,
-           json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.seed)
+           json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.split_seed,
+           cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.augment)
     if key in _SITES:
         return _SITES[key]
     out = []
     for index, name, path in hosted_sites(node_config, cohort_dir):
-        cache = site_cache(path, cfg)
-        # incremental: the first round ingests, later processes only check what changed
-        ingest(path, cache, cfg.data.ingest, cfg.data.classes, progress=False, workers=1)
+        if (path / MANIFEST).is_file():  # already ingested
+            cache = path
+        else:  # incremental: the first round ingests, later processes only check what changed
+            cache = site_cache(path, cfg)
+            ingest(path, cache, cfg.data.ingest, cfg.data.classes, progress=False, workers=1)
+        kw = dict(bio_length=cfg.model.bio_length, measurements=cfg.data.measurements)
         train = CacheDataset(cache, cfg.data.classes, transform=default_augmentation() if cfg.train.augment else None,
-                             bio_length=cfg.model.bio_length)
-        evald = CacheDataset(cache, cfg.data.classes, bio_length=cfg.model.bio_length)
-        split = stratified_split(evald.labels, cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.seed,
+                             **kw)
+        evald = CacheDataset(cache, cfg.data.classes, **kw)
+        split = stratified_split(evald.labels, cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.split_seed,
                                  evald.splits)
         out.append(Site(index, name, cache, train, evald, split))
     _SITES[key] = out
@@ -85,6 +90,36 @@ def write_ledger(site: Site, run_key: str, ledger: Ledger) -> None:
     p = ledger_path(site, run_key)
     p.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(p, ledger.to_json())
+
+
+def optimizer_path(site: Site, run_key: str) -> Path:
+    """The site's optimiser state (AdamW moments) between rounds of one run, kept at the site."""
+    return default_cache_root() / "optimizer" / run_key / f"{site.name}.pt"
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: int, stage: str) -> bool:
+    """Continue the optimiser of the site's previous round (same run, same stage, round rnd-1):
+    rebuilding it each round restarts Adam's moment estimates, whose first steps then move every
+    weight by about the full learning rate whatever its gradient. Returns whether it continued."""
+    p = optimizer_path(site, run_key)
+    if not p.is_file():
+        return False
+    try:
+        saved = torch.load(p, weights_only=True)
+        if saved["round"] != rnd - 1 or saved["stage"] != stage:
+            return False
+        opt.load_state_dict(saved["state"])
+    except (ValueError, KeyError, RuntimeError, EOFError):  # another model or a damaged file: start afresh
+        return False
+    return True
+
+
+def keep_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: int, stage: str) -> None:
+    p = optimizer_path(site, run_key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".partial")
+    torch.save({"round": rnd, "stage": stage, "state": opt.state_dict()}, tmp)
+    tmp.replace(p)
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

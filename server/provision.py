@@ -1,16 +1,25 @@
-"""Where a simulated federation's data comes from: the bundled synthetic cohort (generated once,
-then reused) and the coordinator-held validation set (a separate synthetic cohort)."""
+"""Where a simulated federation's data come from: the bundled synthetic cohort (generated once,
+then reused), the coordinator-held validation set and the public pretraining cohort (separate
+synthetic cohorts, never a site's data)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import shutil
+import time
 from pathlib import Path
+
+import torch
 
 from ccmr_core.config import ExperimentConfig
 from ccmr_core.data.sources import MultiSite, default_cache_root, find_sites, prepare
 from ccmr_core.synth.cohort import cohort_matches, generate_cohort
 
 VALIDATION_SEED_OFFSET = 7777
+PUBLIC_SEED_OFFSET = 9191
+PUBLIC_SITES = 2
 
 
 def cohort_dir(cfg: ExperimentConfig, data_dir: str = "") -> Path:
@@ -46,6 +55,67 @@ def validation_set(cfg: ExperimentConfig) -> MultiSite | None:
         generate_cohort(path, sites=sites, patients=max(n, sites), seed=seed, progress=False, force=True)
     caches = prepare(path, cfg, progress=False)
     return MultiSite(caches, cfg)
+
+
+def public_model(cfg: ExperimentConfig, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The global model's starting point, trained at the coordinator on a public cohort (in
+    simulation: synthetic, with scanners of its own and its own seed, kept apart from every site):
+    no privacy cost. Trained once per configuration and cached."""
+    from ccmr_core.config import validate
+    from ccmr_core.synth.cohort import GENERATOR_VERSION
+    from ccmr_core.training import train_central
+
+    f = cfg.federated
+    # the run's architecture exactly (its resolved alignment too), trained without DP on public data
+    pcfg = validate({**cfg.model_dump(mode="json"), "privacy": {"mode": "none"},
+                     "model": {**cfg.model.model_dump(mode="json"), "alignment": cfg.alignment},
+                     "train": {**cfg.train.model_dump(mode="json"), "epochs": f.public_epochs}}, "public pretraining")
+    spec = {"generator": GENERATOR_VERSION, "patients": f.public_patients, "seed": cfg.data.synth.seed,
+            "data": pcfg.data.model_dump(mode="json", exclude={"synth"}), "model": pcfg.model.model_dump(mode="json"),
+            "train": pcfg.train.model_dump(mode="json")}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    out = default_cache_root() / "pretrained" / f"{cfg.model.name}-{key}"
+    if not (out / "model.pt").is_file():
+        seed = cfg.data.synth.seed + PUBLIC_SEED_OFFSET
+        cohort = default_cache_root() / "cohorts" / f"public-s{PUBLIC_SITES}-p{f.public_patients}-seed{seed}"
+        if not cohort_matches(cohort, PUBLIC_SITES, f.public_patients, seed, kind="public"):
+            generate_cohort(cohort, sites=PUBLIC_SITES, patients=f.public_patients, seed=seed, progress=progress,
+                            force=True, kind="public")
+        print(f"pretraining {cfg.model.name} on the public cohort ({f.public_patients} synthetic patients, scanners "
+              f"of its own) at the coordinator, {f.public_epochs} epochs: no privacy cost", flush=True)
+        t0 = time.perf_counter()
+        tmp = out.parent / f".{out.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        m = train_central(cohort, tmp, pcfg, progress=progress)
+        tmp.rename(out)
+        print(f"public pretraining done in {(time.perf_counter() - t0) / 60:.1f} min (public test accuracy "
+              f"{m['test']['accuracy']:.3f}, n={m['test']['n']})", flush=True)
+    from ccmr_core.checkpoint import load_model
+
+    return load_model(out / "model.pt")[1]["state_dict"]
+
+
+def initial_state(cfg: ExperimentConfig, model, deployed: bool) -> str | None:
+    """Load where the federation starts into ``model``: a model file the coordinator supplies, or
+    public pretraining (simulation). Returns what was loaded, in words (None: random)."""
+    from ccmr_core.checkpoint import load_model
+    from ccmr_core.schedule import starts_pretrained
+
+    f = cfg.federated
+    if f.initial_model:
+        _, blob = load_model(f.initial_model)
+        if blob["model"] != cfg.model.name:
+            raise ValueError(f"federated.initial_model {f.initial_model} is a {blob['model']} model; this run trains "
+                             f"{cfg.model.name}")
+        model.load_state_dict(blob["state_dict"])
+        return f"the coordinator's model {f.initial_model}"
+    if starts_pretrained(cfg):
+        if deployed:
+            raise ValueError("a deployed run that starts pretrained needs federated.initial_model: a model.pt the "
+                             "coordinator supplies (e.g. trained on public data with 'ccmr train')")
+        model.load_state_dict(public_model(cfg))
+        return "public pretraining"
+    return None
 
 
 def run_dir(out_dir: str, model: str) -> Path:

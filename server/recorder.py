@@ -1,4 +1,5 @@
-"""The run folder of a federated run: config, per-round metrics, checkpoints, best model, results."""
+"""The run folder of a federated run: config, per-round metrics, a checkpoint for resume, the
+final model, results."""
 
 from __future__ import annotations
 
@@ -31,9 +32,6 @@ class RunRecorder:
         self.cfg = cfg
         self.kwargs = model_kwargs
         self.sites = site_names
-        self.best_loss = float("inf")
-        self.best_round = 0
-        self.best_state: dict | None = None
         self.t0 = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -44,7 +42,6 @@ class RunRecorder:
         if not p.is_file():
             return None
         ck = torch.load(p, map_location="cpu", weights_only=False)
-        self.best_loss, self.best_round, self.best_state = ck["best_loss"], ck["best_round"], ck["best_state"]
         self._align_metrics(int(ck["round"]), ck.get("row"))
         return ck
 
@@ -64,24 +61,16 @@ class RunRecorder:
     # --- every round --------------------------------------------------------------------------
     def record_round(self, rnd: int, state: dict, train: dict | None, federated: dict | None,
                      server: dict | None, privacy: dict | None) -> str:
-        val_loss = (server or {}).get("loss", (federated or {}).get("loss", float("nan")))
-        improved = val_loss == val_loss and val_loss < self.best_loss - 1e-6
-        if improved:
-            self.best_loss, self.best_round = val_loss, rnd
-            self.best_state = {k: v.clone() for k, v in state.items()}
-            self.save_model(self.best_state, rnd)
         row = {"round": rnd, "seconds": round(time.perf_counter() - self.t0, 2), "train": train,
-               "federated_validation": federated, "server_validation": server, "privacy": privacy,
-               "best_round": self.best_round}
+               "federated_validation": federated, "server_validation": server, "privacy": privacy}
         # the checkpoint first (with its row): a crash in between is repaired on resume
         with atomic_path(self.out / CHECKPOINT) as tmp:
-            torch.save({"round": rnd, "state": state, "best_loss": self.best_loss, "best_round": self.best_round,
-                        "best_state": self.best_state, "row": _clean(row)}, tmp)
+            torch.save({"round": rnd, "state": state, "row": _clean(row)}, tmp)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_clean(row)) + "\n")
-        return self._line(rnd, train, federated, server, privacy, improved)
+        return self._line(rnd, train, federated, server, privacy)
 
-    def _line(self, rnd, train, federated, server, privacy, improved) -> str:
+    def _line(self, rnd, train, federated, server, privacy) -> str:
         parts = [f"round {rnd}:"]
         if train and train.get("train-loss") == train.get("train-loss"):
             parts.append(f"train loss {train['train-loss']:.3f}")
@@ -99,13 +88,10 @@ class RunRecorder:
         if privacy and privacy.get("epsilon"):
             eps = ", ".join(f"{s} {e:.2f}" for s, e in privacy["epsilon"].items())
             parts.append(f"epsilon [{eps}] at delta {privacy['delta']:g}")
-        if improved:
-            parts.append("(best so far)")
         return " ".join(parts)
 
     def save_model(self, state: dict, rnd: int, refer: dict | None = None) -> None:
-        model = _Holder(state)
-        save_model(self.out / "model.pt", model, name=self.cfg.model.name, kwargs=self.kwargs,
+        save_model(self.out / "model.pt", state, name=self.cfg.model.name, kwargs=self.kwargs,
                    classes=list(self.cfg.data.classes), ingest=self.cfg.data.ingest.model_dump(mode="json"),
                    config=self.cfg.model_dump(mode="json"), info={"round": rnd, "sites": self.sites,
                                                                    "run": self.out.name, "federated": True},
@@ -113,12 +99,3 @@ class RunRecorder:
 
     def finish(self, results: dict) -> None:
         (self.out / "metrics.json").write_text(json.dumps(_clean(results), indent=1))
-
-
-class _Holder(torch.nn.Module):
-    def __init__(self, state):
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *a, **k):  # noqa: D401 - the saved weights are exactly these
-        return self._state

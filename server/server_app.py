@@ -12,16 +12,17 @@ from flwr.serverapp import Grid, ServerApp
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
+from ccmr_core.calibration import fit_temperature
 from ccmr_core.config import from_run_config
 from ccmr_core.data.sources import find_sites
 from ccmr_core.engine import evaluate, set_threads
-from ccmr_core.models.registry import build_model
+from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.referral import thresholds_from_stats
+from ccmr_core.schedule import finetunes_head
 from ccmr_core.synth.biomechanics import SIGNALS
-from ccmr_core.training import model_kwargs
 from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
 from server.local_superlink import schedule_stop_if_auto_started
-from server.provision import ensure_cohort, run_dir, validation_set
+from server.provision import ensure_cohort, initial_state, run_dir, validation_set
 from server.recorder import RunRecorder
 from server.robust_rounds import RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
@@ -66,11 +67,14 @@ def main(grid: Grid, context: Context) -> None:
         site_names = [name for name, _, _ in find_sites(cohort)]
     val = validation_set(cfg)
     bio = val.bio_channels if val is not None else len(SIGNALS)
-    kwargs = model_kwargs(cfg, len(cfg.data.classes), cfg.data.ingest.slices, bio)
+    kwargs = model_kwargs(cfg, bio)
     recorder = RunRecorder(out, cfg, kwargs, site_names)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, **kwargs)
     done = 0
+    start = None
+    if not resume:
+        start = initial_state(cfg, model, bool(deployed))
     if resume:
         ck = recorder.load_checkpoint()
         if ck is None:
@@ -82,7 +86,9 @@ def main(grid: Grid, context: Context) -> None:
     n_nodes = len(list(grid.get_node_ids()))
     print(f"CC-CMR federated run -> {out}\n  model {cfg.model.name}, {cfg.federated.strategy}"
           f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}, "
-          f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}\n"
+          f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}"
+          f"{' (sites train the heads only)' if finetunes_head(cfg) else ''}; starts from "
+          f"{start or ('the checkpoint' if resume else 'random weights')}\n"
           f"  sites: {', '.join(site_names)} {f'from {cohort}' if cohort else '(each on its own SuperNode)'}; "
           f"SuperNodes: {n_nodes}", flush=True)
     if 0 < n_nodes < len(site_names) and not deployed:
@@ -126,8 +132,11 @@ def main(grid: Grid, context: Context) -> None:
     classes = list(cfg.data.classes)
     base = {"cohort-dir": str(cohort), "num-sites": len(site_names), "bio-channels": bio, "run-key": out.name}
 
+    latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
+
     def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = arrays.to_torch_state_dict()
+        latest["state"] = state
         server = None
         if val_loader is not None:
             model.load_state_dict(state)
@@ -151,40 +160,46 @@ def main(grid: Grid, context: Context) -> None:
     if remaining > 0:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
                                 timeout=cfg.federated.round_timeout_s,
-                                train_config=ConfigRecord({**base, "lr": cfg.train.lr}),
+                                train_config=ConfigRecord(base),
                                 evaluate_config=ConfigRecord({**base, "split": "val"}), evaluate_fn=round_end)
     train_seconds = time.perf_counter() - t0
 
-    # final test on every site's held-out patients, with the best model and MC-dropout uncertainty
-    # and the referral thresholds from the sites' pooled validation statistics (counts only)
-    best_state = recorder.best_state or (result.arrays.to_torch_state_dict() if result else model.state_dict())
-    best_arrays = ArrayRecord(best_state)
+    # the model at the end of the schedule; calibrated and given referral thresholds on the sites'
+    # pooled validation statistics (counts and sums only), then tested on every site's held-out patients
+    final_state = latest["state"]
 
-    def final_evaluation(split: str) -> list[RecordDict]:
-        c = ConfigRecord({**base, "split": split, "mc-samples": cfg.model.mc_samples})
-        msgs = [Message(content=RecordDict({"arrays": best_arrays, "config": c}), dst_node_id=nid,
+    def final_evaluation(state: dict, split: str, **extra) -> list[RecordDict]:
+        c = ConfigRecord({**base, "split": split, **extra})
+        arrays = ArrayRecord(state)
+        msgs = [Message(content=RecordDict({"arrays": arrays, "config": c}), dst_node_id=nid,
                         message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
         return [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
                 if r.has_content()]
 
-    val_replies = final_evaluation("val")
-    refer = None
-    if val_replies:
-        val_stats = pooled_stats(val_replies, len(classes))[0]
-        if val_stats.n:
-            refer = thresholds_from_stats(val_stats, len(classes), cfg.model.refer_fraction)
-            print(f"referral thresholds from {refer['validation_n']} validation patients at the sites: confidence "
-                  f"below {refer['confidence']:.2f} or uncertainty above {refer['uncertainty']}", flush=True)
-    recorder.save_model(best_state, recorder.best_round, refer=refer)
-    replies = final_evaluation("test")
+    refer, temperature = None, 1.0
+    val_stats = pooled_stats(final_evaluation(final_state, "val"), len(classes))[0]
+    if val_stats.n:
+        temperature = fit_temperature(val_stats.nll_t)
+        final_state = {**final_state, "calibration": torch.tensor(temperature)}
+        val_stats = pooled_stats(final_evaluation(final_state, "val", **{"mc-samples": cfg.model.mc_samples}),
+                                 len(classes))[0]
+        refer = thresholds_from_stats(val_stats, len(classes), cfg.model.refer_fraction)
+        print(f"calibration temperature {temperature:.2f} and referral thresholds from {refer['validation_n']} "
+              f"validation patients at the sites: confidence below {refer['confidence']:.2f} or uncertainty above "
+              f"{refer['uncertainty']}", flush=True)
+    rounds_done = done + (remaining if result else 0)
+    recorder.save_model(final_state, rounds_done, refer=refer)
+    counts = {"refer-confidence": refer["confidence"], "refer-uncertainty": refer["uncertainty"]
+              if refer["uncertainty"] is not None else -1.0} if refer else {}
+    replies = final_evaluation(final_state, "test", **{"mc-samples": cfg.model.mc_samples}, **counts)
     test = summarize_stats(*pooled_stats(replies, len(classes)), classes) if replies else {"n": 0}
     server_val = None
     if val_loader is not None:
-        model.load_state_dict(best_state)
+        model.load_state_dict(final_state)
         server_val = evaluate(model, val_loader, torch.device("cpu"), classes, mc_samples=cfg.model.mc_samples)
     last = _last_privacy(out)
     results = {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
-               "best_round": recorder.best_round, "sites": site_names, "supernodes": n_nodes, "test": test,
+               "calibration_temperature": temperature, "sites": site_names, "supernodes": n_nodes, "test": test,
                "server_validation": server_val, "privacy": last, "refer": refer,
                "train_seconds": round(train_seconds, 1)}
     recorder.finish(results)

@@ -91,3 +91,38 @@ def env(cohort, tmp_path, monkeypatch, shared_cache):
     privacy ledgers are keyed by run folder)."""
     monkeypatch.setenv("CCMR_CACHE", str(shared_cache))
     return tmp_path
+
+
+def write_toy_site(root: Path, name: str, counts: dict[str, int], seed: int, test_per_class: int = 2,
+                   val_per_class: int = 1, slices: int = 4, frames: int = 8, size: int = 32) -> Path:
+    """An ingested cache (manifest.json + arrays) of a learnable toy task, written directly: NOR is a
+    small cavity that empties well in systole, DCM a large one that barely moves. Splits are set
+    per class (test first, then validation) so that every site has held-out patients of each class."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    site = root / name
+    (site / "studies").mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    rho = np.hypot(yy, xx)
+    studies = []
+    for label, n in counts.items():
+        for i in range(n):
+            pid = f"{name}-{label}-{i:03d}"
+            r0, ef = (rng.uniform(4, 6), rng.uniform(0.3, 0.45)) if label == "NOR" else (rng.uniform(8, 10), rng.uniform(0.02, 0.1))
+            t = np.arange(frames) / frames
+            r = r0 * (1 - ef * np.sin(np.pi * t) ** 2)  # (T,)
+            cav = np.clip(r[None, :, None, None] - rho[None, None] + 0.5, 0, 1)  # (1, T, H, W)
+            cine = 0.15 + 0.7 * np.broadcast_to(cav, (slices, frames, size, size)) + rng.normal(0, 0.05, (slices, frames, size, size))
+            lge = rng.uniform(0, 1, (slices, size, size))
+            np.savez_compressed(site / "studies" / f"{pid}.npz", cine=np.clip(cine, 0, 1).astype(np.float16),
+                                lge=lge.astype(np.float16))
+            split = "test" if i < test_per_class else ("val" if i < test_per_class + val_per_class else "train")
+            studies.append({"patient_id": pid, "label": label, "cine_shape": [slices, frames, size, size],
+                            "lge_shape": [slices, size, size], "path": f"studies/{pid}.npz", "split": split,
+                            "notes": []})
+    (site / "manifest.json").write_text(json.dumps({"format": 1, "site": str(site), "classes": list(counts),
+                                                    "studies": studies, "errors": [], "summary": {}}))
+    return site

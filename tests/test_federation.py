@@ -1,6 +1,8 @@
 """The ServerApp and ClientApp together, in-process: rounds, pooled metrics, run folder, DP."""
 
+import os
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +13,21 @@ from ccmr_core.checkpoint import load_model
 from server.inprocess import run_inprocess
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _run_config(**over):
-    rc = tomllib.loads(open("pyproject.toml").read())["tool"]["flwr"]["app"]["config"]
+    rc = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     rc = dict(rc)
     rc.update(over)
     return rc
+
+
+def _small_public(folder: Path) -> str:
+    """A config with a small public pretraining cohort (the pretrained model is cached per config)."""
+    p = folder / "public.yaml"
+    p.write_text("federated: {public_patients: 12, public_epochs: 1}\n")
+    return str(p)
 
 
 def _apps():
@@ -45,7 +57,7 @@ def test_simulated_federation_writes_the_run_folder(env, cohort, capsys):
     assert blob["refer"] == m["refer"] and blob["refer"]["validation_n"] > 0
     assert 0 <= blob["refer"]["confidence"] <= 1 and blob["refer"]["uncertainty"] is not None
     # the final test carries the report's curves, drawn from pooled counts
-    assert set(m["test"]["curves"]) == {"roc", "reliability", "uncertainty"}
+    assert set(m["test"]["curves"]) == {"roc", "reliability", "uncertainty", "risk_coverage"}
     assert sum(m["test"]["curves"]["uncertainty"]["correct"] + m["test"]["curves"]["uncertainty"]["wrong"]) == \
         m["test"]["n"]
     for f in ("config.yaml", "checkpoint.pt", "report.html"):
@@ -63,22 +75,58 @@ def test_simulated_federation_writes_the_run_folder(env, cohort, capsys):
                 assert n <= 25 * 5 or k.startswith("stats-"), k  # fixed-size statistics only
 
 
-def test_fewer_supernodes_than_sites_still_trains_every_site(env, cohort, capsys):
+def test_federated_averaging_over_non_iid_sites_learns_patients_it_has_not_seen(tmp_path, monkeypatch, capsys):
+    """Three sites with opposite class mixes (one mostly NOR, one mostly DCM, one balanced); each
+    site's held-out test patients were never trained on. The federated model must classify them."""
+    from tests.conftest import write_toy_site
+
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
+    cohort = tmp_path / "toy"
+    for name, counts, seed in (("site-a", {"NOR": 16, "DCM": 5}, 1), ("site-b", {"NOR": 5, "DCM": 16}, 2),
+                               ("site-c", {"NOR": 9, "DCM": 9}, 3)):
+        write_toy_site(cohort, name, counts, seed)
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text("data: {classes: [NOR, DCM], measurements: []}\nmodel: {mc_samples: 4}\n"
+                   "train: {batch_size: 4, lr: 0.003}\nfederated: {rounds: 5, local_epochs: 2, validation_patients: 0}\n")
     server_app, client_app = _apps()
-    out = env / "run2"
-    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
-    run_inprocess(server_app, client_app, 2, rc)
+    out = tmp_path / "run"
+    run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", config=str(cfg), strategy="fedavg",
+                                                          **{"out-dir": str(out), "data-dir": str(cohort)}))
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert test["n"] == 12 and test["site_n"] == [4, 4, 4]
+    assert test["accuracy"] >= 11 / 12, test["confusion_matrix"]  # chance: 1/2
+    assert min(test["site_accuracy"]) >= 0.75
+
+
+def test_fewer_supernodes_than_sites_still_trains_every_site(env, cohort, capsys):
+    """Two SuperNodes for three sites: one hosts two sites, each trained and weighted on its own, so
+    the global model is the one three SuperNodes give (up to float rounding)."""
+    import torch
+
+    server_app, client_app = _apps()
+    states = {}
+    for nodes in (3, 2):
+        out = env / f"nodes{nodes}"
+        rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
+        run_inprocess(server_app, client_app, nodes, rc)
+        states[nodes] = torch.load(out / "model.pt", weights_only=False)["state_dict"]
     printed = capsys.readouterr().out
     assert "some SuperNodes host several sites" in printed
     for site in ("site-a", "site-b", "site-c"):
-        assert f"[{site}] round 1:" in printed
+        assert printed.count(f"[{site}] round 1 (") == 2
+    moved = 0.0
+    for k, v in states[3].items():
+        assert torch.allclose(v.float(), states[2][k].float(), atol=1e-5, rtol=1e-4), k
+        moved = max(moved, float((v.float() - states[2][k].float()).abs().max()))
+    assert moved < 1e-5
 
 
 def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort, capsys):
     server_app, client_app = _apps()
     out = env / "dp"
-    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "dp": "sample",
-                                         "alignment": "slice", "target-epsilon": 2.0, "num-server-rounds": 2})
+    rc = _run_config(preset="smoke", config=_small_public(env), **{"out-dir": str(out), "data-dir": str(cohort),
+                                                                   "dp": "sample", "target-epsilon": 2.0,
+                                                                   "num-server-rounds": 2})
     run_inprocess(server_app, client_app, 3, rc)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     eps = [r["privacy"]["epsilon"] for r in rows]
@@ -91,6 +139,39 @@ def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["round"] == 3 and sorted(last["privacy"]["declined"]) == ["site-a", "site-b", "site-c"]
     assert "declines to train" in capsys.readouterr().out
+
+
+def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, cohort, capsys):
+    """Patient-level DP starts from the coordinator's public pretraining (no privacy cost) and the
+    sites train the heads only: every other weight a site sends back is exactly what it received."""
+    from flwr.app import MessageType
+
+    server_app, client_app = _apps()
+    out = env / "dpft"
+    rc = _run_config(preset="smoke", config=_small_public(env), **{"out-dir": str(out), "data-dir": str(cohort),
+                                                                   "dp": "sample", "target-epsilon": 3.0})
+    grid = run_inprocess(server_app, client_app, 3, rc)
+    printed = capsys.readouterr().out
+    # the pretraining itself is printed only by the first test that needs it (the cache is shared)
+    assert "starts from public pretraining" in printed
+    assert list((Path(os.environ["CCMR_CACHE"]) / "pretrained").glob("cc-cmr-*/model.pt"))
+    assert "sites train the heads only" in printed
+    sent = {m.metadata.message_id: m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
+    replies = [r for r in grid.received if r.metadata.message_type == MessageType.TRAIN and r.has_content()]
+    assert len(replies) == 6
+    moved = set()
+    for r in replies:
+        before = sent[r.metadata.reply_to_message_id].content["arrays"]
+        after = next(iter(r.content.array_records.values()))
+        for k in before.keys():
+            same = np.array_equal(before[k].numpy(), after[k].numpy())
+            if k.split(".")[0] in ("heads", "weighting", "temperature"):
+                moved |= set() if same else {k.split(".")[0]}
+            else:
+                assert same, f"{k} changed under head-only DP fine-tuning"
+    assert "heads" in moved
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < e <= 3.0 + 1e-6 for e in rows[-1]["privacy"]["epsilon"].values())
 
 
 def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
@@ -131,8 +212,9 @@ def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_
 def test_bad_run_config_is_refused_with_the_allowed_keys(env):
     from ccmr_core.config import ConfigError, from_run_config
 
-    with pytest.raises(ConfigError, match="in-batch contrastive"):
-        from_run_config(_run_config(dp="sample"))
+    with pytest.raises(ConfigError, match="negatives from other patients couple patients"):
+        from_run_config(_run_config(dp="sample", alignment="bank"))
+    assert from_run_config(_run_config(dp="sample")).alignment == "slice"
     with pytest.raises(ConfigError, match="unknown key.*allowed"):
         from_run_config({"rounds": 3})
     assert np.isclose(from_run_config(_run_config(**{"proximal-mu": 0.5})).federated.proximal_mu, 0.5)
@@ -227,7 +309,8 @@ def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(
     for p in logs:
         rows = [json.loads(x) for x in p.read_text().splitlines()]
         # 2 rounds x (train + evaluate) + the final validation and test evaluations
-        assert [r["kind"] for r in rows] == ["train", "evaluate", "train", "evaluate", "evaluate", "evaluate"]
+        # two rounds of train + evaluate; then validation (calibration), validation (thresholds), test
+        assert [r["kind"] for r in rows] == ["train", "evaluate", "train", "evaluate", "evaluate", "evaluate", "evaluate"]
         for r in rows:
             arrays = {k["key"][len("arrays/"):] for k in r["keys"] if k["key"].startswith("arrays/")}
             if r["kind"] == "train" and not r["refused"]:

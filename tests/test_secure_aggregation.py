@@ -69,14 +69,35 @@ def test_secure_aggregate_equals_the_plain_mean_and_the_coordinator_never_holds_
     from client.egress import summarize
 
     text = summarize(env / "audit" / "site-a.jsonl")
-    assert "run secure: 7 messages (0 train, 3 evaluate, 4 secure-aggregation)" in text, text
+    # one round: evaluate; then validation twice (calibration, thresholds) and the test
+    assert "run secure: 8 messages (0 train, 4 evaluate, 4 secure-aggregation)" in text, text
     assert "the model left only masked" in text
 
 
-def test_secure_aggregation_with_site_level_dp_clips_at_the_sites(env, cohort, capsys):
-    out, _ = _run(env, cohort, "dp", **{"secure-aggregation": True, "dp": "site"})
-    printed = capsys.readouterr().out
-    assert printed.count("clipped to 1") == 3  # each site clips its own update; the coordinator cannot
+def test_secure_aggregation_with_site_level_dp_clips_at_the_sites(env, cohort, monkeypatch):
+    """Each site clips its own update before masking (the coordinator cannot): what leaves every
+    site is within the clipping norm of the global model, and clipping really had work to do."""
+    import torch
+
+    import client.client_app as ca
+    from ccmr_core.privacy import clip_update
+
+    seen = []
+
+    def recording(state, reference, max_norm):
+        out, norm = clip_update(state, reference, max_norm)
+        sent = float(torch.sqrt(sum(((out[k].double() - reference[k].double()) ** 2).sum()
+                                    for k in out if out[k].is_floating_point())))
+        seen.append((norm, sent, max_norm))
+        return out, norm
+
+    monkeypatch.setattr(ca, "clip_update", recording)
+    tight = env / "tight.yaml"
+    tight.write_text("privacy: {clipping_norm: 0.02}\n")  # below a smoke round's update norm
+    out, _ = _run(env, cohort, "dp", config=str(tight), **{"secure-aggregation": True, "dp": "site"})
+    assert len(seen) == 3  # three sites, one round
+    for before, sent, bound in seen:
+        assert sent <= bound * (1 + 1e-6) and before > bound  # clipped, to the bound
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["privacy"]["mode"] == "site" and np.isfinite(list(row["privacy"]["epsilon"].values())).all()
 
