@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ccmr_core.classes import DEFAULT_CLASSES
+from ccmr_core.measurements import DEFAULT_MEASUREMENTS, check_names
 
 
 class ConfigError(ValueError):
@@ -55,15 +56,25 @@ class IngestConfig(_Section):
 class SynthConfig(_Section):
     """The bundled synthetic multi-site cohort."""
 
-    sites: int = Field(3, ge=1, le=32)
+    sites: int = Field(3, ge=1, le=1000)
     patients: int = Field(231, ge=1, le=100_000)
     seed: int = Field(0, ge=0)
 
 
 class DataConfig(_Section):
     classes: tuple[str, ...] = Field(DEFAULT_CLASSES, min_length=2)
+    measurements: tuple[str, ...] = Field(
+        DEFAULT_MEASUREMENTS, description="report measurements (labels.csv columns) learnt as auxiliary "
+        "targets where a site has them; [] = none")
     ingest: IngestConfig = IngestConfig()
     synth: SynthConfig = SynthConfig()
+
+    @field_validator("measurements")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("measurement names must be unique")
+        return check_names(v)
 
     @field_validator("classes")
     @classmethod
@@ -73,16 +84,25 @@ class DataConfig(_Section):
         return v
 
 
+ModelName = Literal["cc-cmr", "cine-only", "dual-path", "lge-only"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+
+
 class ModelConfig(_Section):
-    name: Literal["cc-cmr", "cine-only", "dual-path", "lge-only"] = "cc-cmr"
+    name: ModelName = "cc-cmr"
     width: int = Field(8, ge=2, le=256, description="channels of the first block (doubles per block)")
     dim: int = Field(128, ge=8, le=4096, description="feature size of each encoder")
     proj: int = Field(64, ge=4, le=1024, description="contrastive projection size")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="head dropout (also drives MC-dropout uncertainty)")
-    alignment: Literal["batch", "slice"] = Field(
-        "batch", description="contrastive negatives: other patients in the batch, or the patient's own slices "
-        "(the per-patient form required with DP-SGD)")
-    temperature: float = Field(0.07, gt=0.0, le=10.0)
+    alignment: Literal["auto", "bank", "slice"] = Field(
+        "auto", description="CC-CMR contrastive negatives: other patients (in the batch while the teacher learns, "
+        "then a bank of the site's patients), the patient's own slices (the per-patient form DP-SGD requires), or "
+        "auto: slice under patient-level DP, else bank")
+    use_lge: bool = Field(True, description="CC-CMR: learn from LGE during training (false: the same cine model "
+                          "with every LGE term off, the ablation)")
+    teacher_share: float = Field(0.5, gt=0.0, lt=1.0, description="CC-CMR: share of the epochs (rounds) spent "
+                                 "training the cine+LGE teacher before the cine student")
+    temperature: float = Field(0.1, gt=0.0, le=10.0)
     learn_temperature: bool = True
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
     refer_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of validation patients that the "
@@ -91,16 +111,23 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(8, ge=1, le=4096)
+    epochs: int = Field(40, ge=1, le=10_000, description="central training: epochs of the schedule (warm-up, then "
+                        "cosine to zero); the model at its end is kept")
+    batch_size: int = Field(16, ge=1, le=4096)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    patience: int = Field(8, ge=1, le=10_000, description="epochs without validation improvement before stopping")
+    lr: float = Field(2e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0)
+    fast_lr_factor: float = Field(10.0, gt=0.0, le=1e4, description="learning-rate multiple for the learned task "
+                                  "weights and contrastive temperature")
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training patients whose "
+                                  "diagnosis training may use (label-efficiency experiments: the others still "
+                                  "contribute images, LGE and report measurements)")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
     augment: bool = True
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="training randomness (initialisation, batches, augmentation)")
+    split_seed: int = Field(0, ge=0, description="which patients are train / validation / test; fixed while "
+                            "the training seed varies, so that runs are compared on the same patients")
     threads: int = Field(0, ge=0, le=512, description="torch CPU threads (0 = all cores)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -108,8 +135,11 @@ class TrainConfig(_Section):
 class FederatedConfig(_Section):
     rounds: int = Field(15, ge=1, le=100_000)
     strategy: Literal["fedprox", "fedavg"] = "fedprox"
-    proximal_mu: float = Field(0.01, ge=0.0, le=100.0)
+    proximal_mu: float = Field(0.01, ge=0.0, le=1.0, description="FedProx: share of a weight's drift from the "
+                               "global model removed per local step at the peak learning rate (0 = FedAvg)")
     local_epochs: int = Field(1, ge=1, le=1000)
+    keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
+                                 "from round to round, kept at the site, instead of restarting it every round")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     min_sites: int = Field(1, ge=1, le=10_000, description="sites that must reply before a round closes")
@@ -123,6 +153,14 @@ class FederatedConfig(_Section):
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")
     round_retries: int = Field(2, ge=0, le=100, description="a train round with fewer than min_sites replies "
                                "(after round_timeout_s) is sent again up to this many times before the run stops")
+    pretrain: Literal["auto", "none", "public"] = Field(
+        "auto", description="where the global model starts: 'public' = the coordinator first trains it on a public "
+        "cohort (simulation: a synthetic one with scanners of its own, kept apart from every site), at no privacy "
+        "cost; 'auto' = public when the sites train with patient-level DP, else none")
+    initial_model: str = Field("", description="a model.pt the coordinator supplies (e.g. trained on public ACDC / "
+                               "M&Ms data) to start from; read at the coordinator, never sent as a path")
+    public_patients: int = Field(150, ge=10, le=100_000, description="size of the simulated public cohort")
+    public_epochs: int = Field(25, ge=1, le=10_000, description="epochs of the coordinator's public pretraining")
 
 
 class SecureAggregationConfig(_Section):
@@ -147,6 +185,10 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, le=1000.0, description="per-patient clipping norm (sample mode)")
     noise_multiplier: float = Field(1.0, ge=0.0, le=100.0, description="server noise (site mode)")
     clipping_norm: float = Field(1.0, gt=0.0, le=1e6, description="per-site update clipping (site mode)")
+    finetune: Literal["auto", "all", "head"] = Field(
+        "auto", description="what the sites train: 'head' (the diagnostic and measurement heads on a frozen "
+        "encoder: few parameters, so DP noise does not drown the signal), 'all', or 'auto' = head under "
+        "patient-level DP when the federation starts from a pretrained model, else all")
 
 
 class ExperimentConfig(_Section):
@@ -166,13 +208,20 @@ class ExperimentConfig(_Section):
                 "coordinate-wise median or trimmed mean cannot be computed; use aggregator 'mean'")
         return self
 
+    @property
+    def alignment(self) -> str:
+        """The CC-CMR alignment this experiment uses (``model.alignment`` with 'auto' resolved)."""
+        if self.model.alignment != "auto":
+            return self.model.alignment
+        return "slice" if self.privacy.mode == "sample" else "bank"
+
     @model_validator(mode="after")
     def _dp_needs_per_patient_losses(self) -> "ExperimentConfig":
-        if self.privacy.mode == "sample" and self.model.name == "cc-cmr" and self.model.alignment == "batch":
+        if self.privacy.mode == "sample" and self.model.name == "cc-cmr" and self.model.alignment == "bank":
             raise ValueError(
-                "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'batch': "
-                "in-batch contrastive negatives couple patients, so the reported epsilon would be false; set "
-                "model.alignment to 'slice' (run config alignment='slice') or use privacy.mode 'site'")
+                "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'bank': "
+                "contrastive negatives from other patients couple patients, so the reported epsilon would be false; "
+                "set model.alignment to 'slice' (run config alignment='slice') or use privacy.mode 'site'")
         return self
 
 
@@ -320,6 +369,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "synthetic-sites": "data.synth.sites",
     "synthetic-patients": "data.synth.patients",
     "seed": "data.synth.seed",
+    "train-seed": "train.seed",
     "validation-patients": "federated.validation_patients",
     "secure-aggregation": "secure_aggregation.enabled",
     "round-timeout": "federated.round_timeout_s",
