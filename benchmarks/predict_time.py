@@ -28,7 +28,7 @@ from ccmr_core.config import load_config
 from ccmr_core.inference import Predictor, predict_study
 from ccmr_core.models.registry import build_model
 from ccmr_core.synth.cohort import generate_cohort
-from ccmr_core.training import model_kwargs
+from ccmr_core.models.registry import model_kwargs
 
 
 def main() -> None:
@@ -52,9 +52,9 @@ def main() -> None:
             shutil.copy2(f, d / f.parent.name / f"{i}.dcm")
         studies.append(d)
     cfg = load_config()
-    model = build_model(cfg.model.name, **model_kwargs(cfg, 5, cfg.data.ingest.slices, 4))
+    model = build_model(cfg.model.name, **model_kwargs(cfg, 4))
     refer = {"fraction": 0.2, "confidence": 0.5, "uncertainty": 0.01, "validation_n": 0}
-    save_model(work / "model.pt", model, name=cfg.model.name, kwargs=model_kwargs(cfg, 5, cfg.data.ingest.slices, 4),
+    save_model(work / "model.pt", model, name=cfg.model.name, kwargs=model_kwargs(cfg, 4),
                classes=list(cfg.data.classes), ingest=cfg.data.ingest.model_dump(mode="json"),
                config=cfg.model_dump(mode="json"), info={"run": "benchmark"}, refer=refer)
     pred = Predictor(work / "model.pt")
