@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd:
         if saved["round"] != rnd - 1 or saved["stage"] != stage:
             return False
         opt.load_state_dict(saved["state"])
-    except (ValueError, KeyError, RuntimeError, EOFError):  # another model or a damaged file: start afresh
+    except (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError):  # another model, a damaged file
         return False
     return True
 

@@ -119,3 +119,36 @@ def test_learning_rate_follows_the_schedule_within_an_epoch():
                 lr_at=lambda f: seen.append(f) or (1.0 - f))
     assert seen == [0.125, 0.375, 0.625, 0.875]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.125)
+
+
+def test_a_site_continues_its_optimiser_only_from_its_previous_round_of_the_same_stage(tmp_path, monkeypatch):
+    """Adam's moments carry over between consecutive rounds of one run at one site; anything else
+    (a skipped round, a new stage, another run, a damaged file) starts a fresh optimiser."""
+    from types import SimpleNamespace
+
+    from client.local import keep_optimizer, optimizer_path, restore_optimizer
+
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path))
+    site = SimpleNamespace(name="site-a")
+    net = torch.nn.Linear(3, 2)
+
+    def stepped() -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        net(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        return opt
+
+    opt = stepped()
+    keep_optimizer(opt, site, "run-1", 3, "teacher")
+    saved = opt.state_dict()["state"][0]["exp_avg_sq"]
+
+    fresh = lambda: torch.optim.AdamW(net.parameters(), lr=1e-2)  # noqa: E731
+    o = fresh()
+    assert restore_optimizer(o, site, "run-1", 4, "teacher")
+    assert torch.equal(o.state_dict()["state"][0]["exp_avg_sq"], saved)
+    for rnd, stage, run in ((5, "teacher", "run-1"), (4, "student", "run-1"), (4, "teacher", "run-2")):
+        o = fresh()
+        assert not restore_optimizer(o, site, run, rnd, stage)
+        assert o.state_dict()["state"] == {}
+    optimizer_path(site, "run-1").write_bytes(b"not a torch file")
+    assert not restore_optimizer(fresh(), site, "run-1", 4, "teacher")
