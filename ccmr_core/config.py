@@ -113,7 +113,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(40, ge=1, le=10_000, description="central training: epochs of the schedule (warm-up, then "
                         "cosine to zero); the model at its end is kept")
-    batch_size: int = Field(16, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=4096)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.05, ge=0.0, le=1.0)
@@ -137,7 +137,7 @@ class FederatedConfig(_Section):
     strategy: Literal["fedprox", "fedavg"] = "fedprox"
     proximal_mu: float = Field(0.01, ge=0.0, le=1.0, description="FedProx: share of a weight's drift from the "
                                "global model removed per local step at the peak learning rate (0 = FedAvg)")
-    local_epochs: int = Field(1, ge=1, le=1000)
+    local_epochs: int = Field(2, ge=1, le=1000)
     keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
                                  "from round to round, kept at the site, instead of restarting it every round")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
