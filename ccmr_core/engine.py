@@ -129,8 +129,10 @@ def train_epoch(
 
 @contextmanager
 def mc_dropout(model: nn.Module, on: bool):
-    """Evaluation mode with dropout left active (MC dropout) when ``on``."""
-    was = model.training
+    """Evaluation mode with dropout left active (MC dropout) when ``on``. Every module's mode is
+    restored on exit, so a deterministic pass nested inside an MC block leaves the MC block's
+    dropout on (``model.train(was)`` would switch it off for the remaining samples)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     if on:
         for m in model.modules():
@@ -139,7 +141,8 @@ def mc_dropout(model: nn.Module, on: bool):
     try:
         yield
     finally:
-        model.train(was)
+        for m, mode in modes:
+            m.training = mode
 
 
 @torch.no_grad()
