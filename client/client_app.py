@@ -22,7 +22,7 @@ from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, str
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
 from client.egress import guard, refuse
 from client.policy import violations
-from client.local import average_states, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
+from client.local import RUN_KEY, average_states, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 
 # secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
@@ -54,8 +54,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
     secure = is_secure(msg)
     bad = violations(context.node_config, cfg.privacy.mode, secure)
+    if not RUN_KEY.fullmatch(str(c["run-key"])):
+        bad.append(f"run key {str(c['run-key'])[:40]!r} is not a plain name")
     if bad:
-        return refuse(msg, [s.name for s in sites], "train", str(c["run-key"]), int(c["global-round"]), "; ".join(bad))
+        return refuse(msg, [s.name for s in sites], "train", str(c["run-key"])[:128], int(c["global-round"]),
+                      "; ".join(bad))
     device = resolve_device(cfg.train.device)
     mu = float(c.get("proximal-mu", 0.0))
     run_key = str(c["run-key"])

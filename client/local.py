@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,21 @@ def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> lis
     return out
 
 
+RUN_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_key(run_key: str) -> str:
+    """The coordinator names the run; the site uses the name as a folder, so it must be a plain
+    name (a hostile ``../..`` would otherwise write outside the site's state folders)."""
+    if not RUN_KEY.fullmatch(run_key):
+        raise ValueError(f"run key {run_key!r} is not a plain name (letters, digits, '.', '_', '-'; at most 128)")
+    return run_key
+
+
 def ledger_path(site: Site, run_key: str) -> Path:
     """The site's privacy ledger lives at the site (next to its cache), per federated run."""
     root = Path(os.environ.get("CCMR_PRIVACY_DIR", default_cache_root() / "privacy"))
-    return root / run_key / f"{site.name}.json"
+    return root / check_run_key(run_key) / f"{site.name}.json"
 
 
 def read_ledger(site: Site, run_key: str) -> Ledger:
@@ -95,7 +107,7 @@ def write_ledger(site: Site, run_key: str, ledger: Ledger) -> None:
 
 def optimizer_path(site: Site, run_key: str) -> Path:
     """The site's optimiser state (AdamW moments) between rounds of one run, kept at the site."""
-    return default_cache_root() / "optimizer" / run_key / f"{site.name}.pt"
+    return default_cache_root() / "optimizer" / check_run_key(run_key) / f"{site.name}.pt"
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: int, stage: str) -> bool:

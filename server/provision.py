@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import json
 import shutil
 import time
@@ -116,6 +117,14 @@ def initial_state(cfg: ExperimentConfig, model, deployed: bool) -> str | None:
         model.load_state_dict(public_model(cfg))
         return "public pretraining"
     return None
+
+
+def run_key(out: Path) -> str:
+    """The run's name at the sites (privacy ledger, optimiser state): the folder's name plus a
+    hash of its full path, so that two runs in folders of the same name never share a ledger,
+    while a resumed run (same folder) finds its own."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", out.name)[:64].lstrip(".") or "run"
+    return f"{name}-{hashlib.sha256(str(Path(out).absolute()).encode()).hexdigest()[:10]}"
 
 
 def run_dir(out_dir: str, model: str) -> Path:

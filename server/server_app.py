@@ -22,7 +22,7 @@ from ccmr_core.schedule import finetunes_head
 from ccmr_core.synth.biomechanics import SIGNALS
 from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
 from server.local_superlink import schedule_stop_if_auto_started
-from server.provision import ensure_cohort, initial_state, run_dir, validation_set
+from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
 from server.recorder import RunRecorder
 from server.robust_rounds import RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
@@ -130,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
     grid = RetryGrid(grid, cfg.federated.min_sites, cfg.federated.round_retries)
     val_loader = DataLoader(val, batch_size=cfg.train.batch_size) if val is not None else None
     classes = list(cfg.data.classes)
-    base = {"cohort-dir": str(cohort), "num-sites": len(site_names), "bio-channels": bio, "run-key": out.name}
+    base = {"cohort-dir": str(cohort), "num-sites": len(site_names), "bio-channels": bio, "run-key": run_key(out)}
 
     latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
 

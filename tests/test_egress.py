@@ -51,3 +51,24 @@ def test_describe_lists_every_key_and_hashes_the_payload():
     assert by_key["metrics/site-epsilon"]["shape"] == [3]
     b = _reply({"w": torch.ones(4, 3), "b": 2 * torch.ones(3)})
     assert describe(b)[1] != digest and describe(_reply({"w": torch.ones(4, 3), "b": torch.ones(3)}))[1] == digest
+
+
+def test_a_run_key_from_the_coordinator_cannot_leave_the_sites_state_folders(tmp_path, monkeypatch):
+    """The run key names folders at the site (privacy ledger, optimiser state): a hostile '../..'
+    is refused before anything is written; two runs in same-named folders get different keys."""
+    from types import SimpleNamespace
+
+    from client.local import ledger_path, optimizer_path
+    from server.provision import run_key
+
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
+    site = SimpleNamespace(name="site-a")
+    for hostile in ("../../etc", "..", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(ValueError, match="not a plain name"):
+            ledger_path(site, hostile)
+        with pytest.raises(ValueError, match="not a plain name"):
+            optimizer_path(site, hostile)
+    k1, k2 = run_key(tmp_path / "a" / "run"), run_key(tmp_path / "b" / "run")
+    assert k1 != k2 and k1.startswith("run-") and run_key(tmp_path / "a" / "run") == k1
+    assert ledger_path(site, run_key(tmp_path / "odd name!")).parent.parent == tmp_path / "cache" / "privacy"
+    assert not list(tmp_path.rglob("*.json"))
