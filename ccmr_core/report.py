@@ -275,7 +275,8 @@ def _table(metrics: dict, test: dict) -> str:
     t = metrics.get("calibration_temperature")
     if t is not None:
         out += (f"<p>Probabilities are calibrated by temperature scaling fitted on validation patients "
-                f"(temperature {t:.2f}; above 1 softens an overconfident model).</p>")
+                f"(temperature {t:.2f}: the raw model was "
+                f"{'overconfident, its probabilities are softened' if t > 1 else 'underconfident, its probabilities are sharpened'}).</p>")
     return out
 
 
