@@ -175,8 +175,15 @@ def test_cohort_dicom_and_site_effects(cohort):
         lge = [f for f in files if "InversionTime" in pydicom.dcmread(f, stop_before_pixels=True)]
         assert lge, f"{prof.name} has no LGE files"
         assert (site / "biomechanics.csv").read_text().startswith("patient_id,t,lv_volume_ml")
-    truth = [t for s in ("site-a", "site-b", "site-c") for t in json.loads((cohort / "groundtruth" / f"{s}.json").read_text())]
-    assert any(not t["has_lge"] for t in truth) or len(truth) < 20
+    # the patients without LGE (if any) are exactly those the ground truth says, and cohort.json counts them
+    desc = {s["name"]: s for s in json.loads((cohort / "cohort.json").read_text())["sites"]}
+    for s in ("site-a", "site-b", "site-c"):
+        truth = json.loads((cohort / "groundtruth" / f"{s}.json").read_text())
+        assert desc[s]["with_lge"] == sum(t["has_lge"] for t in truth) and desc[s]["patients"] == len(truth)
+        with_inversion = {pydicom.dcmread(f, stop_before_pixels=True).PatientID
+                          for f in (cohort / s).rglob("*") if f.is_file() and f.suffix != ".csv"
+                          and "InversionTime" in pydicom.dcmread(f, stop_before_pixels=True)}
+        assert with_inversion == {t["patient_id"] for t in truth if t["has_lge"]}
     assert (cohort / "groundtruth" / "masks" / "site-a").is_dir()
     assert not list((cohort / "site-a").rglob("*.npz"))  # masks stay outside the DICOM tree
 
