@@ -44,7 +44,8 @@ class InProcessGrid(Grid):
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = mid = str(uuid4())
-            self.sent.append(msg)
+            # what was sent, as it was when sent (the strategy reuses and changes its config record)
+            self.sent.append(copy.deepcopy(msg))
             try:  # a copy, as over the wire: a ClientApp (or mod) may change what it received
                 rep = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # noqa: BLE001 - behave like a SuperNode: an error reply

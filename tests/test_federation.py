@@ -179,10 +179,21 @@ def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
     out = env / "res"
     rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1})
     run_inprocess(server_app, client_app, 3, rc)
+    import torch
+    from flwr.app import MessageType
+
+    after_one = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert after_one["round"] == 1
     rc.update({"resume": str(out), "num-server-rounds": 3})
-    run_inprocess(server_app, client_app, 3, rc)
+    grid = run_inprocess(server_app, client_app, 3, rc)
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
+    # rounds 2 and 3 only (3 sites each), starting from the checkpoint's weights, not fresh ones
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(train) == 6 and {int(m.content["config"]["global-round"]) for m in train} == {2, 3}
+    first = train[0].content["arrays"].to_torch_state_dict()
+    assert set(first) == set(after_one["state"])
+    assert all(torch.equal(first[k], after_one["state"][k]) for k in first)
 
 
 def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_path):
