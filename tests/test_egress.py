@@ -72,3 +72,48 @@ def test_a_run_key_from_the_coordinator_cannot_leave_the_sites_state_folders(tmp
     assert k1 != k2 and k1.startswith("run-") and run_key(tmp_path / "a" / "run") == k1
     assert ledger_path(site, run_key(tmp_path / "odd name!")).parent.parent == tmp_path / "cache" / "privacy"
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_a_reply_missing_a_model_array_is_refused():
+    with pytest.raises(EgressRefused, match="missing \\['b'\\]"):
+        check(_reply({"w": torch.ones(4, 3)}), GLOBAL, n_classes=5, n_sites=3)
+
+
+def test_secure_aggregation_replies_carry_only_their_stage_keys_and_no_clear_arrays():
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from client.secure_aggregation import check_outgoing
+
+    setup_keys = {Key.PUBLIC_KEY_1: b"k1", Key.PUBLIC_KEY_2: b"k2"}
+    check_outgoing(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup_keys)}), Stage.SETUP)
+    with pytest.raises(EgressRefused, match="unexpected keys \\['patients'\\]"):
+        check_outgoing(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({**setup_keys, "patients": 3})}), Stage.SETUP)
+    with pytest.raises(EgressRefused, match="would send record 'metrics'"):
+        check_outgoing(RecordDict({"metrics": MetricRecord({"train-loss": 1.0})}), Stage.SETUP)
+    collect = Stage.COLLECT_MASKED_VECTORS
+    check_outgoing(RecordDict({"fitres.parameters": ArrayRecord(), "metrics": MetricRecord({"train-loss": 1.0})}),
+                   collect)
+    with pytest.raises(EgressRefused, match="in clear under secure aggregation"):
+        check_outgoing(RecordDict({"fitres.parameters": ArrayRecord({"w": torch.ones(4, 3)})}), collect)
+    with pytest.raises(EgressRefused, match="record 'notes' may not leave"):
+        check_outgoing(RecordDict({"notes": MetricRecord({"x": 1.0})}), collect)
+
+
+def test_site_policies_name_each_rule_the_run_breaks(monkeypatch):
+    from client import policy
+
+    monkeypatch.setattr(policy, "_app_hash", lambda: "a" * 64)
+    assert policy.violations({}, "none", secure=False) == []
+    strict = {"policy-require-dp": "sample", "policy-require-secagg": "true", "policy-code-sha256": "b" * 64}
+    bad = policy.violations(strict, "none", secure=False)
+    assert len(bad) == 3 and "dp='sample'" in bad[0] and "secure aggregation" in bad[1] and "aaaaaaaaaaaaaaaa" in bad[2]
+    assert policy.violations({**strict, "policy-code-sha256": "a" * 64}, "sample", secure=True) == []
+
+
+def test_average_states_weights_each_site_by_its_patients():
+    from client.local import average_states
+
+    a, b = {"w": torch.zeros(2), "n": torch.tensor(4)}, {"w": torch.ones(2) * 3, "n": torch.tensor(8)}
+    out = average_states([a, b], [1.0, 3.0])
+    assert torch.allclose(out["w"], torch.full((2,), 2.25)) and out["w"].dtype == torch.float32
+    assert out["n"].dtype == a["n"].dtype  # integer buffers keep their type
