@@ -155,3 +155,21 @@ def test_report_renders_in_headless_chromium(federated_run, tmp_path):
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     # the plots were decoded and drawn: most of a tall page is ink, not an empty white sheet
     assert _non_white_rows(shot.read_bytes()) > 0.5 * _png_size(shot.read_bytes())[1]
+
+
+def test_report_numbers_are_the_run_metrics(federated_run):
+    """The figures a reader sees are metrics.json's, not recomputed or stale: the test table, each
+    class's row, the referral rule and the last round's epsilon."""
+    import re
+
+    page = write_report(federated_run).read_text()
+    m = json.loads((federated_run / "metrics.json").read_text())
+    t = m["test"]
+    lo, hi = t["accuracy_ci95"]
+    cells = re.findall(r"<td>([^<]*)</td>", page.split("<table>")[1])
+    assert cells[:8] == ["cc-cmr", str(t["n"]), f"{t['accuracy']:.3f}", f"{lo:.3f}-{hi:.3f}", f"{t['macro_auc']:.3f}",
+                         f"{t['macro_f1']:.3f}", f"{t['ece']:.3f}", cells[7]]
+    for c, v in t["per_class"].items():
+        assert (f"<tr><td>{c}</td><td>{v['sensitivity']:.3f}</td><td>{v['specificity']:.3f}</td>"
+                f"<td>{v['f1']:.3f}</td>") in page
+    assert "confidence is below 0.45" in page and "uncertainty is above 2.00e-02" in page
