@@ -121,6 +121,7 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
                refer=refer)
     metrics: dict = {"model": cfg.model.name, **info, "refer": refer}
     if idx["test"]:
+        torch.manual_seed(cfg.train.seed)  # the MC-dropout draws: evaluate_saved repeats them exactly
         to = predict(model, loader(subset(ds, idx["test"]), cfg, shuffle=False), device, cfg.model.mc_samples)
         metrics["test"] = summarize(to, classes, cfg.model.mc_samples, cfg.train.seed, refer)
         write_predictions(out / "test_predictions.csv", to, ds, classes, refer)
@@ -150,6 +151,7 @@ def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | N
     cfg = validate(blob["config"], f"{model_path} (embedded config)")
     caches = prepare(data, cfg, cache_root, progress)
     ds = MultiSite(caches, cfg)
+    torch.manual_seed(cfg.train.seed)
     o = predict(model, loader(ds, cfg, shuffle=False), torch.device("cpu"), cfg.model.mc_samples)
     metrics = {"model": blob["model"], "model_file": str(model_path), "data": str(data), "sites": ds.site_names,
                "test": summarize(o, blob["classes"], cfg.model.mc_samples, thresholds=blob.get("refer"))}

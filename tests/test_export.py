@@ -30,6 +30,10 @@ def test_exported_model_equals_pytorch_and_carries_its_metadata(trained_run, tmp
         assert got.shape == (batch, 5)
         np.testing.assert_allclose(got, want, atol=1e-5)
         np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
+        # and what `ccmr predict` says for each study (calibrated probabilities, dropout off)
+        for i in range(batch):
+            said = ref.predict(x[i])["probabilities"]
+            np.testing.assert_allclose(got[i], [said[c] for c in ref.classes], atol=1e-5)
 
 
 def test_export_refuses_to_overwrite_and_names_the_problem(trained_run, tmp_path, capsys):

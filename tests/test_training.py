@@ -52,7 +52,12 @@ def test_saved_model_reloads_and_evaluates_externally(run, cohort, tmp_path):
     ext = evaluate_saved(out / "model.pt", cohort / "site-c", tmp_path / "ext", progress=False,
                          cache_root=tmp_path / "cache")
     assert (tmp_path / "ext" / "metrics.json").is_file()
-    assert ext["test"]["n"] == json.loads((out / "metrics.json").read_text())["test"]["n"]
+    own = json.loads((out / "metrics.json").read_text())["test"]
+    assert ext["test"]["n"] == own["n"]
+    # site-c was this run's test site: the reloaded model says exactly what the run said, patient by patient
+    rows = lambda f: sorted(f.read_text().splitlines()[1:])  # noqa: E731
+    assert rows(tmp_path / "ext" / "predictions.csv") == rows(out / "test_predictions.csv")
+    assert ext["test"]["accuracy"] == own["accuracy"] and ext["test"]["macro_auc"] == own["macro_auc"]
 
 
 def test_existing_run_is_not_overwritten(run, cohort):
