@@ -15,8 +15,9 @@ import pytest
 
 from ccmr_core.flwr_env import child_env
 
+from server.loopback import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-PORT = "39391"
 
 
 def _flwr():
@@ -24,9 +25,10 @@ def _flwr():
 
 
 def _ours(flwr_home: Path) -> list[str]:
+    """This test's SuperLink/SuperExec: their command lines name the test's own FLWR_HOME (state
+    database, log file); a port could be another run's."""
     out = subprocess.run(["pgrep", "-af", "flower-superlink|flower-superexec"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if str(flwr_home) in line or f"--port {PORT}" in line
-            or f"127.0.0.1:{PORT}" in line]
+    return [line for line in out.splitlines() if str(flwr_home) in line]
 
 
 @pytest.mark.timeout(420)
@@ -34,7 +36,7 @@ def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
     if not Path(_flwr()).exists():
         pytest.skip("flwr CLI not installed next to this interpreter")
     ray_dir = tempfile.mkdtemp(prefix="ccmr-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    env = child_env(clean=True, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=PORT,
+    env = child_env(clean=True, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
                     CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=ray_dir)
     out_dir = tmp_path / "run"
     cmd = [_flwr(), "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config",
