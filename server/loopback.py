@@ -172,7 +172,10 @@ class LoopbackFederation:
         return rc, log.read_text()
 
     def stop(self) -> None:
-        for p in reversed(self.procs):  # each forwards the signal to the processes it started
+        # each forwards the signal to the processes it started; what is still there afterwards (a
+        # ClientApp whose SuperNode went first) is ended by PID, as found before the signal
+        family = [pid for p in self.procs if p.poll() is None for pid in descendants(p.pid)]
+        for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
@@ -180,6 +183,11 @@ class LoopbackFederation:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for f in self._logs:
             f.close()
 

@@ -144,12 +144,12 @@ def test_check_says_exactly_what_is_wrong(tmp_path):
     assert not ok and f"chmod 600 {good.key}" in msg
 
 
-def _wait_for(what: str, cond, timeout: float, lf: LoopbackFederation, *logs: str) -> None:
+def _wait_for(what: str, cond, timeout: float, lf: LoopbackFederation, *logs: str, every: float = 1.0) -> None:
     deadline = time.time() + timeout
     while not cond():
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n" + "\n---\n".join(lf.log(n) for n in logs))
-        time.sleep(1)
+        time.sleep(every)
 
 
 def _rounds(run: Path) -> list[int]:
@@ -177,8 +177,9 @@ def test_hospitals_over_tls_survive_crashes_lose_no_round_and_strangers_are_refu
         first = lf.run_in_background("run-1", "--preset", "smoke", "--rounds", "2", "--min-sites", "2", "--out",
                                      str(run), "--set", "validation-patients=0", "--set", "fraction-evaluate=0.0",
                                      "--set", "round-timeout=60")
+        # polled often: hospital-c must die while it trains, before it can reply (a fast round would race a 1 s poll)
         _wait_for("round 1 to reach hospital-c", lambda: "Receiving: train message" in lf.log("hospital-c"), 240,
-                  lf, "run-1", "hospital-c")
+                  lf, "run-1", "hospital-c", every=0.05)
         lf.kill("hospital-c")
         _wait_for("round 1 to close without hospital-c", lambda: _rounds(run) == [1], 300, lf, "run-1")
         lf.kill("superlink")
