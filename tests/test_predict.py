@@ -156,7 +156,9 @@ def test_cli_predict_prints_a_summary_and_fails_in_one_line(trained_run, make_si
     study, pid = _study(make_site, cohort)
     assert main(["predict", str(study), "--model", str(run / "model.pt"), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert pid in out and "probabilities" in out and ("refer" in out or "no referral" in out)
+    said = json.loads((tmp_path / "o" / "prediction.json").read_text())
+    assert pid in out and "probabilities" in out
+    assert ("REFER to a human reader" in out) == said["refer"] and ("no referral" in out) == (not said["refer"])
     assert main(["predict", str(tmp_path / "missing"), "--model", str(run / "model.pt"), "--out",
                  str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err

@@ -62,7 +62,9 @@ def test_secure_aggregate_equals_the_plain_mean_and_the_coordinator_never_holds_
     assert {"train/secagg-setup", "train/secagg-share-keys", "train/secagg-collect-masked-vectors",
             "train/secagg-unmask"} <= kinds and "train" not in kinds
     assert not any(k["key"].startswith("arrays/") for r in coord if r["direction"] == "received" for k in r["keys"])
-    site = [r for r in map(json.loads, (env / "audit" / "site-a.jsonl").read_text().splitlines()) if r["run"] == "secure"]
+    from server.provision import run_key
+
+    site = [r for r in map(json.loads, (env / "audit" / "site-a.jsonl").read_text().splitlines()) if r["run"] == run_key(secure)]
     collect = [r for r in site if r["kind"] == "train/secagg-collect-masked-vectors"]
     assert len(collect) == 1 and any(k["key"] == f"{MASKED}/masked_params" for k in collect[0]["keys"])
     assert not any(k["key"].startswith(("arrays/", "fitres.parameters/")) for r in site for k in r["keys"])
@@ -70,7 +72,7 @@ def test_secure_aggregate_equals_the_plain_mean_and_the_coordinator_never_holds_
 
     text = summarize(env / "audit" / "site-a.jsonl")
     # one round: evaluate; then validation twice (calibration, thresholds) and the test
-    assert "run secure: 8 messages (0 train, 4 evaluate, 4 secure-aggregation)" in text, text
+    assert f"run {run_key(secure)}: 8 messages (0 train, 4 evaluate, 4 secure-aggregation)" in text, text
     assert "the model left only masked" in text
 
 
