@@ -81,7 +81,20 @@ class LoopbackFederation:
         """Crash a process this harness started and everything under it (SIGKILL, no chance to
         say goodbye): a SuperNode with its ClientApp, or the SuperLink with its ServerApp."""
         root = self.named[name].pid
-        for pid in [root, *descendants(root)]:  # the SuperLink / SuperNode run in sessions of their own
+        # stop the tree first (a stopped process cannot start another), then list it: a ClientApp
+        # started between a listing and the kill would otherwise outlive its SuperNode
+        frozen: list[int] = []
+        while True:
+            new = [p for p in [root, *descendants(root)] if p not in frozen]
+            if not new:
+                break
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            frozen += new
+        for pid in frozen:  # the SuperLink / SuperNode run in sessions of their own
             for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
                 try:
                     kill()
