@@ -29,6 +29,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def session_members(sid: int) -> list[int]:
+    """Every process in session ``sid`` (each process this harness starts leads a session of its
+    own, and what it starts stays in it unless it calls setsid: orphans included)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children first found in /proc, then theirs)."""
     parent: dict[int, int] = {}
@@ -196,7 +210,8 @@ class LoopbackFederation:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for pid in family:
+        # and whatever is left in their sessions (a ClientApp started while its SuperNode stopped)
+        for pid in family + [m for p in self.procs for m in session_members(p.pid) if m != os.getpid()]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
