@@ -75,14 +75,14 @@ def train(msg: Message, context: Context) -> Message:
         plan = plan_for(model, cfg.federated.rounds * local, cfg.model.teacher_share, unit=local,
                         pretrained=starts_pretrained(cfg))
         first = (rnd - 1) * local
-        set_stage(model, plan.stage_at(first))
+        stage = plan.stage_at(first)
+        set_stage(model, stage)
         if finetunes_head(cfg):
             train_only_heads(model)
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
         loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True)
         opt = make_optimizer(model, cfg.train)
-        stage = plan.stage_at(first)
         continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)
         dp = None
         if cfg.privacy.mode == "sample":

@@ -21,7 +21,7 @@ from ccmr_core.config import ExperimentConfig
 from ccmr_core.data.dataset import CacheDataset
 from ccmr_core.data.ingest import MANIFEST, ingest
 from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
-from ccmr_core.files import write_atomic
+from ccmr_core.files import atomic_path, write_atomic
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.privacy import Ledger
@@ -130,9 +130,8 @@ def restore_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd:
 def keep_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: int, stage: str) -> None:
     p = optimizer_path(site, run_key)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".partial")
-    torch.save({"round": rnd, "stage": stage, "state": opt.state_dict()}, tmp)
-    tmp.replace(p)
+    with atomic_path(p) as tmp:
+        torch.save({"round": rnd, "stage": stage, "state": opt.state_dict()}, tmp)
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
