@@ -1,11 +1,13 @@
 """When a human must read the study: thresholds on confidence and epistemic uncertainty, set on
 validation data and stored in the model file.
 
-The rule is stated in one number, ``fraction``: on the validation patients, the least confident
-``fraction`` and the most uncertain ``fraction`` would have been referred. The thresholds come
-from counts (``EvalStats``), so a federated run sets them from the sites' pooled validation
-statistics without seeing a single patient's output; with bin-level resolution (upper bin edge
-for uncertainty, lower bin edge for confidence) the referred share is at most ``fraction`` each.
+The rule is stated in one number, ``fraction``: at most that share of the validation patients
+would have been referred. The budget is split between the two signals: the least confident
+``fraction / 2`` and the most uncertain ``fraction / 2`` (without uncertainty, the least confident
+``fraction``). The thresholds come from counts (``EvalStats``: one histogram per signal), so a
+federated run sets them from the sites' pooled validation statistics without seeing a single
+patient's output; with bin-level resolution (upper bin edge for uncertainty, lower bin edge for
+confidence) each signal refers at most its half, and the two together at most ``fraction``.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ def thresholds_from_stats(stats: EvalStats, n_classes: int, fraction: float = DE
         raise ValueError(f"refer fraction must be in (0, 1), got {fraction}")
     if stats.n == 0:
         raise ValueError("no validation patients to set the referral thresholds from")
+    unc = stats.unc_correct + stats.unc_wrong
+    share = fraction / 2 if unc.sum() else fraction  # each signal's part of the budget
     conf_edges = np.linspace(0.0, 1.0, N_BINS + 1)
     below = np.cumsum(stats.calib_count)  # patients with confidence under each bin's upper edge
-    k = int(np.searchsorted(below, fraction * stats.n, side="right"))  # first bin that would exceed
+    k = int(np.searchsorted(below, share * stats.n, side="right"))  # first bin that would exceed
     confidence = float(conf_edges[min(k, N_BINS)])
-    unc = stats.unc_correct + stats.unc_wrong
     out = {"fraction": fraction, "confidence": confidence, "uncertainty": None, "validation_n": int(stats.n)}
     if unc.sum():
         above = np.cumsum(unc[::-1])  # patients at or above each bin, from the top
-        j = int(np.searchsorted(above, fraction * unc.sum(), side="right"))
+        j = int(np.searchsorted(above, share * unc.sum(), side="right"))
         edges = uncertainty_edges(n_classes)
         out["uncertainty"] = float(edges[len(unc) - j])  # refer strictly above this edge
     return out
