@@ -105,8 +105,8 @@ class ModelConfig(_Section):
     temperature: float = Field(0.1, gt=0.0, le=10.0)
     learn_temperature: bool = True
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
-    refer_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of validation patients that the "
-                                  "referral thresholds (low confidence, high uncertainty) would each send to a human")
+    refer_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="most validation patients the referral "
+                                  "rule sends to a human: half for low confidence, half for high uncertainty")
     bio_length: int = Field(32, ge=4, le=1024, description="biomechanics samples per cycle (dual-path)")
 
 
@@ -137,6 +137,10 @@ class FederatedConfig(_Section):
     strategy: Literal["fedprox", "fedavg"] = "fedprox"
     proximal_mu: float = Field(0.01, ge=0.0, le=1.0, description="FedProx: share of a weight's drift from the "
                                "global model removed per local step at the peak learning rate (0 = FedAvg)")
+    server_momentum: float = Field(0.0, ge=0.0, lt=1.0, description="FedAvgM (Flower's): the coordinator keeps a "
+                                   "momentum of the averaged updates (0 = plain average)")
+    server_lr: float = Field(1.0, gt=0.0, le=10.0, description="FedAvgM: the coordinator's step along the "
+                             "(momentum of the) averaged update; 1 with momentum 0 = plain average")
     local_epochs: int = Field(2, ge=1, le=1000)
     keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
                                  "from round to round, kept at the site, instead of restarting it every round")
@@ -200,7 +204,13 @@ class ExperimentConfig(_Section):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="after")
-    def _secagg_sums_only(self) -> "ExperimentConfig":
+    def _aggregation_compatible(self) -> "ExperimentConfig":
+        server_opt = self.federated.server_momentum > 0 or self.federated.server_lr != 1.0
+        if server_opt and self.federated.aggregator != "mean":
+            raise ValueError(
+                f"federated.server_momentum / server_lr (FedAvgM) cannot be combined with federated.aggregator "
+                f"'{self.federated.aggregator}': the momentum is kept for the mean of the updates; use aggregator "
+                "'mean', or server_momentum 0 and server_lr 1 for a robust aggregator")
         if self.secure_aggregation.enabled and self.federated.aggregator != "mean":
             raise ValueError(
                 f"secure_aggregation.enabled cannot be combined with federated.aggregator "
@@ -353,6 +363,8 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "strategy": "federated.strategy",
     "proximal-mu": "federated.proximal_mu",
     "local-epochs": "federated.local_epochs",
+    "server-momentum": "federated.server_momentum",
+    "server-lr": "federated.server_lr",
     "fraction-train": "federated.fraction_train",
     "min-sites": "federated.min_sites",
     "fraction-evaluate": "federated.fraction_evaluate",

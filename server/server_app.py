@@ -26,7 +26,7 @@ from server.provision import ensure_cohort, initial_state, run_dir, run_key, val
 from server.recorder import RunRecorder
 from server.robust_rounds import RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
-from server.strategy import CCMRFedAvg, CCMRFedProx, ClientSideClippingDP, ServerSideClippingDP
+from server.strategy import ClientSideClippingDP, ServerSideClippingDP, make_strategy
 
 app = ServerApp()
 # Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
@@ -85,7 +85,8 @@ def main(grid: Grid, context: Context) -> None:
     remaining = cfg.federated.rounds - done
     n_nodes = len(list(grid.get_node_ids()))
     print(f"CC-CMR federated run -> {out}\n  model {cfg.model.name}, {cfg.federated.strategy}"
-          f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}, "
+          f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}"
+          f"{f', server momentum {cfg.federated.server_momentum:g} lr {cfg.federated.server_lr:g} (FedAvgM)' if cfg.federated.server_momentum > 0 or cfg.federated.server_lr != 1.0 else ''}, "
           f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}"
           f"{' (sites train the heads only)' if finetunes_head(cfg) else ''}; starts from "
           f"{start or ('the checkpoint' if resume else 'random weights')}\n"
@@ -106,8 +107,7 @@ def main(grid: Grid, context: Context) -> None:
                   weighted_by_key="unit-weight" if cfg.privacy.mode == "site" else "num-examples",
                   train_metrics_aggr_fn=aggregate_train_metrics,
                   evaluate_metrics_aggr_fn=evaluate_aggr_fn(list(cfg.data.classes)))
-    inner = (CCMRFedProx(proximal_mu=cfg.federated.proximal_mu, **common) if cfg.federated.strategy == "fedprox"
-             else CCMRFedAvg(**common))
+    inner = make_strategy(cfg.federated, common)
     inner.round_offset = done
     inner.max_update_ratio = cfg.federated.max_update_ratio
     inner.audit_path = out / "audit.jsonl"

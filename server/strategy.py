@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
+    FedAvgM,
     FedProx,
 )
 
@@ -128,6 +129,30 @@ class CCMRFedProx(RoundLog, FedProx):
 
 class CCMRFedAvg(RoundLog, FedAvg):
     pass
+
+
+class CCMRFedAvgM(RoundLog, FedAvgM):
+    """Flower's FedAvgM (server momentum and learning rate over the mean of the screened updates),
+    sending FedProx's proximal weight to the sites as Flower's FedProx does (0 = none). The momentum
+    lives in the coordinator's memory: a resumed run starts it again from zero."""
+
+    def __init__(self, proximal_mu: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.proximal_mu = proximal_mu
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        config["proximal-mu"] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def make_strategy(fed, common: dict):
+    """The coordinator's strategy for ``fed`` (FederatedConfig): FedProx or FedAvg, as FedAvgM when the
+    coordinator keeps a momentum or steps with a learning rate other than 1."""
+    mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
+    if fed.server_momentum > 0 or fed.server_lr != 1.0:
+        return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
+                           **common)
+    return CCMRFedProx(proximal_mu=mu, **common) if fed.strategy == "fedprox" else CCMRFedAvg(**common)
 
 
 class NoiseForTheMean:

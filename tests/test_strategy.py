@@ -1,0 +1,61 @@
+"""The coordinator's strategy: FedAvgM's server momentum over the screened mean, FedProx's weight
+still sent to the sites, and the settings that cannot go together refused by the config."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from ccmr_core.config import ExperimentConfig
+from server.strategy import CCMRFedAvg, CCMRFedAvgM, CCMRFedProx, make_strategy
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):  # Flower stamps messages with the task they belong to
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for k in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, k, 1)
+
+
+class TwoNodes:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def _fed(**kw):
+    return ExperimentConfig.model_validate({"federated": kw}).federated
+
+
+def _round(strategy, rnd, glob: float, site_values: list[float]) -> float:
+    sent = ArrayRecord({"w": Array(np.full(3, glob, dtype=np.float32))})
+    msgs = list(strategy.configure_train(rnd, sent, ConfigRecord({}), TwoNodes()))
+    assert all(m.content["config"]["proximal-mu"] == pytest.approx(0.01) for m in msgs)
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, v, dtype=np.float32))}),
+                                   "metrics": MetricRecord({"num-examples": 10.0})}), reply_to=m)
+               for m, v in zip(msgs, site_values)]
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    w = arrays["w"].numpy()
+    assert np.allclose(w, w[0])
+    return float(w[0])
+
+
+def test_server_momentum_accumulates_the_mean_update_across_rounds():
+    common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    plain = make_strategy(_fed(), common)
+    m = make_strategy(_fed(server_momentum=0.5), common)
+    assert type(plain) is CCMRFedProx and type(m) is CCMRFedAvgM
+    assert type(make_strategy(_fed(strategy="fedavg"), common)) is CCMRFedAvg
+    # round 1: the sites move 0 -> 0.5 and 1.5; the mean update is +1 for both strategies
+    assert _round(plain, 1, 0.0, [0.5, 1.5]) == pytest.approx(1.0)
+    assert _round(m, 1, 0.0, [0.5, 1.5]) == pytest.approx(1.0)
+    # round 2: again +1 on average; with momentum 0.5 the step is 1 + 0.5 x 1
+    assert _round(plain, 2, 1.0, [1.5, 2.5]) == pytest.approx(2.0)
+    assert _round(m, 2, 1.0, [1.5, 2.5]) == pytest.approx(2.5)
+    # a server learning rate scales the step
+    lr = make_strategy(_fed(server_lr=2.0), common)
+    assert _round(lr, 1, 0.0, [0.5, 1.5]) == pytest.approx(2.0)
+
+
+def test_momentum_with_a_robust_aggregator_is_refused_with_the_keys_to_change():
+    with pytest.raises(ValueError, match="server_momentum.*aggregator 'median'"):
+        ExperimentConfig.model_validate({"federated": {"server_momentum": 0.9, "aggregator": "median"}})
