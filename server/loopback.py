@@ -63,9 +63,12 @@ def descendants(pid: int) -> list[int]:
 
 
 class LoopbackFederation:
-    def __init__(self, work: Path, sites: dict[str, Path], start_timeout: float = 120):
+    def __init__(self, work: Path, sites: dict[str, Path | None], start_timeout: float = 120, start_sites: bool = True):
+        """``sites``: name -> data folder, each registered; with ``start_sites`` each also gets a
+        running SuperNode (without, the sites are only registered: e.g. to test who is refused)."""
         self.work = Path(work)
         self.sites = sites
+        self.start_sites = start_sites
         self.start_timeout = start_timeout
         self.root = self.work / "fed"
         self.port = free_port()
@@ -162,7 +165,8 @@ class LoopbackFederation:
                 raise RuntimeError(r.stderr)
         self.start_coordinator()
         for s, data in self.sites.items():
-            self.start_site(s, data)
+            if self.start_sites:
+                self.start_site(s, data)
 
     def start_site(self, site: str, data: Path) -> subprocess.Popen:
         return self.spawn(site, [self.py, "-m", "client.cli", "start", "--bundle", str(self.fed.bundle(site)),

@@ -152,17 +152,24 @@ def _wait_for(what: str, cond, timeout: float, lf: LoopbackFederation, *logs: st
         time.sleep(every)
 
 
+def _assert_nothing_left(lf: LoopbackFederation) -> None:
+    deadline = time.time() + 30
+    while lf.leftovers() and time.time() < deadline:
+        time.sleep(1)
+    assert lf.leftovers() == [], "a SuperLink or SuperNode of this test is still running"
+
+
 def _rounds(run: Path) -> list[int]:
     p = run / "metrics.jsonl"
     return [json.loads(x)["round"] for x in p.read_text().splitlines()] if p.is_file() else []
 
 
 @pytest.mark.timeout(900)
-def test_hospitals_over_tls_survive_crashes_lose_no_round_and_strangers_are_refused(cohort, tmp_path):
+def test_hospitals_over_tls_survive_crashes_and_lose_no_round(cohort, tmp_path):
     """Three hospitals on loopback, TLS and site keys. One SuperNode is killed (SIGKILL, with its
     ClientApp) while round 1 trains and the round closes with the other two; the coordinator
     (SuperLink + ServerApp) is killed after round 1, restarted, and `ccmr-server run --resume`
-    finishes the run: rounds 1 and 2, each exactly once. Then strangers are refused."""
+    finishes the run: rounds 1 and 2, each exactly once."""
     sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b", "hospital-c": cohort / "site-c"}
     run = tmp_path / "run"
     with LoopbackFederation(tmp_path, sites) as lf:
@@ -176,7 +183,7 @@ def test_hospitals_over_tls_survive_crashes_lose_no_round_and_strangers_are_refu
         # the run: two rounds of the smoke preset, a round needs 2 of the 3 sites
         first = lf.run_in_background("run-1", "--preset", "smoke", "--rounds", "2", "--min-sites", "2", "--out",
                                      str(run), "--set", "validation-patients=0", "--set", "fraction-evaluate=0.0",
-                                     "--set", "round-timeout=60")
+                                     "--set", "round-timeout=30")
         # polled often: hospital-c must die while it trains, before it can reply (a fast round would race a 1 s poll)
         _wait_for("round 1 to reach hospital-c", lambda: "Receiving: train message" in lf.log("hospital-c"), 240,
                   lf, "run-1", "hospital-c", every=0.05)
@@ -200,7 +207,15 @@ def test_hospitals_over_tls_survive_crashes_lose_no_round_and_strangers_are_refu
         # the hospitals' images never reached the coordinator: its cache holds no site data
         assert not any("site-" in p.name or "hospital" in p.name for p in (fed.root / "cache").rglob("*"))
 
-        # security, each refused on the SuperNode's side with Flower's exit code 305 and its reason
+    _assert_nothing_left(lf)
+
+
+@pytest.mark.timeout(300)
+def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(tmp_path):
+    """A running SuperLink with two registered sites (no training): each wrong way in is refused on
+    the SuperNode's side with Flower's exit code 305 and its reason."""
+    with LoopbackFederation(tmp_path, {"hospital-a": None, "hospital-b": None}, start_sites=False) as lf:
+        fed = lf.fed
         target = ["--superlink", f"localhost:{lf.port}", "--root-certificates", str(fed.ca)]
         stranger = load_bundle(fedlib.add_site(fedlib.init(tmp_path / "other", ["localhost"]), "rogue"))
         rc, out = lf.refused(*target, "--auth-supernode-private-key", str(stranger.key))
@@ -217,7 +232,4 @@ def test_hospitals_over_tls_survive_crashes_lose_no_round_and_strangers_are_refu
         assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
         rc, out = lf.refused(*target, "--auth-supernode-private-key", str(kept / "site.key"))
         assert rc != 0 and "Failed to activate SuperNode" in out, out
-    deadline = time.time() + 30
-    while lf.leftovers() and time.time() < deadline:
-        time.sleep(1)
-    assert lf.leftovers() == [], "a SuperLink or SuperNode of this test is still running"
+    _assert_nothing_left(lf)

@@ -32,7 +32,7 @@ def _ours(flwr_home: Path) -> list[str]:
 
 
 @pytest.mark.timeout(420)
-def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
+def test_flwr_run_smoke_completes_and_leaves_nothing_running(cohort, tmp_path):
     if not Path(_flwr()).exists():
         pytest.skip("flwr CLI not installed next to this interpreter")
     ray_dir = tempfile.mkdtemp(prefix="ccmr-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
@@ -40,7 +40,7 @@ def test_flwr_run_smoke_completes_and_leaves_nothing_running(tmp_path):
                     CCMR_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), RAY_TMPDIR=ray_dir)
     out_dir = tmp_path / "run"
     cmd = [_flwr(), "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config",
-           f"preset='smoke' out-dir='{out_dir}'"]
+           f"preset='smoke' out-dir='{out_dir}' data-dir='{cohort}'"]  # the suite's cohort: none generated
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
         # the log stream may end early (flwr run exits 0 regardless): the run folder is the evidence
