@@ -107,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
                   weighted_by_key="unit-weight" if cfg.privacy.mode == "site" else "num-examples",
                   train_metrics_aggr_fn=aggregate_train_metrics,
                   evaluate_metrics_aggr_fn=evaluate_aggr_fn(list(cfg.data.classes)))
-    inner = make_strategy(cfg.federated, common)
+    inner = make_strategy(cfg.federated, common, plain_keys=[k for k, _ in model.named_buffers()])
     inner.round_offset = done
     inner.max_update_ratio = cfg.federated.max_update_ratio
     inner.audit_path = out / "audit.jsonl"

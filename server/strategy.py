@@ -10,13 +10,13 @@ import json
 import logging
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
-    FedAvgM,
     FedProx,
 )
 
@@ -131,27 +131,56 @@ class CCMRFedAvg(RoundLog, FedAvg):
     pass
 
 
-class CCMRFedAvgM(RoundLog, FedAvgM):
-    """Flower's FedAvgM (server momentum and learning rate over the mean of the screened updates),
-    sending FedProx's proximal weight to the sites as Flower's FedProx does (0 = none). The momentum
-    lives in the coordinator's memory: a resumed run starts it again from zero."""
+class CCMRFedAvgM(RoundLog, FedAvg):
+    """FedAvgM (Hsu et al. 2019): the coordinator steps along a momentum of the mean of the screened
+    updates, sending FedProx's proximal weight to the sites as Flower's FedProx does (0 = none).
 
-    def __init__(self, proximal_mu: float = 0.0, **kw):
+    Flower's FedAvgM applies the momentum to every array of the model. Here it applies only to the
+    weights some site changed this round: buffers (``plain_keys``; e.g. CC-CMR's 0/1 flag that the
+    student exists, which a momentum would push to 1.5) and the weights frozen in the current stage
+    (the student before it starts, the teacher after) take the plain mean, and their momentum is
+    dropped. The momentum lives in the coordinator's memory: a resumed run starts it from zero."""
+
+    def __init__(self, proximal_mu: float = 0.0, server_learning_rate: float = 1.0, server_momentum: float = 0.0,
+                 **kw):
         super().__init__(**kw)
         self.proximal_mu = proximal_mu
+        self.server_learning_rate, self.server_momentum = server_learning_rate, server_momentum
+        self.plain_keys: set[str] = set()
+        self.velocity: dict[str, np.ndarray] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["proximal-mu"] = self.proximal_mu
         return super().configure_train(server_round, arrays, config, grid)
 
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or self.sent is None:
+            return arrays, metrics
+        out = {}
+        for key in arrays.keys():
+            old, mean = self.sent[key].numpy(), arrays[key].numpy()
+            step = old - mean  # the pseudo-gradient
+            if key in self.plain_keys or not np.any(step):
+                self.velocity.pop(key, None)
+                out[key] = arrays[key]
+                continue
+            v = self.server_momentum * self.velocity[key] + step if key in self.velocity else step
+            self.velocity[key] = v
+            out[key] = Array(np.asarray(old - self.server_learning_rate * v, dtype=old.dtype))
+        return ArrayRecord(out), metrics
 
-def make_strategy(fed, common: dict):
+
+def make_strategy(fed, common: dict, plain_keys: Iterable[str] = ()):
     """The coordinator's strategy for ``fed`` (FederatedConfig): FedProx or FedAvg, as FedAvgM when the
-    coordinator keeps a momentum or steps with a learning rate other than 1."""
+    coordinator keeps a momentum or steps with a learning rate other than 1 (``plain_keys``: the
+    model's buffers, averaged without it)."""
     mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
-        return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
-                           **common)
+        s = CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
+                        **common)
+        s.plain_keys = set(plain_keys)
+        return s
     return CCMRFedProx(proximal_mu=mu, **common) if fed.strategy == "fedprox" else CCMRFedAvg(**common)
 
 

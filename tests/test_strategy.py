@@ -35,8 +35,21 @@ def _round(strategy, rnd, glob: float, site_values: list[float]) -> float:
                for m, v in zip(msgs, site_values)]
     arrays, _ = strategy.aggregate_train(rnd, replies)
     w = arrays["w"].numpy()
-    assert np.allclose(w, w[0])
+    assert np.allclose(w, w[0]) and w.dtype == np.float32
     return float(w[0])
+
+
+def _flagged_round(strategy, rnd, flag: float, site_flag: float, frozen: float, frozen_sites: list[float]):
+    """A buffer (a 0/1 flag the sites set) and a weight; returns both after aggregation."""
+    sent = ArrayRecord({"flag": Array(np.array(flag, dtype=np.float32)),
+                        "frozen": Array(np.full(2, frozen, dtype=np.float32))})
+    msgs = list(strategy.configure_train(rnd, sent, ConfigRecord({}), TwoNodes()))
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"flag": Array(np.array(site_flag, dtype=np.float32)),
+                                                          "frozen": Array(np.full(2, f, dtype=np.float32))}),
+                                   "metrics": MetricRecord({"num-examples": 10.0})}), reply_to=m)
+               for m, f in zip(msgs, frozen_sites)]
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return float(arrays["flag"].numpy()), float(arrays["frozen"].numpy()[0])
 
 
 def test_server_momentum_accumulates_the_mean_update_across_rounds():
@@ -54,6 +67,18 @@ def test_server_momentum_accumulates_the_mean_update_across_rounds():
     # a server learning rate scales the step
     lr = make_strategy(_fed(server_lr=2.0), common)
     assert _round(lr, 1, 0.0, [0.5, 1.5]) == pytest.approx(2.0)
+
+
+def test_momentum_spares_buffers_and_weights_no_site_changed():
+    common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    m = make_strategy(_fed(server_momentum=0.9), common, plain_keys=["flag"])
+    # round 1: the sites set the flag (0 -> 1) and move the weight 0 -> 1
+    assert _flagged_round(m, 1, 0.0, 1.0, 0.0, [1.0, 1.0]) == (1.0, 1.0)
+    # round 2: the flag stays 1 (a momentum on it would make it 1.9); the weight is now frozen at
+    # every site: it stays where it is instead of coasting on last round's momentum
+    assert _flagged_round(m, 2, 1.0, 1.0, 1.0, [1.0, 1.0]) == (1.0, 1.0)
+    # round 3: it trains again; its momentum starts afresh (a step of 1, not 1 + 0.9)
+    assert _flagged_round(m, 3, 1.0, 1.0, 1.0, [2.0, 2.0]) == (1.0, 2.0)
 
 
 def test_momentum_with_a_robust_aggregator_is_refused_with_the_keys_to_change():
