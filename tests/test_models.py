@@ -90,6 +90,12 @@ def test_stages_freeze_the_other_half_and_the_student_starts_from_the_teacher_on
             p.add_(1.0)
     m.set_stage("student")
     assert not torch.equal(next(m.cine.parameters()), next(m.teacher.cine.parameters()))
+    # the flag as an aggregate brings it back (SecAgg+ quantisation: not exactly 1): still the student
+    state = {**m.state_dict(), "student_ready": torch.tensor(0.99999)}
+    fresh = build_model("cc-cmr", 5, S, **KW)
+    fresh.load_state_dict(state)
+    fresh.set_stage("student")
+    assert torch.equal(next(fresh.cine.parameters()), next(m.cine.parameters()))
     with pytest.raises(ValueError, match="no stage"):
         m.set_stage("warmup")
 

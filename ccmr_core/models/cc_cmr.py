@@ -153,7 +153,8 @@ class CCCMR(Classifier):
         self.set_stage(self.stages[0])
 
     def _sync_ready(self) -> None:
-        self._ready = bool(self.student_ready.item() == 1.0)
+        # > 0.5, not == 1: an aggregated flag may come back as 0.99999 (SecAgg+ quantises updates)
+        self._ready = bool(self.student_ready.item() > 0.5)
 
     # --- the inference path: cine only --------------------------------------------------------
     def _cine_path(self) -> nn.Module:
