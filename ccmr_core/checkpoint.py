@@ -39,9 +39,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, numbers, strings and containers only; a pickle that would run code
+        # (a crafted model file sent to a hospital) is refused before anything of it executes
+        blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is not a readable model file ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable model file: it holds more than weights and settings, or is "
+                         f"damaged ({first}); use a model.pt written by 'ccmr train' or a federated run") from None
     if not isinstance(blob, dict) or blob.get("kind") != "ccmr-model":
         raise ValueError(f"{path} is not a CC-CMR model file (expected one written by 'ccmr train' or a federated run)")
     model = build_model(blob["model"], **blob["model_kwargs"])

@@ -41,7 +41,11 @@ class RunRecorder:
         p = self.out / CHECKPOINT
         if not p.is_file():
             return None
-        ck = torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=True)  # never runs code from the file
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"resume: {p} is not a readable checkpoint ({type(e).__name__}); "
+                             "start a new run folder, or restore the file from a backup") from None
         self._align_metrics(int(ck["round"]), ck.get("row"))
         return ck
 

@@ -73,6 +73,25 @@ def test_not_a_model_file(tmp_path):
         load_model(p)
 
 
+class _Payload:
+    """A pickle that runs code when loaded (what a crafted model.pt would carry)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_model_file_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+    p = tmp_path / "model.pt"
+    torch.save({"kind": "ccmr-model", "model": "cc-cmr", "payload": _Payload(marker)}, p)
+    with pytest.raises(ValueError, match="holds more than weights"):
+        load_model(p)
+    assert not marker.exists()
+
+
 def test_small_site_with_rare_classes_still_gets_validation_and_test_patients():
     labels = [0, 1, 2, 3, 4, 0]  # every class has fewer than three patients
     s = stratified_split(labels, 0.15, 0.15, seed=0)
