@@ -4,6 +4,8 @@ write leaves the old file as it was."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,3 +36,34 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int | None = None) -
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
             f.write(raw)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_cell(value):
+    """A value for a CSV a person may open in a spreadsheet: text that a spreadsheet would run as a
+    formula (it starts with = + - @, tab or CR; e.g. a PatientID from a DICOM header) is kept as text
+    by a leading apostrophe (OWASP's CSV-injection advice). Numbers, also written as text, stay."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
+        return "'" + value
+    return value
+
+
+def write_csv(path: str | Path, header: list[str], rows: list[list] | list[dict]) -> None:
+    """Write a CSV atomically: the csv module quotes commas and quotes, ``csv_cell`` every value;
+    a row is a list in the header's order or a dict by column (missing columns stay empty)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([csv_cell(v) for v in ([r.get(c, "") for c in header] if isinstance(r, dict) else r)])
+    write_atomic(path, buf.getvalue())

@@ -13,7 +13,6 @@ figure. Everything is computed before anything is written, and every file is wri
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -32,7 +31,7 @@ from ccmr_core.data.ingest import _list_files, _parallel, _read_one
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
-from ccmr_core.files import write_atomic
+from ccmr_core.files import write_atomic, write_csv
 from ccmr_core.measurements import from_outputs
 from ccmr_core.referral import refer
 
@@ -285,11 +284,6 @@ def predict_batch(site: str | Path, model_path: str | Path, out: str | Path, for
         rows.append(row)
     cols = ["patient_id", "study_uid", "predicted", "confidence", "epistemic_uncertainty", "refer", "refer_reasons",
             *[f"p_{c}" for c in pred.classes], "notes", "error"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c, "") for c in cols})
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, buf.getvalue().encode())
+    write_csv(target, cols, rows)
     return rows

@@ -25,7 +25,7 @@ from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
 from ccmr_core.models.registry import build_model, model_kwargs
-from ccmr_core.files import write_atomic
+from ccmr_core.files import write_csv
 from ccmr_core.referral import referred, thresholds_from_outputs
 from ccmr_core.report import write_report
 from ccmr_core.schedule import plan_for, set_stage
@@ -136,12 +136,12 @@ def write_predictions(path: Path, out: dict, ds: MultiSite, classes: list[str], 
     conf = out["probs"].max(1)
     unc = out["uncertainty"]
     ref = referred(conf, unc, refer) if refer else np.zeros(len(conf), bool)
-    rows = ["patient_id,site,label,predicted,confidence,uncertainty,referred," + ",".join(f"p_{c}" for c in classes)]
-    for k, i in enumerate(out["index"].astype(int)):
-        rows.append(",".join([ds.patient_ids[i].split("/", 1)[1], ds.sites[i], classes[int(out["labels"][k])],
-                              classes[int(out["probs"][k].argmax())], f"{conf[k]:.5f}", f"{unc[k]:.6g}",
-                              str(int(ref[k])), *(f"{v:.5f}" for v in out["probs"][k])]))
-    write_atomic(path, "\n".join(rows) + "\n")
+    header = ["patient_id", "site", "label", "predicted", "confidence", "uncertainty", "referred",
+              *(f"p_{c}" for c in classes)]
+    rows = [[ds.patient_ids[i].split("/", 1)[1], ds.sites[i], classes[int(out["labels"][k])],
+             classes[int(out["probs"][k].argmax())], f"{conf[k]:.5f}", f"{unc[k]:.6g}", int(ref[k]),
+             *(f"{v:.5f}" for v in out["probs"][k])] for k, i in enumerate(out["index"].astype(int))]
+    write_csv(path, header, rows)
 
 
 def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True,

