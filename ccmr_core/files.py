@@ -1,11 +1,14 @@
-"""Writing files whole: the bytes go to a temporary name in the same folder, which is then renamed
-over the target (atomic on POSIX), so no reader and no crash ever sees half a file, and a failed
-write leaves the old file as it was."""
+"""Writing files whole: the bytes go to a temporary name in the same folder, are flushed to disk
+(fsync), and the name is then renamed over the target (atomic on POSIX) and the folder synced, so
+no reader, crash or power cut ever leaves half a file, and a failed write leaves the old file as
+it was. Append-only logs (JSON lines) are appended a whole line at a time with fsync; a reader
+skips a line torn by a crash, and the next append ends it first so it cannot swallow a row."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +24,19 @@ def atomic_path(path: str | Path, mode: int | None = None):
         yield tmp
         if mode is not None:
             os.chmod(tmp, mode)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | Path, data: bytes | str, mode: int | None = None) -> None:
@@ -36,6 +49,45 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int | None = None) -
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
             f.write(raw)
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to a JSON-lines log, one line each, synced to disk. A last line left without
+    its newline by a crash is ended first, so it stays one damaged line that readers skip."""
+    if not rows:
+        return
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
+    """(rows, numbers of the lines that are not a JSON object): a crash mid-append leaves a torn
+    line; it is skipped here and the caller says so, instead of the whole log becoming unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    rows, bad = [], []
+    for k, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad.append(k)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(k)
+    return rows, bad
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccmr_core.files import write_atomic
+from ccmr_core.files import read_jsonl, write_atomic
 
 
 def _png(fig) -> str:
@@ -30,8 +30,7 @@ def _png(fig) -> str:
 
 
 def _rows(run: Path) -> list[dict]:
-    p = run / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+    return read_jsonl(run / "metrics.jsonl")[0]  # a line torn by a crash is left out of the curves
 
 
 def _curves(rows: list[dict]) -> str | None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ccmr_core.data.sources import default_cache_root
+from ccmr_core.files import append_jsonl, read_jsonl
 from ccmr_core.calibration import TEMPERATURES
 from ccmr_core.metrics import N_BINS, N_UNC_BINS
 
@@ -114,14 +115,10 @@ def audit_path(site_name: str) -> Path:
 
 
 def append_audit(sites: list[str], entry: dict) -> None:
-    line = json.dumps(entry) + "\n"
     for s in sites:
         p = audit_path(s)
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a") as f:  # append-only: one write per line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(p, [entry])  # append-only, synced
 
 
 def _refused(request: Message, sites: list[str], kind: str, run_key: str, rnd: int | None, reason: str,
@@ -167,7 +164,7 @@ def summarize(path: Path) -> str:
     """What ``ccmr-client audit`` prints."""
     if not path.is_file():
         return f"no audit log at {path}: nothing has left this site"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows, damaged = read_jsonl(path)
     runs: dict[str, list[dict]] = {}
     for r in rows:
         runs.setdefault(r["run"], []).append(r)
@@ -192,4 +189,6 @@ def summarize(path: Path) -> str:
         out.append(line)
         for r in refused:
             out.append(f"    refused at {r['time']} ({r['kind']}, round {r['round']}): {r['refused']}")
+    if damaged:
+        out.append(f"  line(s) {', '.join(map(str, damaged))} damaged (a crash while writing): not counted above")
     return "\n".join(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ccmr_core.checkpoint import save_model
-from ccmr_core.files import atomic_path, write_atomic
+from ccmr_core.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from ccmr_core.config import ExperimentConfig, dump_config
 
 CHECKPOINT = "checkpoint.pt"
@@ -34,7 +34,7 @@ class RunRecorder:
         self.sites = site_names
         self.t0 = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        write_atomic(out / "config.yaml", dump_config(cfg))
 
     # --- resume -------------------------------------------------------------------------------
     def load_checkpoint(self) -> dict | None:
@@ -54,11 +54,14 @@ class RunRecorder:
         a row written after the last checkpoint is dropped (that round is redone), and the
         checkpoint's own row is restored if the crash came before it reached metrics.jsonl."""
         p = self.out / "metrics.jsonl"
-        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
-        keep = [r for r in rows if r["round"] <= done]
+        rows, damaged = read_jsonl(p)
+        if damaged:
+            print(f"resume: {p} line(s) {', '.join(map(str, damaged))} damaged (a crash while writing); "
+                  "dropped", flush=True)
+        keep = [r for r in rows if r.get("round", done + 1) <= done]
         if row is not None and (not keep or keep[-1]["round"] < done):
             keep.append(row)
-        if keep != rows:
+        if keep != rows or damaged:
             print(f"resume: metrics.jsonl aligned with the checkpoint (rounds 1-{done})", flush=True)
             write_atomic(p, "".join(json.dumps(r) + "\n" for r in keep))
 
@@ -70,8 +73,7 @@ class RunRecorder:
         # the checkpoint first (with its row): a crash in between is repaired on resume
         with atomic_path(self.out / CHECKPOINT) as tmp:
             torch.save({"round": rnd, "state": state, "row": _clean(row)}, tmp)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_clean(row)) + "\n")
+        append_jsonl(self.out / "metrics.jsonl", [_clean(row)])
         return self._line(rnd, train, federated, server, privacy)
 
     def _line(self, rnd, train, federated, server, privacy) -> str:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ccmr_core.calibration import fit_temperature
 from ccmr_core.config import from_run_config
 from ccmr_core.data.sources import find_sites
+from ccmr_core.files import read_jsonl
 from ccmr_core.engine import evaluate, set_threads
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.referral import thresholds_from_stats
@@ -212,10 +213,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _last_privacy(out) -> dict | None:
-    import json
-
-    p = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+    rows, _ = read_jsonl(out / "metrics.jsonl")
     return rows[-1].get("privacy") if rows else None
 
 

@@ -6,7 +6,6 @@ aggregated metrics are kept for the run log."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from typing import Iterable
 
@@ -20,6 +19,7 @@ from flwr.serverapp.strategy import (
     FedProx,
 )
 
+from ccmr_core.files import append_jsonl
 from client.egress import describe
 from server.aggregation import refused
 from server.screening import robust_aggregate, screen
@@ -57,16 +57,16 @@ class RoundLog:
     def audit_messages(self, rnd: int, direction: str, kind: str, messages) -> None:
         if self.audit_path is None:
             return
-        with open(self.audit_path, "a") as f:
-            for m in messages:
-                if not m.has_content():
-                    continue
-                keys, digest = describe(m.content)
-                node = m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id
-                f.write(json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                    "round": rnd, "direction": direction, "kind": kind,
-                                    "node": node, "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest,
-                                    "keys": keys}) + "\n")
+        rows = []
+        for m in messages:
+            if not m.has_content():
+                continue
+            keys, digest = describe(m.content)
+            node = m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id
+            rows.append({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "round": rnd,
+                         "direction": direction, "kind": kind, "node": node,
+                         "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest, "keys": keys})
+        append_jsonl(self.audit_path, rows)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["global-round"] = self.round_offset + server_round

@@ -117,3 +117,17 @@ def test_average_states_weights_each_site_by_its_patients():
     out = average_states([a, b], [1.0, 3.0])
     assert torch.allclose(out["w"], torch.full((2,), 2.25)) and out["w"].dtype == torch.float32
     assert out["n"].dtype == a["n"].dtype  # integer buffers keep their type
+
+
+def test_an_audit_log_torn_by_a_crash_stays_readable_and_the_next_entry_survives(tmp_path, monkeypatch):
+    from client.egress import append_audit, audit_path, summarize
+
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(tmp_path))
+    entry = {"time": "t", "run": "run-1", "kind": "train", "round": 1, "bytes": 10, "keys": [], "refused": ""}
+    append_audit(["site-a"], entry)
+    with open(audit_path("site-a"), "a") as f:
+        f.write('{"time": "t", "run": "run-1", "ki')  # the process died mid-write
+    append_audit(["site-a"], {**entry, "round": 2})
+    text = summarize(audit_path("site-a"))
+    assert "2 messages sent" in text and "rounds 1-2" in text
+    assert "line(s) 2 damaged" in text

@@ -218,6 +218,20 @@ def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_
     ck = RunRecorder(tmp_path, load_config(preset="smoke"), {}, ["a", "b"]).load_checkpoint()
     assert ck["round"] == 2
     assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a crash mid-append tore round 3's line (no newline): resume drops it, and the next round's line
+    # is not glued onto it
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "train": {"tr')
+    rec = RunRecorder(tmp_path, load_config(preset="smoke"), {}, ["a", "b"])
+    assert rec.load_checkpoint()["round"] == 2
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "tr')  # torn again; this time the run goes on without a resume
+    rec.record_round(3, state, {"train-loss": 1.0}, None, None, None)
+    from ccmr_core.files import read_jsonl
+
+    rows, damaged = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3] and damaged == [3]
 
 
 def test_bad_run_config_is_refused_with_the_allowed_keys(env):
