@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from contextlib import contextmanager
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGQUIT} if hasattr(signal, "SIGQUIT") else set())
@@ -46,12 +47,37 @@ def worker_pool(ctx, processes: int, initializer=None):
         yield pool
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived while ``stop_signals`` was in effect."""
+
+
+@contextmanager
+def stop_signals():
+    """SIGTERM and SIGINT raise :class:`Stopped` in the main thread, so a wrapper blocked in
+    ``proc.wait()`` unwinds and stops its child in a ``finally`` clause. (A handler that stopped
+    the child itself deadlocked: ``Popen.wait`` holds a lock that the handler's own wait needs.)"""
+
+    def _raise(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """End a child started with ``start_new_session=True`` and the processes it started (a
     SuperLink's or SuperNode's SuperExec): SIGTERM to its process group, SIGKILL if the child
-    is still there after ``grace`` seconds. Nothing outside that group is touched."""
+    is still there after ``grace`` seconds. Nothing outside that group is touched. Further
+    SIGTERM / SIGINT wait until it is done (from the main thread), so a second Ctrl-C cannot
+    leave the group half-stopped."""
     if proc.poll() is not None:
         return
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(grace)
@@ -60,3 +86,6 @@ def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -22,7 +22,7 @@ from client.bundle import BundleError, check_ca, check_gpu, check_key, check_sup
 from ccmr_core.cli import dispatch
 from ccmr_core.config import ConfigError, load_config
 from ccmr_core.flwr_env import child_env, flower_bin
-from ccmr_core.proc import stop_group
+from ccmr_core.proc import Stopped, stop_group, stop_signals
 
 
 def _config(args):
@@ -117,16 +117,13 @@ def cmd_start(args) -> int:
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def stop(signum, frame):
-        stop_group(proc)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        rc = proc.wait()
+        with stop_signals():
+            rc = proc.wait()
+    except Stopped:
+        rc = -signal.SIGTERM  # asked to stop: the SuperNode is stopped below, not an error
     finally:
-        stop_group(proc, grace=0)
+        stop_group(proc)
     if rc not in (0, -signal.SIGTERM):
         print(f"error: the SuperNode stopped (status {rc}). If its log above says 'Exit Code: 305', it could not "
               "join: either the SuperLink refused this site's key (ask the coordinator whether the site is "

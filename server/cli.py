@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ccmr_core.cli import dispatch
 from ccmr_core.flwr_env import flower_bin
-from ccmr_core.proc import stop_group
+from ccmr_core.proc import Stopped, stop_group, stop_signals
 from server import federation as fedlib
 from server.federation import CONNECTION, FederationError
 from server.pki import KeyExists, cert_summary
@@ -93,34 +93,35 @@ def cmd_start(args) -> int:
                             cwd=fed.root, start_new_session=True)
     fed.pid_file.write_text(f"{os.getpid()} {proc.pid}\n")
 
-    def stop(signum=None, frame=None):
+    try:
+        with stop_signals():
+            return _serve(fed, proc, args.wait)
+    except Stopped:
+        print("SuperLink stopped", flush=True)
+        return 0
+    finally:
         stop_group(proc)
         fed.pid_file.unlink(missing_ok=True)
-        if signum is not None:
-            print("SuperLink stopped", flush=True)
-            sys.exit(0)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        deadline = time.time() + args.wait
-        while not fed.is_up():
-            if proc.poll() is not None:
-                raise FederationError(f"the SuperLink exited with status {proc.returncode}; see {fed.log_file}")
-            if time.time() > deadline:
-                raise FederationError(f"the SuperLink did not answer on port {fed.port} within {args.wait} s; see "
-                                      f"{fed.log_file}")
-            time.sleep(0.5)
-        done = fedlib.register_pending(fed)
-        active = [n for n, _ in fed.active_sites()]
-        print(f"SuperLink of {fed.name} listening on {fed.listen_host}:{fed.port} (TLS, SuperNode authentication "
-              f"on); sites dial {fed.address}\n  sites: {', '.join(active) or 'none yet'}"
-              f"{f'; newly registered: {chr(44).join(done)}' if done else ''}\n  log: {fed.log_file}; stop with "
-              f"Ctrl-C or `ccmr-server stop {fed.root}`", flush=True)
-        rc = proc.wait()
-        raise FederationError(f"the SuperLink exited with status {rc}; see {fed.log_file}")
-    finally:
-        stop()
+
+def _serve(fed, proc: subprocess.Popen, wait: float) -> int:
+    """Wait for the SuperLink to answer, register pending sites, then follow it until it exits."""
+    deadline = time.time() + wait
+    while not fed.is_up():
+        if proc.poll() is not None:
+            raise FederationError(f"the SuperLink exited with status {proc.returncode}; see {fed.log_file}")
+        if time.time() > deadline:
+            raise FederationError(f"the SuperLink did not answer on port {fed.port} within {wait} s; see "
+                                  f"{fed.log_file}")
+        time.sleep(0.5)
+    done = fedlib.register_pending(fed)
+    active = [n for n, _ in fed.active_sites()]
+    print(f"SuperLink of {fed.name} listening on {fed.listen_host}:{fed.port} (TLS, SuperNode authentication "
+          f"on); sites dial {fed.address}\n  sites: {', '.join(active) or 'none yet'}"
+          f"{f'; newly registered: {chr(44).join(done)}' if done else ''}\n  log: {fed.log_file}; stop with "
+          f"Ctrl-C or `ccmr-server stop {fed.root}`", flush=True)
+    rc = proc.wait()
+    raise FederationError(f"the SuperLink exited with status {rc}; see {fed.log_file}")
 
 
 def cmd_stop(args) -> int:

@@ -74,6 +74,7 @@ class LoopbackFederation:
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.named: dict[str, subprocess.Popen] = {}
+        self.stubborn: list[str] = []  # processes that had to be killed after SIGTERM and 30 s
         self._logs: list = []
         py = sys.executable
         self.py = py
@@ -209,10 +210,14 @@ class LoopbackFederation:
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs:
+        for name, p in self.named.items():
             try:
                 p.wait(30)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # it did not stop when asked (a test asserts there are none)
+                self.stubborn.append(name)
+                p.kill()
+        for p in self.procs:
+            if p.poll() is None:
                 p.kill()
         # and whatever is left in their sessions (a ClientApp started while its SuperNode stopped)
         for pid in family + [m for p in self.procs for m in session_members(p.pid) if m != os.getpid()]:

@@ -153,6 +153,7 @@ def _wait_for(what: str, cond, timeout: float, lf: LoopbackFederation, *logs: st
 
 
 def _assert_nothing_left(lf: LoopbackFederation) -> None:
+    assert lf.stubborn == [], f"{lf.stubborn} did not stop within 30 s of SIGTERM (ccmr-server / ccmr-client start)"
     deadline = time.time() + 30
     while lf.leftovers() and time.time() < deadline:
         time.sleep(1)
