@@ -152,6 +152,9 @@ class FederatedConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0.0)
     max_update_ratio: float = Field(10.0, ge=1.0, le=1e9, description="reject a site's update whose norm exceeds "
                                     "this multiple of the median of the other sites' update norms")
+    max_site_weight: int = Field(1000, ge=1, le=10**9, description="most training patients one site's update may "
+                                 "weigh in the mean; a reply claiming more (or more than max_update_ratio x the "
+                                 "median of the others') is rejected")
     aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
         "mean", description="mean (weighted FedAvg/FedProx), or coordinate-wise median / trimmed mean (robust)")
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed-mean: share cut at each end")

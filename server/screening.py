@@ -1,10 +1,13 @@
 """Update validation and robust aggregation at the coordinator (ccmr_core has no Flower; this does).
 
 Before a round's updates are averaged, each is checked against the global model that was sent:
-the same parameter names and shapes, only finite numbers, and an update norm
+the same parameter names, shapes and dtypes, only finite numbers, and an update norm
 ||w_site - w_global|| not far beyond the others' (more than ``max_ratio`` times the median of the
-other sites' update norms). A rejected update is left out and logged with its reason; the global
-model is computed from the rest, so one broken or hostile site cannot move it.
+other sites' update norms). The weight a site claims for itself (its training patients) is
+checked too: a finite number, at most ``max_weight``, and at most ``max_ratio`` times the median
+of the other sites' weights; otherwise one site could own the mean with an honest-looking update
+and a huge count. A rejected update is left out and logged with its reason; the global model is
+computed from the rest, so one broken or hostile site cannot move it.
 
 Aggregators: ``mean`` (Flower's weighted average, the default), or coordinate-wise ``median`` and
 ``trimmed-mean`` (drop the ``trim`` share of highest and lowest values per coordinate), which
@@ -36,6 +39,8 @@ def check_shapes(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     for k, ref in reference.items():
         if update[k].shape != ref.shape:
             return f"parameter {k} has shape {tuple(update[k].shape)}, the global model's is {tuple(ref.shape)}"
+        if update[k].dtype != ref.dtype:
+            return f"parameter {k} has dtype {update[k].dtype}, the global model's is {ref.dtype}"
     for k, v in update.items():
         if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
             return f"parameter {k} holds NaN or Inf"
@@ -47,26 +52,32 @@ def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray])
                              for k in reference if np.issubdtype(reference[k].dtype, np.floating))))
 
 
-def screen(updates: list[tuple[int, ArrayRecord]], reference: ArrayRecord, max_ratio: float = 10.0
-           ) -> tuple[list[int], list[Rejection]]:
-    """Indices of the updates to keep, and the rejections with reasons."""
+def screen(updates: list[tuple[int, ArrayRecord]], reference: ArrayRecord, max_ratio: float = 10.0,
+           weights: list[float] | None = None, max_weight: float = float("inf")) -> tuple[list[int], list[Rejection]]:
+    """Indices of the updates to keep, and the rejections with reasons (``weights``: what each
+    site claims its update weighs in the mean)."""
     ref = _arrays(reference)
+    w = [1.0] * len(updates) if weights is None else [float(x) for x in weights]
     keep, rejected, norms = [], [], {}
     for i, (node, rec) in enumerate(updates):
         upd = _arrays(rec)
         why = check_shapes(upd, ref)
+        if why is None and not (np.isfinite(w[i]) and 0 <= w[i] <= max_weight):
+            why = f"weight {w[i]:g} is not a count between 0 and the federation's limit {max_weight:g}"
         if why:
             rejected.append(Rejection(node, why))
             continue
         norms[i] = update_norm(upd, ref)
         keep.append(i)
-    if len(keep) >= 2:
+    for name, values, fmt in (("update norm", norms, ".3g"), ("weight", dict(enumerate(w)), "g")):
+        if len(keep) < 2:
+            break
         final = []
         for i in keep:
-            others = np.median([norms[j] for j in keep if j != i])
-            if others > 0 and norms[i] > max_ratio * others:
-                rejected.append(Rejection(updates[i][0], f"update norm {norms[i]:.3g} is {norms[i] / others:.0f}x the "
-                                                        f"median of the other sites' ({others:.3g}; limit {max_ratio:g}x)"))
+            others = np.median([values[j] for j in keep if j != i])
+            if others > 0 and values[i] > max_ratio * others:
+                rejected.append(Rejection(updates[i][0], f"{name} {values[i]:{fmt}} is {values[i] / others:.0f}x the "
+                                                        f"median of the other sites' ({others:{fmt}}; limit {max_ratio:g}x)"))
             else:
                 final.append(i)
         keep = final

@@ -111,6 +111,7 @@ def main(grid: Grid, context: Context) -> None:
     inner = make_strategy(cfg.federated, common, plain_keys=[k for k, _ in model.named_buffers()])
     inner.round_offset = done
     inner.max_update_ratio = cfg.federated.max_update_ratio
+    inner.max_site_weight = cfg.federated.max_site_weight
     inner.audit_path = out / "audit.jsonl"
     inner.aggregator, inner.trim_fraction = cfg.federated.aggregator, cfg.federated.trim_fraction
     strategy = inner

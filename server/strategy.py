@@ -41,6 +41,7 @@ class RoundLog:
     last_train: MetricRecord | None = None
     last_eval: MetricRecord | None = None
     max_update_ratio: float = 10.0
+    max_site_weight: float = 1000.0
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     sent: ArrayRecord | None = None
@@ -80,7 +81,9 @@ class RoundLog:
         if self.sent is None or not with_arrays:
             return replies
         updates = [(r.metadata.src_node_id, next(iter(r.content.array_records.values()))) for r in with_arrays]
-        keep, rejected = screen(updates, self.sent, self.max_update_ratio)
+        weights = [float(next(iter(r.content.metric_records.values()), {}).get(self.weighted_by_key, float("nan")))
+                   for r in with_arrays]
+        keep, rejected = screen(updates, self.sent, self.max_update_ratio, weights, self.max_site_weight)
         self.rejected = [{"round": self.round_offset + server_round, "node": rj.node_id, "reason": rj.reason}
                          for rj in rejected]
         for rj in self.rejected:

@@ -53,3 +53,22 @@ def test_median_and_trimmed_mean_bound_one_outlier():
     assert tm.tolist() == pytest.approx([3.0, 2.0])
     with pytest.raises(ValueError, match="median, trimmed-mean"):
         robust_aggregate(recs, "mode")
+
+
+def test_a_site_cannot_own_the_mean_by_claiming_a_huge_weight_or_send_other_dtypes():
+    """The attack of issue 14: an update inside the norm limit with a weight of 1e6 made the global
+    update equal to the attacker's. Its claimed weight is now checked before it is averaged."""
+    honest = [(1, _upd(1, 1)), (2, _upd(1, 2)), (3, _upd(1, 3))]
+    attack = (4, _upd(2, 4))  # an ordinary-looking update
+    for weight, words in ((1e6, "federation's limit 1000"), (600.0, "12x the median"), (float("nan"), "not a count"),
+                          (-5.0, "not a count")):
+        keep, rejected = screen(honest + [attack], GLOBAL, 10, [50.0, 60.0, 45.0, weight], max_weight=1000)
+        assert keep == [0, 1, 2], weight
+        assert rejected[0].node_id == 4 and words in rejected[0].reason, rejected[0].reason
+    # honest sites of different sizes pass, and so does a site whose update is zero-weighted (declined)
+    keep, _ = screen(honest + [attack], GLOBAL, 10, [50.0, 200.0, 45.0, 0.0], max_weight=1000)
+    assert keep == [0, 1, 2, 3]
+    as_float64 = _rec(w=np.zeros((2, 2)), b=np.zeros(2))
+    as_float64 = ArrayRecord({k: torch.as_tensor(v.numpy().astype(np.float64)) for k, v in as_float64.items()})
+    keep, rejected = screen(honest + [(5, as_float64)], GLOBAL)
+    assert keep == [0, 1, 2] and "dtype float64" in rejected[0].reason
