@@ -20,7 +20,7 @@ import pydicom
 
 from benchmarks.common import machine, update_block
 from ccmr_core.config import IngestConfig
-from ccmr_core.data.ingest import _list_files, ingest
+from ccmr_core.data.ingest import list_files, ingest
 from ccmr_core.synth.cohort import generate_cohort
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-bench-"))
     site = work / "cohort" / "site-a"
     generate_cohort(work / "cohort", sites=1, patients=args.patients, seed=0, progress=False)
-    files = _list_files(site)
+    files = [p for p, _ in list_files(site)[0]]
     cfg = IngestConfig()
     bare_t, ing_t = [], []
     for r in range(args.rounds):

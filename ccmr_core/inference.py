@@ -27,7 +27,7 @@ import torch
 from ccmr_core.checkpoint import load_model
 from ccmr_core.config import IngestConfig, validate
 from ccmr_core.data.dicom_read import FileProblem, Frame
-from ccmr_core.data.ingest import _list_files, _parallel, _read_one
+from ccmr_core.data.ingest import list_files, _parallel, _read_one
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
@@ -58,19 +58,20 @@ def read_studies(folder: str | Path, workers: int = 1, progress: bool = False) -
     folder = Path(folder)
     if not folder.is_dir():
         raise PredictError(f"{folder} is not a folder; give the folder holding one patient's DICOM files")
-    files = _list_files(folder)
+    files, unlisted = list_files(folder)
     if not files:
-        raise PredictError(f"{folder} holds no files")
+        raise PredictError(f"{folder} holds no readable files" + (f" ({unlisted[0].path}: {unlisted[0].reason})"
+                                                                  if unlisted else ""))
     frames: dict[str, list[Frame]] = defaultdict(list)
-    problems: list[FileProblem] = []
-    jobs = [(str(p), str(folder)) for p in files]
+    problems: list[FileProblem] = list(unlisted)
+    jobs = [(str(p), str(folder)) for p, _ in files]
     for result in _parallel(_read_one, jobs, workers, "reading DICOM", "file", progress, 32):
         if isinstance(result, FileProblem):
             problems.append(result)
         else:
             frames[result[0].study_uid].extend(result)
     studies = {uid: Study(uid, frs[0].patient_id, frs, files=len({f.path for f in frs})) for uid, frs in frames.items()}
-    return studies, problems, len(files)
+    return studies, problems, len(files) + len(unlisted)
 
 
 def prepare_cine(study: Study, ingest: IngestConfig) -> tuple[np.ndarray, list[str]]:

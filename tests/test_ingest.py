@@ -310,3 +310,47 @@ def test_refuses_cache_inside_site_and_missing_labels(make_site, pick, tmp_path)
     assert not (tmp_path / "c").exists()
     with pytest.raises(IngestError, match="does not exist"):
         ingest(tmp_path / "nope", tmp_path / "c", SMALL, progress=False)
+
+
+def test_hostile_entries_become_error_entries_and_the_ingest_goes_on(make_site, pick, tmp_path):
+    """Issue 14 item 8: a dangling symlink, a symlink loop, a FIFO (opening it would block), a
+    deflated file that inflates to gigabytes and a header that claims gigabytes of pixels: each is
+    an error entry naming the file, and the patient's study is still ingested."""
+    site, pid = pick["lge"]
+    b = make_site([(site, pid)], name="b")
+    (b / "dangling.dcm").symlink_to(b / "nowhere.dcm")
+    (b / "loop1").symlink_to(b / "loop2")
+    (b / "loop2").symlink_to(b / "loop1")
+    os.mkfifo(b / "pipe.dcm")
+    ds = pydicom.dcmread(patient_files(b, pid)[0])
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PixelData = bytes(300 * 2**20)  # zeros: deflates to ~300 KiB, inflates to 300 MiB
+    ds.save_as(b / "bomb.dcm", enforce_file_format=True)
+    assert (b / "bomb.dcm").stat().st_size < 2**20
+    big = pydicom.dcmread(patient_files(b, pid)[1])
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    big.Rows = big.Columns = 60000  # the header claims 60000 x 60000 x 16 bit: 6.7 GiB
+    big.save_as(b / "claims-gigabytes.dcm", enforce_file_format=True)
+    m = _run(b, tmp_path, "cb")
+    reasons = {e.get("path"): e["reason"] for e in m["errors"]}
+    assert "leads nowhere" in reasons["dangling.dcm"]
+    assert "leads nowhere" in reasons["loop1"] and "leads nowhere" in reasons["loop2"]
+    assert "not a regular file" in reasons["pipe.dcm"]
+    assert "inflates beyond 256 MiB" in reasons["bomb.dcm"]
+    assert "6866 MiB" in reasons["claims-gigabytes.dcm"] and "above 256 MiB" in reasons["claims-gigabytes.dcm"]
+    assert len(m["studies"]) == 1 and m["studies"][0]["patient_id"] == pid
+
+
+def test_a_labels_file_that_is_not_utf8_is_named_with_the_fix(make_site, pick, tmp_path):
+    site, pid = pick["lge"]
+    b = make_site([(site, pid)], name="b")
+    dx = labels_of(b)[pid]
+    (b / "labels.csv").write_bytes(f"patient_id,diagnosis,note\n{pid},{dx},Müller\n".encode("latin-1"))
+    with pytest.raises(IngestError, match=r"labels.csv is not UTF-8 text \(line 2.*CSV UTF-8"):
+        _run(b, tmp_path, "cb")
+    (b / "biomechanics.csv").write_bytes("patient_id,t,strain\nMüller,0,1\n".encode("latin-1"))
+    write_labels(b, {pid: dx})
+    m = _run(b, tmp_path, "cc")  # an optional table that is not UTF-8: an error entry, the site goes on
+    assert any("biomechanics not used" in e["reason"] and "not UTF-8" in e["reason"] for e in m["errors"])
+    assert len(m["studies"]) == 1

@@ -11,6 +11,7 @@ Problems never raise: :func:`read_file` returns either frames or a :class:`FileP
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,14 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, EnhancedMRImageStorage, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, MRImageStorage)
 
 MR_STORAGE = {str(MRImageStorage), str(EnhancedMRImageStorage)}
+# the most one file may decode to (pixels, or a deflated dataset inflated): real MR objects are at
+# most tens of MiB; a small crafted file can claim gigabytes (a decompression bomb)
+MAX_DECODED_BYTES = 256 * 2**20
+DEFLATED = str(DeflatedExplicitVRLittleEndian)
 _NATIVE = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
 
 
@@ -173,8 +179,46 @@ def _native_pixels(ds, raw: _Raw) -> np.ndarray | None:
     return arr.reshape((n, rows, cols) if n > 1 else (rows, cols))
 
 
+def _inflated_too_big(path: Path, limit: int = MAX_DECODED_BYTES) -> bool:
+    """A Deflated Explicit VR Little Endian file inflates past ``limit`` (pydicom would inflate it
+    whole into memory before reading a tag). Inflated in bounded steps: never more than ``limit``."""
+    with open(path, "rb") as f:
+        head = f.read(132 + 12)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            return False
+        meta_len = int.from_bytes(head[140:144], "little")  # (0002,0000) UL: the rest of the file meta
+        meta = f.read(meta_len)
+        if DEFLATED.encode() not in meta:
+            return False
+        z = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := f.read(1 << 16):
+            data = z.decompress(chunk, limit + 1 - total)
+            total += len(data)
+            while z.unconsumed_tail and total <= limit:
+                total += len(z.decompress(z.unconsumed_tail, limit + 1 - total))
+            if total > limit:
+                return True
+    return False
+
+
+def _pixel_bytes(raw) -> int:
+    """What the pixel data of a file decodes to, from its header (rows x columns x frames x samples x bits)."""
+    rows, cols = raw.us(0x00280010), raw.us(0x00280011)
+    frames = int(raw.number(0x00280008) or 1)
+    samples, bits = raw.us(0x00280002, 1), raw.us(0x00280100, 16)
+    return rows * cols * max(frames, 1) * max(samples, 1) * max(bits, 1) // 8
+
+
 def read_file(path: Path, root: Path) -> list[Frame] | FileProblem:
     rel = str(path.relative_to(root))
+    limit = f"{MAX_DECODED_BYTES >> 20} MiB"
+    try:
+        if _inflated_too_big(path):
+            return FileProblem(rel, f"a deflated DICOM file that inflates beyond {limit}; skipped (damaged or "
+                                    "crafted: no MR object is that large)")
+    except OSError as e:
+        return FileProblem(rel, f"cannot be read ({e.strerror}); skipped")
     try:
         try:
             ds = pydicom.dcmread(path)
@@ -221,6 +265,11 @@ def _frames(ds, rel: str) -> list[Frame]:
     missing = [k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)) if not v]
     if missing:
         raise _Skip(FileProblem(rel, f"missing {', '.join(missing)}; the file cannot be grouped into a study"))
+    size = _pixel_bytes(raw)
+    if size > MAX_DECODED_BYTES:
+        raise _Skip(FileProblem(rel, f"pixel data would decode to {size >> 20} MiB (rows x columns x frames x bits "
+                                     f"in its header), above {MAX_DECODED_BYTES >> 20} MiB for one file; skipped "
+                                     "(damaged or crafted)", series_uid=series_uid, series_description=desc))
     pixels = _native_pixels(ds, raw)
     if pixels is None:
         pixels = ds.pixel_array

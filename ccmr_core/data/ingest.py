@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import stat
 import time
 import zipfile
 from collections import defaultdict
@@ -67,16 +68,37 @@ def _config_key(cfg: IngestConfig) -> str:
     return hashlib.sha1(json.dumps([FORMAT, d], sort_keys=True).encode()).hexdigest()
 
 
-def _list_files(site: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(site):
+def list_files(site: Path) -> tuple[list[tuple[Path, os.stat_result]], list[FileProblem]]:
+    """Regular files under SITE with their stat; every other entry that a walk meets (a dangling
+    symlink, a symlink loop, a FIFO, a socket or device, an unreadable entry) is a problem entry
+    and is never opened (opening a FIFO would block the ingest)."""
+    out, problems = [], []
+    for dirpath, dirnames, filenames in os.walk(site, onerror=lambda e: problems.append(
+            FileProblem(_rel(e.filename, site), f"folder cannot be listed ({e.strerror}); skipped"))):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         top = Path(dirpath) == site
         for name in sorted(filenames):
             if name.startswith(".") or (top and name in SKIP_NAMES) or name == "DICOMDIR":
                 continue
-            out.append(Path(dirpath) / name)
-    return out
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()  # follows symlinks: a dangling one or a loop fails here
+            except OSError as e:
+                what = "a symlink that leads nowhere (or in a loop)" if p.is_symlink() else "unreadable"
+                problems.append(FileProblem(_rel(p, site), f"{what} ({e.strerror}); skipped"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(FileProblem(_rel(p, site), "not a regular file (a pipe, socket or device); skipped"))
+                continue
+            out.append((p, st))
+    return out, problems
+
+
+def _rel(path, site: Path) -> str:
+    try:
+        return str(Path(path).relative_to(site))
+    except ValueError:
+        return str(path)
 
 
 def _safe(text: str) -> str:
@@ -195,13 +217,12 @@ def ingest(
     old_files: dict[str, dict] = old.get("files", {})
     old_studies: dict[str, dict] = old.get("studies", {})
 
-    files = _list_files(site)
+    files, unlisted = list_files(site)
     stats: dict[str, list[int]] = {}
     to_read: list[str] = []
     file_info: dict[str, dict] = {}
-    for p in files:
+    for p, st in files:
         rel = str(p.relative_to(site))
-        st = p.stat()
         stats[rel] = [st.st_size, st.st_mtime_ns]
         prev = old_files.get(rel)
         if prev and prev["stat"] == stats[rel]:
@@ -215,7 +236,7 @@ def ingest(
             dirty.add(prev["study"])
 
     frames_by_study: dict[str, list[Frame]] = defaultdict(list)
-    problems: list[FileProblem] = []
+    problems: list[FileProblem] = list(unlisted)
 
     def absorb(rel: str, result) -> None:
         if isinstance(result, FileProblem):
@@ -263,7 +284,7 @@ def ingest(
                 setattr(st, k, v)
     study_jobs.clear()
 
-    manifest = _manifest(site, cache, cfg, classes, labels, studies, problems, len(files))
+    manifest = _manifest(site, cache, cfg, classes, labels, studies, problems, len(files) + len(unlisted))
     manifest["summary"]["seconds"] = round(time.perf_counter() - started, 2)
     manifest["summary"]["files_read"] = len(to_read) + len(reread)
     keep = {s.output for s in studies.values() if s.output}

@@ -10,6 +10,7 @@ labels.csv stops ingestion, because without it no study can be labelled.
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,18 @@ class TableError(ValueError):
     """A table cannot be used at all (missing file, missing columns)."""
 
 
+def _text(path: Path) -> io.StringIO:
+    """The table's text; a file that is not UTF-8 (e.g. an Excel export in Windows-1252) is named
+    with the first offending byte and how to fix it, instead of a bare UnicodeDecodeError."""
+    raw = path.read_bytes()
+    try:
+        return io.StringIO(raw.decode("utf-8-sig"), newline="")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise TableError(f"{path} is not UTF-8 text (line {line}, byte {raw[e.start:e.start + 1]!r}); save it as "
+                         "UTF-8 (in Excel: Save As > 'CSV UTF-8') and run again") from None
+
+
 @dataclass
 class Labels:
     diagnosis: dict[str, str] = field(default_factory=dict)
@@ -41,7 +54,7 @@ def read_labels(site: Path, classes: tuple[str, ...]) -> Labels:
         raise TableError(f"{path} not found: create it with the columns patient_id,diagnosis[,split] "
                          f"(diagnosis one of {', '.join(classes)})")
     out = Labels()
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _text(path) as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in (reader.fieldnames or [])]
         if "patient_id" not in cols or "diagnosis" not in cols:
@@ -90,7 +103,11 @@ def read_biomechanics(site: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
         return {}, [], []
     rows: dict[str, list[list[float]]] = defaultdict(list)
     errors: list[dict] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    try:
+        text = _text(path)
+    except TableError as e:  # optional table: the site goes on without it
+        return {}, [], [{"path": BIOMECHANICS, "reason": f"{e}; biomechanics not used"}]
+    with text as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if header[:2] != ["patient_id", "t"] or len(header) < 3:
