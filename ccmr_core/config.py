@@ -180,8 +180,9 @@ class SecureAggregationConfig(_Section):
     max_weight: int = Field(1000, ge=1, le=10**6, description="largest weight (training patients) one site may "
                             "carry; a site above it refuses the round")
     quantization_bits: int = Field(24, ge=8, le=28, description="quantisation levels 2**bits over the clipping range (the sum of all sites must stay below 2**32)")
-    reconstruction_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of a site's neighbours "
-                                           "that must survive for its masks to be removed (dropout tolerance)")
+    reconstruction_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of a round's sites whose "
+                                           "shares remove a site's masks (dropout tolerance); always at least a "
+                                           "strict majority, so that no site's update can be unmasked alone")
 
 
 class PrivacyConfig(_Section):

@@ -18,6 +18,7 @@ clipping range instead), and site-level DP clips at the site (Flower's client-si
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -106,6 +107,14 @@ class _StageGrid:
         return replies
 
 
+def reconstruction_threshold(n_sites: int, fraction: float) -> int:
+    """Shares needed to remove a site's masks: ``fraction`` of the sites, and always a strict majority.
+    With half or fewer, a coordinator that tells some sites a peer dropped out and others that it
+    survived could collect the shares of both of its secrets and unmask that one site's update
+    (Bell et al. 2020); SecAgg+ then protects the sites only from an honest-but-curious coordinator."""
+    return min(n_sites, max(n_sites // 2 + 1, math.ceil(fraction * n_sites)))
+
+
 class SecAggPlusGrid(GridWrapper):
     """A Grid whose train rounds run as SecAgg+ (see the module docstring); everything else passes
     through unchanged."""
@@ -121,9 +130,10 @@ class SecAggPlusGrid(GridWrapper):
         return self.secure_round(msgs, timeout)
 
     # -- one secure train round -------------------------------------------------------------
-    def _workflow(self, timeout) -> SecAggPlusWorkflow:
+    def _workflow(self, timeout, n_sites: int) -> SecAggPlusWorkflow:
         q = 2 ** self.sa.quantization_bits
-        return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=self.sa.reconstruction_fraction,
+        return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=reconstruction_threshold(
+                                      n_sites, self.sa.reconstruction_fraction),
                                   max_weight=float(self.sa.max_weight), clipping_range=float(self.sa.clipping_range),
                                   quantization_range=q, modulus_range=2 ** 32, timeout=timeout)
 
@@ -139,7 +149,7 @@ class SecAggPlusGrid(GridWrapper):
             print(f"round {rnd}: secure aggregation needs at least 2 sites, {len(nodes)} available; round skipped",
                   flush=True)
             return []
-        wf = self._workflow(timeout)
+        wf = self._workflow(timeout, len(nodes))
         for attempt in range(2):  # a site that refuses at setup is left out and the setup is redone
             ctx, state = _Context(rnd, nodes), WorkflowState()
             grid = _StageGrid(self.grid, config, self.audit)

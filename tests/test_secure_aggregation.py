@@ -157,3 +157,13 @@ def test_a_site_above_max_weight_refuses_the_round_with_the_reason():
     upd = out["fitres.parameters"].to_numpy_ndarrays()
     assert np.allclose(upd[0], 0.1) and upd[1].shape == (1,) and upd[1][0] == 1.0
     assert out["fitres.num_examples"]["num_examples"] == 60 and out["metrics"]["secagg-clipped"] == 1.0
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_no_threshold_lets_a_minority_of_shares_unmask_a_site(fraction):
+    from server.secure_aggregation import reconstruction_threshold
+
+    for n in range(2, 60):
+        t = reconstruction_threshold(n, fraction)
+        assert n / 2 < t <= n  # two disjoint sets of t shares cannot both exist
+    assert reconstruction_threshold(10, 0.8) == 8 and reconstruction_threshold(4, 1.0) == 4
