@@ -234,3 +234,20 @@ def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(tmp_path
         rc, out = lf.refused(*target, "--auth-supernode-private-key", str(kept / "site.key"))
         assert rc != 0 and "Failed to activate SuperNode" in out, out
     _assert_nothing_left(lf)
+
+
+def test_the_compose_demo_gives_each_hospital_only_its_own_bundle_and_data():
+    """Issue 14 item 6: every hospital container mounted the federation volume (the CA key and every
+    site's key). Now each mounts its own bundle and data read-only and a cache of its own."""
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "compose.yaml").read_text())
+    services = compose["services"]
+    hospitals = [s for s in services if s.startswith("hospital-")]
+    assert len(hospitals) == 3
+    for name in hospitals:
+        x = name.removeprefix("hospital-")
+        assert sorted(services[name]["volumes"]) == sorted([f"bundle-{x}:/bundle:ro", f"data-{x}:/data:ro",
+                                                            f"cache-{x}:/cache"])
+    assert all(p.startswith("127.0.0.1:") for p in services["superlink"].get("ports", []))
+    assert "federation:/federation" in services["superlink"]["volumes"]
