@@ -6,6 +6,7 @@ What leaves the site: the model's parameters (train) and fixed-size aggregate st
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -20,9 +21,9 @@ from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
-from client.egress import guard, refuse
+from client.egress import failed, guard, refuse
 from client.policy import violations
-from client.local import RUN_KEY, average_states, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
+from client.local import RUN_KEY, average_states, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 
 # secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
@@ -31,6 +32,31 @@ app = ClientApp(mods=[secure_aggregation_mod])
 # logger has its own and also propagates, so every line would be printed twice.
 logging.getLogger("flwr").propagate = False
 log = logging.getLogger("ccmr.client")
+
+
+def _site_names(msg: Message, context: Context) -> list[str]:
+    """The sites this SuperNode serves, for its own log, whatever state the request is in."""
+    try:
+        return [name for _, name, _ in hosted_sites(context.node_config, str(msg.content["config"]["cohort-dir"]))]
+    except Exception:  # noqa: BLE001
+        nc = context.node_config
+        return [str(nc.get("site-name") or f"node-{nc.get('partition-id', 0)}")]
+
+
+def contained(kind: str):
+    """Every failure of a handler leaves as a fixed reason (client/egress.failed), not as text."""
+
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as e:  # noqa: BLE001 - whatever it is, its text stays at the site
+                return failed(msg, _site_names(msg, context), kind, e)
+
+        return run
+
+    return wrap
 
 
 def _setup(msg: Message, context: Context):
@@ -50,6 +76,7 @@ def _model(cfg, kwargs, arrays: ArrayRecord, device):
 
 
 @app.train()
+@contained("train")
 def train(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
     secure = is_secure(msg)
@@ -148,6 +175,7 @@ def _thresholds(c) -> dict | None:
 
 
 @app.evaluate()
+@contained("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
     rnd = int(c["global-round"]) if "global-round" in c else None  # the final evaluations have none

@@ -21,9 +21,10 @@ import datetime as dt
 import hashlib
 import json
 import os
+import traceback
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from ccmr_core.data.sources import default_cache_root
 from ccmr_core.files import append_jsonl, read_jsonl
@@ -134,6 +135,29 @@ def refuse(request: Message, sites: list[str], kind: str, run_key: str, rnd: int
     """Decline a request (the site's policy), with the reason printed at the site and audited."""
     print(f"[{', '.join(sites)}] REFUSED the {kind} request: {reason}", flush=True)
     return _refused(request, sites, kind, run_key, rnd, reason, None)
+
+
+FAILED = ("the site could not complete this request; the reason stays in the site's own log "
+          "(ask the site's IT team: `ccmr-client audit` shows when it happened)")
+
+
+def failed(request: Message, sites: list[str], kind: str, error: BaseException) -> Message:
+    """A handler raised. The detail (traceback, paths, file names) stays at the site: printed to
+    its console and written to its audit log. The coordinator gets a fixed reason, so an error
+    cannot carry data out (whether a path exists, a line of a file) past the egress guard."""
+    detail = "".join(traceback.format_exception(error)).strip()
+    print(f"[{', '.join(sites)}] the {kind} request failed at this site; the coordinator is told only that it "
+          f"failed:\n{detail}", flush=True)
+    rnd = None
+    try:
+        rnd = int(request.content["config"].get("global-round"))
+    except Exception:  # noqa: BLE001 - a malformed request has no round
+        pass
+    append_audit(sites, {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": "-",
+                         "round": rnd, "kind": kind, "refused": f"failed at the site: {type(error).__name__}: "
+                         f"{str(error)[:500]} (the coordinator was told only that it failed)", "keys": [],
+                         "bytes": 0, "sha256": "", "privacy": None})
+    return Message(Error(code=0, reason=FAILED), reply_to=request)
 
 
 def audit(sites: list[str], content: RecordDict, kind: str, run_key: str, rnd: int | None, refused: str | None,

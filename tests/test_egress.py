@@ -131,3 +131,35 @@ def test_an_audit_log_torn_by_a_crash_stays_readable_and_the_next_entry_survives
     text = summarize(audit_path("site-a"))
     assert "2 messages sent" in text and "rounds 1-2" in text
     assert "line(s) 2 damaged" in text
+
+
+def test_a_failure_at_the_site_leaves_as_a_fixed_reason_and_its_detail_stays_in_the_audit(tmp_path, monkeypatch):
+    """Issue 13: a handler's exception went back as text, past the guard: with the coordinator's
+    cohort-dir pointing at site paths, 'Is a directory' vs 'No such file' said whether a folder
+    exists. Every failure now leaves as the same reason; the detail is in the site's audit log."""
+    from flwr.app import Context, Message, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.client_app import evaluate, train
+    from client.egress import FAILED, audit_path, summarize
+    from tests.test_federation import _run_config
+
+    for k in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, k, 1)
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(tmp_path / "audit"))
+    (tmp_path / "patient-0001").mkdir()
+    (tmp_path / "secret.csv").write_text("patient_id,diagnosis\nP-1,HCM\n")
+    reasons = []
+    for handler, kind in ((train, MessageType.TRAIN), (evaluate, MessageType.EVALUATE)):
+        for probe in ("patient-0001", "patient-9999", "secret.csv"):
+            msg = Message(RecordDict({"arrays": GLOBAL, "config": ConfigRecord({
+                "cohort-dir": str(tmp_path / probe), "num-sites": 1, "bio-channels": 0, "run-key": "r",
+                "global-round": 1})}), dst_node_id=1, message_type=kind)
+            ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / probe), "site-name": "site-a"},
+                          state=RecordDict(), run_config=_run_config(preset="smoke"))
+            reply = handler(msg, ctx)
+            assert reply.has_error()
+            reasons.append(reply.error.reason)
+    assert set(reasons) == {FAILED}  # the same words whatever the path: nothing to probe with
+    text = audit_path("site-a").read_text()
+    assert "patient-9999" in text and "failed at the site" in summarize(audit_path("site-a"))
