@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--mus", type=float, nargs="*", default=[0.01, 0.05])
     ap.add_argument("--dp-eps", type=float, nargs="*", default=[1.0, 3.0, 8.0])
+    ap.add_argument("--no-fedavg", action="store_true", help="leave out the FedAvg row (FedProx rows only)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -130,6 +131,8 @@ def main() -> None:
     base = load_config()
     f = base.federated
     epochs = f.rounds * f.local_epochs
+    # federated runs are cached per recipe: a run of another recipe in the same work folder is not reused
+    recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{f.local_epochs}-R{f.rounds}"
     ds = MultiSite(prepare(cohort, base, progress=False), base)
     splits = site_splits(ds, base)
     test = sorted(i for sp in splits for i in sp["test"])
@@ -149,7 +152,7 @@ def main() -> None:
     for seed in args.seeds:
         cfg = load_config(overrides=[f"train.seed={seed}", f"train.epochs={epochs}"])
         t0 = time.perf_counter()
-        out = work / f"central-s{seed}"
+        out = work / f"central-e{epochs}-s{seed}"  # cached per number of epochs and seed
         union = {k: sorted(i for sp in splits for i in sp[k]) for k in ("train", "val", "test")}
         if not (out / "model.pt").is_file():
             train_central(cohort, out, cfg, progress=False, cache_root=None, splits=union)
@@ -157,16 +160,18 @@ def main() -> None:
         t0 = time.perf_counter()
         local: dict[str, bool] = {}
         for k, sp in enumerate(splits):
-            out = work / f"local-{k}-s{seed}"
+            out = work / f"local-{k}-e{epochs}-s{seed}"
             if not (out / "model.pt").is_file():
                 train_central(cohort, out, cfg, progress=False, splits=sp)
             local.update(per_patient(out / "model.pt", ds, sp["test"]))
         record("each site alone (tested on its own patients)", local, t0)
-        fed_runs = [("FedAvg", {"strategy": "fedavg"})]
+        fed_runs = [] if args.no_fedavg else [("FedAvg", {"strategy": "fedavg"})]
         fed_runs += [(f"FedProx mu={mu:g}", {"strategy": "fedprox", "proximal-mu": mu}) for mu in args.mus]
         for row, over in fed_runs:
             t0 = time.perf_counter()
-            out = work / f"{row.split()[0].lower()}-{over.get('proximal-mu', 0):g}-s{seed}"
+            if f.server_momentum > 0:
+                row += f", server momentum {f.server_momentum:g}"
+            out = work / f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}-s{seed}"
             federated(cohort, out, **{"train-seed": seed}, **over)
             record(f"federated, {row}", per_patient(out / "model.pt", ds, test), t0)
         if not args.dp_eps:
@@ -186,18 +191,18 @@ def main() -> None:
                        config=dp_cfg.model_dump(mode="json"))
         record("public pretraining alone (no site data)", per_patient(pre, ds, test), t0)
         t0 = time.perf_counter()
-        out = work / f"head-nodp-s{seed}"
+        out = work / f"head-nodp-{recipe}-s{seed}"
         federated(cohort, out, **{"train-seed": seed, "alignment": "slice"}, config=str(_yaml(work, "head")))
         record("public pretraining + sites fine-tune the heads, no DP", per_patient(out / "model.pt", ds, test), t0)
         for eps in args.dp_eps:
             t0 = time.perf_counter()
-            out = work / f"dp-{eps:g}-s{seed}"
+            out = work / f"dp-{eps:g}-{recipe}-s{seed}"
             r, _ = federated(cohort, out, **{"train-seed": seed, "alignment": "slice", "dp": "sample",
                                              "target-epsilon": eps})
             record(f"public pretraining + heads with patient-level DP-SGD, epsilon {eps:g}",
                    per_patient(out / "model.pt", ds, test), t0, max(r["privacy"]["epsilon"].values()))
     fl, bare, bytes_ratio = overhead(cohort, work)
-    text = _table(args, names, results, seconds, eps_spent, f.rounds, f.local_epochs, fl, bare, bytes_ratio)
+    text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio)
     update_block("federated", text)
     print(text)
 
@@ -208,7 +213,10 @@ def _yaml(work: Path, kind: str) -> Path:
     return p
 
 
-def _table(args, names, results, seconds, eps_spent, rounds, local, fl, bare, bytes_ratio) -> str:
+def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -> str:
+    rounds, local = f.rounds, f.local_epochs
+    server = (f", the coordinator stepping with momentum {f.server_momentum:g} (FedAvgM)" if f.server_momentum > 0
+              else "")
     central = "centralised (pooled data, one model)"
     acc = {row: np.array([[float(c[n]) for n in names] for c in runs]) for row, runs in results.items()}
     lines = []
@@ -227,7 +235,8 @@ def _table(args, names, results, seconds, eps_spent, rounds, local, fl, bare, by
 
 Machine: {machine()}.
 Default synthetic cohort (3 sites with different scanners and class mixes, 231 patients); CC-CMR; the README main
-job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's schedule). Test
+job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's schedule, each
+site keeping its optimiser state{server}; centralised and site-local: {rounds * local} epochs, the same schedule). Test
 patients in every row: each site's held-out test patients, pooled ({len(names)} patients, the same in every row and
 seed). Seeds {args.seeds}; accuracy mean ± sd over seeds; 95% CI: percentile bootstrap over patients of the
 seed-averaged correctness; differences are paired with the centralised row. DP: patient-level DP-SGD (Opacus, RDP,

@@ -141,7 +141,7 @@ class FederatedConfig(_Section):
                                    "momentum of the averaged updates (0 = plain average)")
     server_lr: float = Field(1.0, gt=0.0, le=10.0, description="FedAvgM: the coordinator's step along the "
                              "(momentum of the) averaged update; 1 with momentum 0 = plain average")
-    local_epochs: int = Field(2, ge=1, le=1000)
+    local_epochs: int = Field(3, ge=1, le=1000)
     keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
                                  "from round to round, kept at the site, instead of restarting it every round")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
