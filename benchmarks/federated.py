@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--mus", type=float, nargs="*", default=[0.01, 0.05])
     ap.add_argument("--dp-eps", type=float, nargs="*", default=[1.0, 3.0, 8.0])
     ap.add_argument("--no-fedavg", action="store_true", help="leave out the FedAvg row (FedProx rows only)")
+    ap.add_argument("--dp-seeds", type=int, nargs="*", default=None, help="seeds of the DP rows (default: --seeds)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -137,12 +138,13 @@ def main() -> None:
     splits = site_splits(ds, base)
     test = sorted(i for sp in splits for i in sp["test"])
     names = [ds.patient_ids[i] for i in test]
-    results: dict[str, list[dict[str, bool]]] = {}
+    results: dict[str, dict[int, dict[str, bool]]] = {}  # row -> seed -> patient -> correct
     seconds: dict[str, list[float]] = {}
     eps_spent: dict[str, list[float]] = {}
+    seed = args.seeds[0]
 
     def record(row: str, correct: dict[str, bool], t0: float, eps: float | None = None) -> None:
-        results.setdefault(row, []).append(correct)
+        results.setdefault(row, {})[seed] = correct
         seconds.setdefault(row, []).append(time.perf_counter() - t0)
         if eps is not None:
             eps_spent.setdefault(row, []).append(eps)
@@ -174,7 +176,7 @@ def main() -> None:
             out = work / f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}-s{seed}"
             federated(cohort, out, **{"train-seed": seed}, **over)
             record(f"federated, {row}", per_patient(out / "model.pt", ds, test), t0)
-        if not args.dp_eps:
+        if not args.dp_eps or (args.dp_seeds is not None and seed not in args.dp_seeds):
             continue
         # DP recipe: the coordinator's public pretraining, then the sites fine-tune the heads
         t0 = time.perf_counter()
@@ -218,19 +220,30 @@ def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -
     server = (f", the coordinator stepping with momentum {f.server_momentum:g} (FedAvgM)" if f.server_momentum > 0
               else "")
     central = "centralised (pooled data, one model)"
-    acc = {row: np.array([[float(c[n]) for n in names] for c in runs]) for row, runs in results.items()}
+    no_dp = "public pretraining + sites fine-tune the heads, no DP"
+
+    def acc(row: str, seeds) -> np.ndarray:  # (seeds, patients) correctness
+        return np.array([[float(results[row][s][n]) for n in names] for s in seeds])
+
+    def paired(row: str, ref: str) -> str:
+        seeds = sorted(set(results[row]) & set(results.get(ref, {})))
+        if row == ref or not seeds:
+            return ""
+        d = acc(row, seeds).mean(0) - acc(ref, seeds).mean(0)
+        dlo, dhi = _ci(d)
+        return f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})"
+
     lines = []
-    for row, a in acc.items():
+    for row in results:
+        seeds = sorted(results[row])
+        a = acc(row, seeds)
         per_seed = a.mean(1)
         lo, hi = _ci(a.mean(0))
-        diff = ""
-        if row != central:
-            d = a.mean(0) - acc[central].mean(0)
-            dlo, dhi = _ci(d)
-            diff = f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})"
         eps = f"{max(eps_spent[row]):.2f}" if row in eps_spent else ""
-        lines.append(f"| {row} | {per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} "
-                     f"| {lo:.3f}-{hi:.3f} | {diff} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
+        vs_no_dp = paired(row, no_dp) if row in eps_spent else ""
+        lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "
+                     f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} | "
+                     f"{paired(row, central)} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
     return f"""## Federated learning and DP on non-IID sites (`python -m benchmarks.federated`)
 
 Machine: {machine()}.
@@ -238,14 +251,14 @@ Default synthetic cohort (3 sites with different scanners and class mixes, 231 p
 job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's schedule, each
 site keeping its optimiser state{server}; centralised and site-local: {rounds * local} epochs, the same schedule). Test
 patients in every row: each site's held-out test patients, pooled ({len(names)} patients, the same in every row and
-seed). Seeds {args.seeds}; accuracy mean ± sd over seeds; 95% CI: percentile bootstrap over patients of the
-seed-averaged correctness; differences are paired with the centralised row. DP: patient-level DP-SGD (Opacus, RDP,
+seed). Accuracy mean ± sd over the row's seeds; 95% CI: percentile bootstrap over patients of the seed-averaged
+correctness; differences are paired (same patients, the seeds both rows have). DP: patient-level DP-SGD (Opacus, RDP,
 clipping norm 1, delta 1e-5; epsilon = the most any site spent) on the heads of a model the coordinator pretrained
 on a synthetic public cohort (150 patients, scanners of its own). That public cohort comes from the same generator as
 the sites, so it flatters DP: real public data (ACDC, M&Ms) differ more from a hospital's patients.
 
-| training | accuracy | 95% CI | minus centralised (95% CI) | epsilon | minutes per run |
-|---|---|---|---|---|---|
+| training | seeds | accuracy | 95% CI | minus centralised (95% CI) | minus the same run without DP (95% CI) | epsilon | minutes per run |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
 Framework overhead (train-only FedAvg rounds of one local epoch, after the first): Flower apps {fl:.2f} s per round vs
