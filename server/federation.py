@@ -212,9 +212,22 @@ def register(fed: Federation, site: str) -> int:
     return int(node_id)
 
 
+def unregister(fed: Federation, node_id: int, site: str) -> None:
+    r = fed.flwr("supernode", "unregister", str(node_id), CONNECTION)
+    if r.returncode != 0:
+        raise FederationError(f"unregistering {site}'s key (node {node_id}) failed: "
+                              f"{(r.stdout + r.stderr).strip()[-800:]}")
+
+
 def register_pending(fed: Federation) -> list[str]:
+    """At start: unregister keys replaced while the SuperLink was down, then register new ones."""
     done = []
     for name, rec in fed.active_sites():
+        for node_id in list(rec.get("retired_node_ids", [])):
+            unregister(fed, node_id, name)
+            reg = fed.registry()
+            reg["sites"][name]["retired_node_ids"].remove(node_id)
+            fed.save_registry(reg)
         if rec["status"] == "pending":
             register(fed, name)
             done.append(name)
@@ -232,8 +245,14 @@ def add_site(fed: Federation, site: str, force: bool = False) -> Path:
     if old and old["status"] != "revoked" and not force:
         raise pki.KeyExists(f"site {site} already exists (bundle {fed.bundle(site)}); pass --force to issue it a "
                             "new key (its old key is unregistered)")
-    if old and old.get("node_id") is not None and old["status"] == "registered" and fed.is_up():
-        fed.flwr("supernode", "unregister", str(old["node_id"]), CONNECTION)
+    # the old key must stop working whatever is running: unregistered now, or remembered and
+    # unregistered at the next start (before any new key is registered)
+    retired = list(old.get("retired_node_ids", [])) if old else []
+    if old and old.get("node_id") is not None:
+        if fed.is_up():
+            unregister(fed, old["node_id"], site)
+        else:
+            retired.append(int(old["node_id"]))
     priv, pub = pki.make_site_keys()
     b = fed.bundle(site)
     b.mkdir(parents=True, exist_ok=True)
@@ -248,7 +267,8 @@ def add_site(fed: Federation, site: str, force: bool = False) -> Path:
          "ca_certificate": "ca.crt", "private_key": "site.key",
          "issued": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}, sort_keys=False))
     reg["sites"][site] = {"index": index, "public_key": pub.decode().strip(), "node_id": None, "status": "pending",
-                          "added": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                          "added": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                          "retired_node_ids": retired}
     fed.save_registry(reg)
     if fed.is_up():
         register(fed, site)
@@ -263,13 +283,14 @@ def remove_site(fed: Federation, site: str) -> dict:
     if rec is None or rec["status"] == "revoked":
         known = ", ".join(n for n, _ in fed.active_sites()) or "none"
         raise FederationError(f"no active site {site!r} (active sites: {known})")
-    if rec.get("node_id") is not None:
+    keys = ([rec["node_id"]] if rec.get("node_id") is not None else []) + list(rec.get("retired_node_ids", []))
+    if keys:
         if not fed.is_up():
             raise FederationError(f"the SuperLink is not running; start it (`ccmr-server start {fed.root}`) so that "
                                   f"{site}'s key can be unregistered, then remove the site")
-        r = fed.flwr("supernode", "unregister", str(rec["node_id"]), CONNECTION)
-        if r.returncode != 0:
-            raise FederationError(f"unregistering {site} failed: {(r.stdout + r.stderr).strip()[-800:]}")
+        for node_id in keys:
+            unregister(fed, node_id, site)
+        rec["retired_node_ids"] = []
     rec.update(status="revoked", revoked=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     fed.save_registry(reg)
     (fed.root / "keys" / f"{site}.pub").unlink(missing_ok=True)

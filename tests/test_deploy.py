@@ -227,6 +227,16 @@ def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(tmp_path
         rc, out = lf.refused("--superlink", f"localhost:{lf.port}", "--root-certificates", str(stranger.ca),
                              "--auth-supernode-private-key", str(fed.bundle("hospital-a") / "site.key"))
         assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out  # a SuperLink this site's CA did not sign
+        # a key replaced while the SuperLink is down (issue 14: it stayed valid) stops working at the next start
+        old_a = tmp_path / "hospital-a-old"
+        shutil.copytree(fed.bundle("hospital-a"), old_a)
+        lf.kill("superlink")
+        fedlib.add_site(lf.fed, "hospital-a", force=True)
+        assert lf.fed.registry()["sites"]["hospital-a"]["retired_node_ids"]
+        lf.start_coordinator()
+        assert lf.fed.registry()["sites"]["hospital-a"]["retired_node_ids"] == []
+        rc, out = lf.refused(*target, "--auth-supernode-private-key", str(old_a / "site.key"))
+        assert rc != 0 and "Failed to activate SuperNode" in out, out
         kept = tmp_path / "hospital-b-bundle"  # the hospital still holds its bundle after revocation
         shutil.copytree(fed.bundle("hospital-b"), kept)
         r = lf.cli("server.cli", "remove-site", str(fed.root), "hospital-b")
