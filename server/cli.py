@@ -224,14 +224,22 @@ def cmd_status(args) -> int:
     if up:
         for n in fed.flwr_json("supernode", "ls", CONNECTION).get("nodes", []):
             nodes[int(n.get("node-id", n.get("node_id", -1)))] = n
-    for name, rec in sorted(fed.registry()["sites"].items(), key=lambda x: x[1]["index"]):
+    sites = fed.registry()["sites"]
+    for name, rec in sorted(sites.items(), key=lambda x: x[1]["index"]):
         node = nodes.get(rec.get("node_id") or -1, {})
         state = node.get("status", "") if node else ""
         print(f"  {name:<20} {rec['status']:<11} node {rec.get('node_id') or '-':<22} {state}")
+    # what the SuperLink has that the registry does not: a key registered behind the coordinator's back
+    ours = {rec.get("node_id") for rec in sites.values() if rec["status"] == "registered"}
+    strangers = [(nid, n) for nid, n in nodes.items() if nid not in ours and n.get("status") != "unregistered"]
+    for nid, n in strangers:
+        print(f"  STRANGER node {nid} ({n.get('status', '?')}): registered at the SuperLink but not by this "
+              f"federation; unregister it (flwr supernode unregister {nid}) and check who can reach the port "
+              f"(listen host {fed.listen_host})")
     if up:
         for r in fed.flwr_json("ls", CONNECTION).get("runs", [])[-5:]:
             print(f"  run {r.get('run-id')}: {r.get('status')} (since {r.get('created-at', '')})")
-    return 0
+    return 1 if strangers else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DNS name or IP the hospitals dial (repeatable; the first is put in the site bundles)")
     s.add_argument("--port", type=int, default=fedlib.DEFAULT_PORT, help="SuperLink port (default 9093)")
     s.add_argument("--name", help="federation name (default: folder name)")
-    s.add_argument("--listen-host", default="0.0.0.0", help="interface the SuperLink binds (default 0.0.0.0)")
+    s.add_argument("--listen-host", default="127.0.0.1",
+                   help="interface the SuperLink binds (default 127.0.0.1). Flower 1.41 serves its Control API, "
+                        "which has no user authentication, on the same port as the sites' Fleet API: expose "
+                        "only /v1/fleet through a proxy (deploy/nginx-fleet-only.conf). 0.0.0.0 opens the "
+                        "control plane to anyone who can reach the port")
     s.add_argument("--force", action="store_true", help="replace existing keys (invalidates every site bundle)")
     s.set_defaults(func=cmd_init)
     s = sub.add_parser("add-site", help="create a site's key pair and bundle and register it")

@@ -153,7 +153,7 @@ def load(root: str | Path) -> Federation:
 
 
 def init(root: str | Path, hosts: list[str], port: int = DEFAULT_PORT, name: str | None = None,
-         listen_host: str = "0.0.0.0", force: bool = False) -> Federation:
+         listen_host: str = "127.0.0.1", force: bool = False) -> Federation:
     root = Path(root).absolute()
     if not hosts:
         raise FederationError("give at least one --host: the DNS name or IP address the hospitals will dial")

@@ -51,6 +51,7 @@ def test_init_writes_owner_only_keys_and_never_replaces_them(tmp_path):
 
 def test_add_and_remove_site_offline(tmp_path):
     fed = fedlib.init(tmp_path / "fed", ["localhost"], port=_free_port())
+    assert fed.listen_host == "127.0.0.1"  # the control plane shares the port: closed unless asked (issue 14)
     b = fedlib.add_site(fed, "hospital-a")
     assert _mode(b / "site.key") == 0o600 and _mode(b) == 0o700
     bundle = load_bundle(b)
@@ -243,6 +244,13 @@ def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(tmp_path
         assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
         rc, out = lf.refused(*target, "--auth-supernode-private-key", str(kept / "site.key"))
         assert rc != 0 and "Failed to activate SuperNode" in out, out
+        # a key registered at the SuperLink behind the federation's back is flagged by `status`
+        r = lf.cli("server.cli", "status", str(fed.root))
+        assert r.returncode == 0 and "STRANGER" not in r.stdout, r.stdout + r.stderr
+        lf.fed.flwr_json("supernode", "register", str(tmp_path / "other" / "bundles" / "rogue" / "site.pub"),
+                         fedlib.CONNECTION, "--name", "rogue")
+        r = lf.cli("server.cli", "status", str(fed.root))
+        assert r.returncode == 1 and "STRANGER node" in r.stdout, r.stdout + r.stderr
     _assert_nothing_left(lf)
 
 
