@@ -205,6 +205,44 @@ class EvalStats:
         )
 
 
+def flat_stats_problem(d: dict, n_classes: int) -> str | None:
+    """Why statistics received from a site (``EvalStats.to_flat`` form) cannot be true counts of
+    one evaluation, or None. A site could otherwise steer the pooled metrics, the calibration
+    temperature and the referral thresholds with numbers no set of patients produces."""
+    c = n_classes
+    shapes = {"confusion": c * c, "pos_hist": c * N_BINS, "neg_hist": c * N_BINS, "calib_count": N_BINS,
+              "calib_correct": N_BINS, "calib_conf": N_BINS, "unc_correct": N_UNC_BINS, "unc_wrong": N_UNC_BINS,
+              "nll_t": len(TEMPERATURES), "refer": 4, "loss_sum": 1, "n": 1}
+    a = {}
+    for k, size in shapes.items():
+        v = np.asarray(d.get(k, np.zeros(size)), dtype=float).ravel()
+        if v.size != size:
+            return f"{k} has {v.size} values, expected {size}"
+        if not np.isfinite(v).all() or (v < 0).any():
+            return f"{k} holds a negative or non-finite value"
+        if k not in ("calib_conf", "nll_t", "loss_sum") and not np.array_equal(v, np.round(v)):
+            return f"{k} holds a value that is not a count"
+        a[k] = v
+    n = a["n"][0]
+    cm = a["confusion"].reshape(c, c)
+    pos, neg = a["pos_hist"].reshape(c, N_BINS), a["neg_hist"].reshape(c, N_BINS)
+    unc = a["unc_correct"].sum() + a["unc_wrong"].sum()
+    checks = [
+        (cm.sum() == n and a["calib_count"].sum() == n, "the confusion matrix and the calibration bins do not count n"),
+        ((pos.sum(1) == cm.sum(1)).all() and (pos.sum(1) + neg.sum(1) == n).all(),
+         "the probability histograms do not match the confusion matrix"),
+        ((a["calib_correct"] <= a["calib_count"]).all() and a["calib_correct"].sum() == np.trace(cm),
+         "the correct predictions per bin do not match the confusion matrix"),
+        ((a["calib_conf"] <= a["calib_count"] + 1e-6).all(), "a bin's summed confidence exceeds its count"),
+        (unc in (0, n) and a["refer"].sum() in (0, n), "the uncertainty or referral counts do not count n"),
+        (unc == 0 or a["unc_correct"].sum() == np.trace(cm), "the uncertainty histograms do not match the confusion matrix"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None
+
+
 def uncertainty_edges(n_classes: int) -> np.ndarray:
     """Bin edges for epistemic uncertainty (mutual information, nats): MC-dropout values are
     mostly far below their maximum ln C, so the bins are log-spaced from 1e-4 up to ln C."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from ccmr_core.metrics import EvalStats, metrics_from_stats
+from ccmr_core.metrics import EvalStats, flat_stats_problem, metrics_from_stats
+
+log = logging.getLogger("ccmr.server")
 
 
 def _metrics(rd: RecordDict) -> dict:
@@ -37,12 +41,25 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
 
 
 def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, np.ndarray, np.ndarray]:
+    """The sum of the sites' evaluation statistics; a reply whose numbers cannot be true counts
+    (ccmr_core.metrics.flat_stats_problem, or per-site counts that do not add up) is left out."""
     total, correct, n = None, None, None
     for r in replies:
         if refused(r):  # nothing to pool
             continue
         m = _metrics(r)
-        s = EvalStats.from_flat({k[len("stats-"):]: v for k, v in m.items() if k.startswith("stats-")}, n_classes)
+        flat = {k[len("stats-"):]: v for k, v in m.items() if k.startswith("stats-")}
+        why = flat_stats_problem(flat, n_classes)
+        site_n, site_c = np.asarray(m.get("site-n", []), dtype=float), np.asarray(m.get("site-correct", []), dtype=float)
+        if why is None and not (site_n.shape == site_c.shape and np.isfinite(site_n).all() and
+                                (site_c >= 0).all() and (site_c <= site_n).all() and site_n.sum() == flat["n"][0]):
+            why = "its per-site counts do not add up to its total"
+        if why:
+            msg = f"evaluation statistics of a SuperNode left out: {why}"
+            log.warning(msg)
+            print(msg, flush=True)
+            continue
+        s = EvalStats.from_flat(flat, n_classes)
         total = s if total is None else total + s
         correct = np.asarray(m["site-correct"]) if correct is None else correct + np.asarray(m["site-correct"])
         n = np.asarray(m["site-n"]) if n is None else n + np.asarray(m["site-n"])

@@ -79,3 +79,41 @@ def test_uncertainty_error_relation_reported():
     m = classification_metrics(p, y, CLASSES, unc)
     assert m["uncertainty_error_correlation"] > 0.9 and m["uncertainty_error_auc"] > 0.99
     assert m["mean_uncertainty_wrong"] > m["mean_uncertainty_correct"]
+
+
+def test_a_site_cannot_steer_pooled_metrics_with_counts_no_patients_produce():
+    """Issue 14: the evaluation counts a site sends feed the pooled metrics, the temperature and the
+    referral thresholds unchecked. True statistics pass; each forged one is named and left out."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from ccmr_core.metrics import flat_stats_problem
+    from server.aggregation import pooled_stats
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 40)
+    logits = rng.normal(size=(40, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    stats = EvalStats.from_outputs(probs, labels, np.ones(40), uncertainty=rng.random(40) * 0.1, logits=logits,
+                                   thresholds={"confidence": 0.4, "uncertainty": 0.05})
+    flat = stats.to_flat()
+    assert flat_stats_problem(flat, 5) is None
+    forged = {
+        "n": ({**flat, "n": [400.0]}, "do not count n"),
+        "confusion": ({**flat, "confusion": [x * 10 for x in flat["confusion"]]}, "do not count n"),
+        "fraction": ({**flat, "unc_wrong": [0.5] + flat["unc_wrong"][1:]}, "not a count"),
+        "negative": ({**flat, "refer": [-1.0, 0.0, 0.0, 41.0]}, "negative"),
+        "nan": ({**flat, "nll_t": [float("nan")] * len(flat["nll_t"])}, "non-finite"),
+        "length": ({**flat, "calib_count": flat["calib_count"][:-1]}, "expected 20"),
+        "histogram": ({**flat, "pos_hist": [0.0] * len(flat["pos_hist"])}, "histograms"),
+    }
+    for name, (d, words) in forged.items():
+        assert words in (flat_stats_problem(d, 5) or ""), name
+
+    def reply(d, n):
+        m = {f"stats-{k}": v for k, v in d.items()}
+        return RecordDict({"metrics": MetricRecord({**m, "site-n": [float(n)], "site-correct": [0.0]})})
+
+    total, _, n = pooled_stats([reply(flat, 40), reply(forged["n"][0], 400)], 5)
+    assert total.n == 40 and n.tolist() == [40.0]  # the forged reply is left out
+    total, _, _ = pooled_stats([reply(flat, 40), reply(flat, 39)], 5)  # per-site counts off by one
+    assert total.n == 40
