@@ -43,7 +43,7 @@ def _rounds(run: Path) -> tuple[float, float]:
 
 def deployment(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
     sites = {f"hospital-{s[-1]}": cohort / s for s in ("site-a", "site-b", "site-c")}
-    with LoopbackFederation(work / "dep", sites) as lf:
+    with LoopbackFederation(work / "dep", sites, site_args=("--min-eval-patients", "1")) as lf:  # tiny smoke splits
         lf.wait_online(3)
         t = time.perf_counter()
         r = lf.run("--preset", "smoke", "--rounds", str(rounds), "--set", "validation-patients=0", "--no-follow",

@@ -23,6 +23,7 @@ from ccmr_core.cli import dispatch
 from ccmr_core.config import ConfigError, load_config
 from ccmr_core.flwr_env import child_env, flower_bin
 from ccmr_core.proc import Stopped, stop_group, stop_signals
+from client.policy import DEFAULT_MIN_EVAL_PATIENTS
 
 
 def _config(args):
@@ -89,8 +90,9 @@ def cmd_audit(args) -> int:
 
 
 def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "",
-                      require_secagg: bool = False) -> list[str]:
-    node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index}'
+                      require_secagg: bool = False, min_eval_patients: int = DEFAULT_MIN_EVAL_PATIENTS) -> list[str]:
+    node_config = (f'data-path="{data}" site-name="{b.site}" site-index={b.site_index} '
+                   f'policy-min-eval-patients={int(min_eval_patients)}')
     if require_dp:
         node_config += f' policy-require-dp="{require_dp}"'
     if require_secagg:
@@ -112,7 +114,8 @@ def cmd_start(args) -> int:
     if args.prepare:
         _ingest(data, _config(args), quiet=True)  # the first round then finds the cache ready
     env = child_env()
-    cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "", args.require_secagg)
+    cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "", args.require_secagg,
+                            args.min_eval_patients)
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
@@ -163,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SecAgg+: the coordinator sees only the sum of the sites' updates)")
     s.add_argument("--pin-code", metavar="SHA256", help="take part only in runs of this training code "
                    "(the hash `ccmr-server run` prints)")
+    s.add_argument("--min-eval-patients", type=int, default=DEFAULT_MIN_EVAL_PATIENTS, metavar="N",
+                   help="send no evaluation statistics computed on fewer than N patients (default "
+                        f"{DEFAULT_MIN_EVAL_PATIENTS}): counts over one or two patients describe those patients")
     s.add_argument("--preset", help="with --prepare: the federation's preset")
     s.add_argument("--config", help="with --prepare: the federation's config")
     s.set_defaults(func=cmd_start)

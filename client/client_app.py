@@ -22,7 +22,7 @@ from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
 from client.egress import failed, guard, refuse
-from client.policy import violations
+from client.policy import min_eval_patients, violations
 from client.local import RUN_KEY, average_states, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 
@@ -191,9 +191,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     n_cls = len(cfg.data.classes)
     total = EvalStats.from_outputs(np.zeros((0, n_cls)), np.zeros(0, dtype=int), np.zeros(0))
     site_correct, site_n = np.zeros(n_sites), np.zeros(n_sites)
+    floor = min_eval_patients(context.node_config)
     for site in sites:
         idx = site.split[split]
         if not idx:
+            continue
+        if len(idx) < floor:  # the site's rule: no statistics about one or two patients
+            print(f"[{site.name}] evaluation of the {split} split: {len(idx)} patient(s), fewer than this site's "
+                  f"minimum {floor}; no statistics sent for it", flush=True)
             continue
         out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc)
         if len(out["labels"]) == 0:

@@ -8,6 +8,10 @@ The site sets them when it starts its SuperNode (``ccmr-client start --require-d
 * ``policy-code-sha256``: the SHA-256 of the training code the site reviewed
   (``ccmr_core.codehash``; ``ccmr-server run`` prints it for every run); a run shipping other code
   is refused.
+* ``policy-min-eval-patients``: no evaluation statistics computed on fewer patients leave the site
+  (``ccmr-client start`` sets 5 unless told otherwise; a simulation without the key: 1). Counts,
+  histograms and loss sums over one or two patients describe those patients, and a coordinator
+  could craft a model to read them out (an evaluation oracle).
 
 A refused run gets an empty 'refused' reply with the reason (printed at the site and written to
 its audit log); the run goes on without the site.
@@ -44,6 +48,16 @@ def violations(node_config: dict, privacy_mode: str, secure: bool) -> list[str]:
         if have != pin:
             out.append(f"the run's training code has SHA-256 {have[:16]}..., this site accepts only {pin[:16]}...")
     return out
+
+
+DEFAULT_MIN_EVAL_PATIENTS = 5
+
+
+def min_eval_patients(node_config: dict) -> int:
+    try:
+        return max(1, int(node_config.get("policy-min-eval-patients", 1)))
+    except (TypeError, ValueError):
+        return DEFAULT_MIN_EVAL_PATIENTS  # a value the site cannot read: the safe default
 
 
 def _true(v) -> bool:

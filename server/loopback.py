@@ -63,9 +63,12 @@ def descendants(pid: int) -> list[int]:
 
 
 class LoopbackFederation:
-    def __init__(self, work: Path, sites: dict[str, Path | None], start_timeout: float = 120, start_sites: bool = True):
+    def __init__(self, work: Path, sites: dict[str, Path | None], start_timeout: float = 120, start_sites: bool = True,
+                 site_args: tuple[str, ...] = ()):
         """``sites``: name -> data folder, each registered; with ``start_sites`` each also gets a
-        running SuperNode (without, the sites are only registered: e.g. to test who is refused)."""
+        running SuperNode (without, the sites are only registered: e.g. to test who is refused),
+        started with ``ccmr-client start ... *site_args``."""
+        self.site_args = tuple(site_args)
         self.work = Path(work)
         self.sites = sites
         self.start_sites = start_sites
@@ -171,7 +174,7 @@ class LoopbackFederation:
 
     def start_site(self, site: str, data: Path) -> subprocess.Popen:
         return self.spawn(site, [self.py, "-m", "client.cli", "start", "--bundle", str(self.fed.bundle(site)),
-                                 "--data", str(data), "--port", str(free_port())],
+                                 "--data", str(data), "--port", str(free_port()), *self.site_args],
                           CCMR_CACHE=str(self.work / f"cache-{site}"))
 
     def wait_online(self, n: int, timeout: float = 120) -> None:

@@ -174,7 +174,9 @@ def test_hospitals_over_tls_survive_crashes_and_lose_no_round(cohort, tmp_path):
     finishes the run: rounds 1 and 2, each exactly once."""
     sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b", "hospital-c": cohort / "site-c"}
     run = tmp_path / "run"
-    with LoopbackFederation(tmp_path, sites) as lf:
+    # these sites hold 5 patients each (1-2 per test split): the hospitals' default floor of 5 patients
+    # per evaluation would send no test statistics at all, so the test lowers it as a site could
+    with LoopbackFederation(tmp_path, sites, site_args=("--min-eval-patients", "1")) as lf:
         fed = lf.fed
         assert all(r["status"] == "registered" for r in fed.registry()["sites"].values())
         for s, data in sites.items():

@@ -163,3 +163,40 @@ def test_a_failure_at_the_site_leaves_as_a_fixed_reason_and_its_detail_stays_in_
     assert set(reasons) == {FAILED}  # the same words whatever the path: nothing to probe with
     text = audit_path("site-a").read_text()
     assert "patient-9999" in text and "failed at the site" in summarize(audit_path("site-a"))
+
+
+def test_no_statistics_about_fewer_patients_than_the_sites_floor_leave(cohort, tmp_path, monkeypatch):
+    """Issue 14 item 10: counts over one or two patients describe those patients (an evaluation
+    oracle for a coordinator that crafts the model). The site's floor, node config it sets itself
+    (ccmr-client start: 5), keeps such statistics at the site."""
+    from flwr.app import Context, Message, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ccmr_core.models.registry import build_model, model_kwargs
+    from client.client_app import evaluate
+    from client.cli import supernode_command
+    from client.policy import DEFAULT_MIN_EVAL_PATIENTS
+    from tests.test_federation import _run_config
+    from ccmr_core.config import from_run_config
+
+    for k in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, k, 1)
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(tmp_path / "audit"))
+    rc = _run_config(preset="smoke")
+    cfg = from_run_config(rc)
+    model = build_model(cfg.model.name, **model_kwargs(cfg, 0))
+    sent = {}
+    for floor in (1, 50):
+        msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({
+            "cohort-dir": str(cohort), "num-sites": 1, "bio-channels": 0, "run-key": "r", "split": "val"})}),
+            dst_node_id=1, message_type=MessageType.EVALUATE)
+        ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(cohort / "site-a"), "site-name": "site-a",
+                                                        "policy-min-eval-patients": floor},
+                      state=RecordDict(), run_config=rc)
+        reply = evaluate(msg, ctx)
+        sent[floor] = reply.content["metrics"]["num-examples"]
+    assert sent[1] > 0 and sent[50] == 0
+    # a hospital's SuperNode gets the floor unless it chooses otherwise
+    b = type("B", (), {"site": "h", "site_index": 0, "superlink": "x:1", "ca": "ca", "key": "k"})()
+    assert f"policy-min-eval-patients={DEFAULT_MIN_EVAL_PATIENTS}" in " ".join(supernode_command(b, tmp_path, 9094))
