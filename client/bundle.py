@@ -5,6 +5,11 @@
     BUNDLE/site.key    this site's private authentication key (owner-only)
     BUNDLE/site.pub    its public key (registered at the coordinator)
 
+The recommended way (Flower's too) is that the key pair is made at the site (``ccmr-client keygen
+DIR``) and only site.pub travels to the coordinator (``ccmr-server add-site FED NAME --public-key
+site.pub``), which then sends back site.yaml and ca.crt for DIR: the coordinator never holds a key
+that could impersonate the site. ``add-site`` without ``--public-key`` makes the pair itself.
+
 Every check returns (ok, what it found or what to do), so ``ccmr-client check`` can say exactly
 what is wrong.
 """
@@ -25,6 +30,54 @@ from cryptography.hazmat.primitives import serialization
 
 class BundleError(ValueError):
     pass
+
+
+def make_site_keys() -> tuple[bytes, bytes]:
+    """(private key, public key) of a site, EC P-384 in OpenSSH format (what Flower's SuperNode
+    authentication accepts)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    k = ec.generate_private_key(ec.SECP384R1())
+    priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                           serialization.NoEncryption())
+    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return priv, pub
+
+
+def check_public_key(data: bytes, source: str) -> bytes:
+    """The site's public key as registered: one OpenSSH EC key (P-256/384/521), or an error naming
+    the file and what to send instead (never a private key)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    text = data.strip()
+    if b"PRIVATE KEY" in text:
+        raise BundleError(f"{source} is a private key: send only site.pub (made by `ccmr-client keygen`); "
+                          "make a new key pair, since this one has left the site")
+    try:
+        key = serialization.load_ssh_public_key(text)
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"{source} is not an OpenSSH public key ({e}); send the site.pub that "
+                          "`ccmr-client keygen` wrote") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise BundleError(f"{source} is a {type(key).__name__.removeprefix('_')}; Flower's SuperNode authentication "
+                          "needs an EC key: make one with `ccmr-client keygen`")
+    return text
+
+
+def keygen(folder: str | Path, force: bool = False) -> Path:
+    """Make this site's key pair in ``folder`` (site.key owner-only, site.pub to send); returns site.pub."""
+    from ccmr_core.files import write_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    if (folder / "site.key").exists() and not force:
+        raise BundleError(f"{folder / 'site.key'} exists; refusing to replace this site's key (pass --force to "
+                          "make a new one, then send its site.pub to the coordinator again)")
+    priv, pub = make_site_keys()
+    write_atomic(folder / "site.key", priv, mode=0o600)
+    write_atomic(folder / "site.pub", pub, mode=0o644)
+    return folder / "site.pub"
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """``ccmr-client``: a hospital's commands (see deploy/runbook-site-it.md).
 
+    ccmr-client keygen DIR                          this site's key pair; only DIR/site.pub goes to the coordinator
     ccmr-client prepare --data SITE                 ingest and validate the site's DICOM; sends nothing
     ccmr-client check --bundle DIR [--data SITE]    bundle, certificates, SuperLink reachability, GPU
     ccmr-client start --bundle DIR --data SITE      run the SuperNode (outbound TLS only)
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from client.bundle import BundleError, check_ca, check_gpu, check_key, check_superlink, load_bundle
+from client.bundle import BundleError, check_ca, check_gpu, check_key, check_superlink, keygen, load_bundle
 from ccmr_core.cli import dispatch
 from ccmr_core.config import ConfigError, load_config
 from ccmr_core.flwr_env import child_env, flower_bin
@@ -75,6 +76,15 @@ def cmd_check(args) -> int:
     bad = sum(not ok for ok, _ in checks)
     print("ready to start" if not bad else f"{bad} problem(s): fix them, then run this check again")
     return 0 if not bad else 1
+
+
+def cmd_keygen(args) -> int:
+    pub = keygen(args.dir, force=args.force)
+    print(f"key pair made in {Path(args.dir)} (site.key stays here, owner-only).\n  Send {pub} to the "
+          "coordinator (it is public; e-mail is fine), who registers it with `ccmr-server add-site FED NAME "
+          f"--public-key site.pub` and sends back site.yaml and ca.crt: put them in {Path(args.dir)}, which is "
+          "then this site's bundle (`ccmr-client check --bundle ...`).")
+    return 0
 
 
 def cmd_audit(args) -> int:
@@ -152,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="also check the site folder")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(func=cmd_check)
+    s = sub.add_parser("keygen", help="make this site's key pair (only site.pub goes to the coordinator)")
+    s.add_argument("dir", help="the folder that becomes the site's bundle")
+    s.add_argument("--force", action="store_true", help="replace an existing key pair (register the new site.pub)")
+    s.set_defaults(func=cmd_keygen)
     s = sub.add_parser("audit", help="summarise what this site has sent (the append-only audit log)")
     s.add_argument("--site", help="one site's log (default: all in the audit folder)")
     s.add_argument("--dir", help="audit folder (default $CCMR_CACHE/audit)")

@@ -1,7 +1,8 @@
 """``ccmr-server``: the coordinator's commands (see deploy/runbook-coordinator.md).
 
     ccmr-server init FED --host fl.example.org     CA, SuperLink certificate, federation.yaml
-    ccmr-server add-site FED hospital-a            site key pair + bundle; registers the key
+    ccmr-server add-site FED hospital-a --public-key site.pub   registers the key the site made (ccmr-client keygen)
+    ccmr-server add-site FED hospital-a            or makes the site's key pair here and puts it in the bundle
     ccmr-server remove-site FED hospital-a         unregisters and deletes the site's key
     ccmr-server start FED                          SuperLink with TLS + SuperNode auth (foreground)
     ccmr-server stop FED                           stops what `start` started
@@ -43,12 +44,18 @@ def cmd_init(args) -> int:
 
 def cmd_add_site(args) -> int:
     fed = fedlib.load(args.fed)
-    b = fedlib.add_site(fed, args.name, force=args.force)
+    b = fedlib.add_site(fed, args.name, force=args.force, public_key=args.public_key)
     rec = fed.registry()["sites"][args.name]
     when = f"registered (node id {rec['node_id']})" if rec["status"] == "registered" else \
         "will be registered when the SuperLink starts"
-    print(f"site {args.name}: bundle {b} ({when}).\n  Hand the whole folder to {args.name}'s IT over a secure "
-          "channel; it holds the site's private key. Then delete your copy of site.key.")
+    if args.public_key:
+        print(f"site {args.name}: its own public key recorded; bundle {b} ({when}).\n  Send site.yaml and ca.crt "
+              f"to {args.name}'s IT to put next to the site.key they made (`ccmr-client keygen`); no private key "
+              "exists here.")
+    else:
+        print(f"site {args.name}: bundle {b} ({when}).\n  Hand the whole folder to {args.name}'s IT over a secure "
+              "channel; it holds the site's private key. Then delete your copy of site.key. (Safer: the site makes "
+              "its key pair with `ccmr-client keygen` and you pass its site.pub with --public-key.)")
     return 0
 
 
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("fed")
     s.add_argument("name", help="site name, e.g. hospital-a")
     s.add_argument("--force", action="store_true", help="issue a new key to an existing site (rotation)")
+    s.add_argument("--public-key", metavar="SITE_PUB", help="the site.pub the site made (`ccmr-client keygen`): "
+                   "only the public key travels, the coordinator never holds the site's private key")
     s.set_defaults(func=cmd_add_site)
     s = sub.add_parser("remove-site", help="revoke a site's key")
     s.add_argument("fed")

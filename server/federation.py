@@ -30,6 +30,7 @@ import yaml
 
 from ccmr_core.files import write_atomic
 from ccmr_core.flwr_env import DEFAULTS, child_env, flower_bin
+from client.bundle import BundleError, check_public_key, make_site_keys
 from server import pki
 
 CONNECTION = "ccmr"
@@ -234,9 +235,18 @@ def register_pending(fed: Federation) -> list[str]:
     return done
 
 
-def add_site(fed: Federation, site: str, force: bool = False) -> Path:
-    """Create the site's key pair and bundle, record its public key, and register it now if the
-    SuperLink is running (otherwise at the next `ccmr-server start`)."""
+def add_site(fed: Federation, site: str, force: bool = False, public_key: Path | None = None) -> Path:
+    """Create the site's bundle and record its public key: the one the site made (``public_key``,
+    ``ccmr-client keygen``; the bundle then holds no private key) or a pair made here. Register it
+    now if the SuperLink is running (otherwise at the next `ccmr-server start`)."""
+    given = None
+    if public_key is not None:
+        try:
+            given = check_public_key(Path(public_key).read_bytes(), str(public_key))
+        except OSError as e:
+            raise FederationError(f"cannot read the site's public key {public_key}: {e.strerror}") from None
+        except BundleError as e:
+            raise FederationError(str(e)) from None
     if not NAME_RE.match(site):
         raise FederationError(f"site name {site!r}: use 1-40 lower-case letters, digits and '-', starting with a "
                               "letter or digit (it appears in logs, metrics and file names)")
@@ -253,11 +263,14 @@ def add_site(fed: Federation, site: str, force: bool = False) -> Path:
             unregister(fed, old["node_id"], site)
         else:
             retired.append(int(old["node_id"]))
-    priv, pub = pki.make_site_keys()
+    priv, pub = (None, given) if given is not None else make_site_keys()
     b = fed.bundle(site)
     b.mkdir(parents=True, exist_ok=True)
     os.chmod(b, 0o700)
-    pki.write_private(b / "site.key", priv, force=True)
+    if priv is not None:
+        pki.write_private(b / "site.key", priv, force=True)
+    else:
+        (b / "site.key").unlink(missing_ok=True)  # the site holds it; none here
     pki.write_public(b / "site.pub", pub, force=True)
     pki.write_public(fed.root / "keys" / f"{site}.pub", pub, force=True)
     shutil.copyfile(fed.ca, b / "ca.crt")

@@ -6,8 +6,9 @@
 * The SuperLink's certificate (RSA-2048, 1 year) for the host names and IP addresses the sites
   dial, plus localhost / 127.0.0.1 for the coordinator's own command-line tools.
 * One authentication key pair per site (EC P-384, OpenSSH format, which is what Flower's
-  SuperNode authentication accepts). The coordinator registers the public key; the private key
-  goes to the site in its bundle and nowhere else.
+  SuperNode authentication accepts; client/bundle.py). Best made at the site, so that only the
+  public key travels; otherwise the coordinator makes it and the private key goes to the site in
+  its bundle and nowhere else.
 
 Private keys are written owner-only (0600) and never replaced unless asked to (``force``).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ccmr_core.files import write_atomic
@@ -101,15 +102,6 @@ def make_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, hosts: list[str],
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
-
-
-def make_site_keys() -> tuple[bytes, bytes]:
-    """(private key, public key) of a site, EC P-384 in OpenSSH format."""
-    k = ec.generate_private_key(ec.SECP384R1())
-    priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                           serialization.NoEncryption())
-    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return priv, pub
 
 
 def cert_summary(pem: bytes) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from client.bundle import check_ca, check_key, check_superlink, load_bundle
+from client.bundle import BundleError, check_ca, check_key, check_superlink, load_bundle
 from server import federation as fedlib
 from server.loopback import LoopbackFederation
 from server.loopback import free_port as _free_port
@@ -271,3 +271,32 @@ def test_the_compose_demo_gives_each_hospital_only_its_own_bundle_and_data():
                                                             f"cache-{x}:/cache"])
     assert all(p.startswith("127.0.0.1:") for p in services["superlink"].get("ports", []))
     assert "federation:/federation" in services["superlink"]["volumes"]
+
+
+def test_a_site_makes_its_own_key_and_only_the_public_half_travels(tmp_path):
+    """Issue 14 item 2: the coordinator made every site's key pair, so it could impersonate a site.
+    With `ccmr-client keygen` + `add-site --public-key`, the private key never leaves the site."""
+    from client.bundle import keygen
+
+    fed = fedlib.init(tmp_path / "fed", ["localhost"], port=_free_port())
+    site_dir = tmp_path / "hospital-a-bundle"
+    pub = keygen(site_dir)
+    assert _mode(site_dir / "site.key") == 0o600
+    with pytest.raises(BundleError, match="refusing to replace"):
+        keygen(site_dir)
+    b = fedlib.add_site(fed, "hospital-a", public_key=pub)
+    assert not (b / "site.key").exists() and (b / "site.pub").read_bytes().strip() == pub.read_bytes().strip()
+    assert fed.registry()["sites"]["hospital-a"]["public_key"] == pub.read_text().strip()
+    assert not any(p.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
+                   for p in fed.root.rglob("*") if p.is_file())  # no private key of the site at the coordinator
+    for name in ("site.yaml", "ca.crt"):  # what the coordinator sends back
+        shutil.copy(b / name, site_dir / name)
+    bundle = load_bundle(site_dir)
+    assert bundle.site == "hospital-a" and check_key(bundle)[0] and check_ca(bundle)[0]
+    # what the coordinator refuses to register, each named
+    with pytest.raises(fedlib.FederationError, match="is a private key"):
+        fedlib.add_site(fed, "hospital-b", public_key=site_dir / "site.key")
+    (tmp_path / "junk.pub").write_text("ssh-rsa AAAA not a key\n")
+    with pytest.raises(fedlib.FederationError, match="not an OpenSSH public key"):
+        fedlib.add_site(fed, "hospital-b", public_key=tmp_path / "junk.pub")
+    assert "hospital-b" not in fed.registry()["sites"]
