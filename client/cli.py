@@ -100,9 +100,13 @@ def cmd_audit(args) -> int:
 
 
 def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "",
-                      require_secagg: bool = False, min_eval_patients: int = DEFAULT_MIN_EVAL_PATIENTS) -> list[str]:
+                      require_secagg: bool = False, min_eval_patients: int = DEFAULT_MIN_EVAL_PATIENTS,
+                      max_epsilon: float | None = None) -> list[str]:
     node_config = (f'data-path="{data}" site-name="{b.site}" site-index={b.site_index} '
                    f'policy-min-eval-patients={int(min_eval_patients)}')
+    if max_epsilon is not None:
+        node_config += f' policy-max-epsilon={float(max_epsilon)!r}'
+
     if require_dp:
         node_config += f' policy-require-dp="{require_dp}"'
     if require_secagg:
@@ -125,7 +129,7 @@ def cmd_start(args) -> int:
         _ingest(data, _config(args), quiet=True)  # the first round then finds the cache ready
     env = child_env()
     cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "", args.require_secagg,
-                            args.min_eval_patients)
+                            args.min_eval_patients, args.max_epsilon)
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
@@ -180,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SecAgg+: the coordinator sees only the sum of the sites' updates)")
     s.add_argument("--pin-code", metavar="SHA256", help="take part only in runs of this training code "
                    "(the hash `ccmr-server run` prints)")
+    s.add_argument("--max-epsilon", type=float, metavar="E", help="this site's lifetime cap on patient-level DP: "
+                   "epsilon over all runs together (at delta 1e-5); rounds beyond it are declined")
     s.add_argument("--min-eval-patients", type=int, default=DEFAULT_MIN_EVAL_PATIENTS, metavar="N",
                    help="send no evaluation statistics computed on fewer than N patients (default "
                         f"{DEFAULT_MIN_EVAL_PATIENTS}): counts over one or two patients describe those patients")

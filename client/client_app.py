@@ -22,8 +22,8 @@ from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
 from client.egress import failed, guard, refuse
-from client.policy import min_eval_patients, violations
-from client.local import RUN_KEY, average_states, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
+from client.policy import max_epsilon, min_eval_patients, violations
+from client.local import RUN_KEY, average_states, check_lifetime_budget, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 
 # secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
@@ -116,7 +116,8 @@ def train(msg: Message, context: Context) -> Message:
             ledger = read_ledger(site, run_key)
             dp = PrivateTraining(cfg, ledger, len(idx))
             try:
-                dp.check_budget()
+                dp.check_budget()  # this run's target
+                check_lifetime_budget(site, run_key, dp.ledger, dp.round_cost(), *max_epsilon(context.node_config))
             except BudgetExhausted as e:
                 log.warning("%s: %s", site.name, e)
                 print(f"[{site.name}] {e}", flush=True)

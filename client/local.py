@@ -24,7 +24,7 @@ from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
 from ccmr_core.files import atomic_path, write_atomic
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
-from ccmr_core.privacy import Ledger
+from ccmr_core.privacy import BudgetExhausted, Ledger
 
 
 @dataclass
@@ -103,6 +103,35 @@ def write_ledger(site: Site, run_key: str, ledger: Ledger) -> None:
     p = ledger_path(site, run_key)
     p.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(p, ledger.to_json())
+
+
+def lifetime_ledger(site: Site, run_key: str, current: Ledger) -> Ledger:
+    """Everything this site has spent under patient-level DP, in every run it took part in (the
+    per-run ledgers at the site; this run's as ``current``): RDP composes over runs on the same
+    patients, so a coordinator cannot start a fresh budget by naming a new run."""
+    history = []
+    for p in sorted(ledger_path(site, run_key).parent.parent.glob(f"*/{site.name}.json")):
+        if p.parent.name != run_key:
+            try:
+                history += Ledger.from_json(p.read_text()).history
+            except (ValueError, KeyError, TypeError) as e:  # a damaged ledger cannot be left out silently
+                raise BudgetExhausted(f"the privacy ledger {p} cannot be read ({type(e).__name__}); this site "
+                                      "declines to train until it is restored") from None
+    return Ledger(current.noise_multiplier, history + list(current.history))
+
+
+def check_lifetime_budget(site: Site, run_key: str, current: Ledger, round_cost: tuple[float, float, int],
+                          cap: float | None, delta: float) -> None:
+    """Raise BudgetExhausted if the coming round would take the site's lifetime epsilon (all runs,
+    at the site's own delta) above its cap (the site's policy; None = no cap)."""
+    if cap is None:
+        return
+    life = lifetime_ledger(site, run_key, current)
+    after = life.epsilon(delta, round_cost)
+    if after > cap * (1 + 1e-6):
+        raise BudgetExhausted(f"this site's lifetime privacy budget: epsilon {life.epsilon(delta):.2f} spent over all "
+                              f"runs, the next round would reach {after:.2f} > the site's cap {cap:g} (delta "
+                              f"{delta:g}); this site declines to train")
 
 
 def optimizer_path(site: Site, run_key: str) -> Path:

@@ -8,6 +8,9 @@ The site sets them when it starts its SuperNode (``ccmr-client start --require-d
 * ``policy-code-sha256``: the SHA-256 of the training code the site reviewed
   (``ccmr_core.codehash``; ``ccmr-server run`` prints it for every run); a run shipping other code
   is refused.
+* ``policy-max-epsilon``: the site's lifetime cap on patient-level DP: epsilon over every run it
+  took part in (RDP composed over the runs' ledgers at the site), at ``policy-delta`` (default
+  1e-5, whatever delta a run asks for). A round that would exceed it is declined.
 * ``policy-min-eval-patients``: no evaluation statistics computed on fewer patients leave the site
   (``ccmr-client start`` sets 5 unless told otherwise; a simulation without the key: 1). Counts,
   histograms and loss sums over one or two patients describe those patients, and a coordinator
@@ -51,6 +54,14 @@ def violations(node_config: dict, privacy_mode: str, secure: bool) -> list[str]:
 
 
 DEFAULT_MIN_EVAL_PATIENTS = 5
+SITE_DELTA = 1e-5
+
+
+def max_epsilon(node_config: dict) -> tuple[float | None, float]:
+    """(the site's lifetime epsilon cap or None, the delta it is measured at)."""
+    cap = node_config.get("policy-max-epsilon", "")
+    delta = float(node_config.get("policy-delta", SITE_DELTA) or SITE_DELTA)
+    return (float(cap) if str(cap).strip() not in ("", "none") else None), delta
 
 
 def min_eval_patients(node_config: dict) -> int:

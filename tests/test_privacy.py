@@ -202,3 +202,37 @@ def test_clip_update_bounds_the_update_keeps_its_direction_and_leaves_integers()
     assert int(out["steps"]) == 7 and out["w"].dtype == state["w"].dtype
     same, n2 = clip_update(state, ref, 10 * norm)  # inside the bound: unchanged
     assert all(torch.equal(same[k], state[k]) for k in state) and n2 == pytest.approx(norm)
+
+
+def test_a_sites_lifetime_cap_holds_across_runs_whatever_the_coordinator_names_them(tmp_path, monkeypatch):
+    """Issue 13: the ledger was per run key, so a coordinator could start a fresh budget by naming a
+    new run. The site's cap (its own node config) is now checked against every run's ledger at the
+    site, composed (RDP), at the site's own delta."""
+    from types import SimpleNamespace
+
+    from client.local import check_lifetime_budget, lifetime_ledger, write_ledger
+    from client.policy import max_epsilon
+
+    monkeypatch.setenv("CCMR_PRIVACY_DIR", str(tmp_path))
+    site = SimpleNamespace(name="site-a")
+    spent = Ledger(1.0, [(1.0, 0.2, 25)] * 4)  # four rounds of an earlier run
+    write_ledger(site, "run-one", spent)
+    e1 = spent.epsilon(1e-5)
+    cost = (1.0, 0.2, 25)
+    fresh = Ledger(1.0, [])
+    # a new run starts at the site's lifetime spend, not at zero
+    assert lifetime_ledger(site, "run-two", fresh).epsilon(1e-5) == pytest.approx(e1)
+    check_lifetime_budget(site, "run-two", fresh, cost, None, 1e-5)  # no cap: the run's own target rules
+    check_lifetime_budget(site, "run-two", fresh, cost, e1 * 3, 1e-5)  # room for another round
+    with pytest.raises(BudgetExhausted, match="lifetime privacy budget.*cap"):
+        check_lifetime_budget(site, "run-two", fresh, cost, e1 * 1.01, 1e-5)
+    with pytest.raises(BudgetExhausted, match="lifetime"):  # any name the coordinator picks
+        check_lifetime_budget(site, "another-name", fresh, cost, e1 * 1.01, 1e-5)
+    # the run's own ledger is counted once (resume), and a damaged ledger stops training
+    assert lifetime_ledger(site, "run-one", spent).epsilon(1e-5) == pytest.approx(e1)
+    (tmp_path / "run-bad").mkdir()
+    (tmp_path / "run-bad" / "site-a.json").write_text("{not json")
+    with pytest.raises(BudgetExhausted, match="cannot be read"):
+        check_lifetime_budget(site, "run-two", fresh, cost, 100.0, 1e-5)
+    # the site's policy: a cap at its own delta, whatever delta the run asks for
+    assert max_epsilon({"policy-max-epsilon": 3.0}) == (3.0, 1e-5) and max_epsilon({})[0] is None
