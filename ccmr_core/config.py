@@ -261,14 +261,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -339,8 +343,10 @@ def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    text: tuple[str, str] | None = None,
 ) -> ExperimentConfig:
-    """Defaults, then the preset, then ``path``, then overrides; each layer validated."""
+    """Defaults, then the preset, then ``path`` or ``text`` ((YAML content, where it came from)),
+    then overrides; each layer validated."""
     merged: dict[str, Any] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
     default = configs_dir() / "default.yaml"
@@ -352,6 +358,8 @@ def load_config(
         layers.append((str(p), _read_yaml(p)))
     if path is not None:
         layers.append((str(path), _read_yaml(Path(path))))
+    if text is not None:
+        layers.append((text[1], _parse_yaml(text[0], text[1])))
     for o in overrides:
         layers.append((f"override {o!r}", parse_override(o)))
     for source, data in layers:
@@ -390,12 +398,14 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "secure-aggregation": "secure_aggregation.enabled",
     "round-timeout": "federated.round_timeout_s",
 }
-RUN_CONFIG_EXTRA = ("preset", "config", "out-dir", "data-dir", "resume", "keep-superlink", "sites")
+RUN_CONFIG_EXTRA = ("preset", "config", "config-yaml", "out-dir", "data-dir", "resume", "keep-superlink", "sites")
 
 
-def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
-    """The experiment config for a Flower run: preset, optional config file, then the run-config
-    keys that are not left at their sentinel ("" or -1)."""
+def from_run_config(run_config: dict[str, Any], allow_paths: bool = True) -> ExperimentConfig:
+    """The experiment config for a Flower run: preset, the config (``config-yaml``: its YAML
+    content, as `ccmr-server run` sends it; or ``config``: a file path, for a simulation on one
+    machine), then the run-config keys that are not left at their sentinel ("" or -1). A hospital
+    reads it with ``allow_paths=False``: it never opens a file the coordinator names."""
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS) - set(RUN_CONFIG_EXTRA))
     if unknown:
         raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)}; allowed: "
@@ -408,8 +418,15 @@ def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
         overrides.append(f"{path}={json.dumps(v)}")
     preset = str(run_config.get("preset", "") or "default")
     path = str(run_config.get("config", "") or "") or None
+    content = str(run_config.get("config-yaml", "") or "") or None
+    if path and content:
+        raise ConfigError("run config: give the config as 'config' (a file) or 'config-yaml' (its content), not both")
+    if path and not allow_paths:
+        raise ConfigError("run config: the coordinator named a file ('config'); a site opens no path it is sent. "
+                          "Send the configuration's content ('config-yaml'; `ccmr-server run --config` does)")
     try:
-        return load_config(path, preset, overrides)
+        return load_config(path, preset, overrides,
+                           text=(content, "run config 'config-yaml' (the coordinator's config)") if content else None)
     except ConfigError as e:
         raise ConfigError(f"run config: {e}") from None
 

@@ -60,7 +60,8 @@ def contained(kind: str):
 
 
 def _setup(msg: Message, context: Context):
-    cfg = from_run_config(context.run_config)
+    # a hospital's SuperNode (it has its own data path) opens no file the coordinator names
+    cfg = from_run_config(context.run_config, allow_paths="data-path" not in context.node_config)
     c = msg.content["config"]
     set_threads(cfg.train.threads)
     sites = load_sites(context.node_config, cfg, str(c["cohort-dir"]))

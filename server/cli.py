@@ -22,9 +22,12 @@ import signal
 import subprocess
 import sys
 import time
+
+import tomli_w
 from pathlib import Path
 
 from ccmr_core.cli import dispatch
+from ccmr_core.files import write_atomic
 from ccmr_core.flwr_env import flower_bin
 from ccmr_core.proc import Stopped, stop_group, stop_signals
 from server import federation as fedlib
@@ -158,12 +161,16 @@ def _app_dir(given: str | None) -> Path:
     return p
 
 
-def _toml_value(v: str) -> str:
-    try:
-        float(v)
-        return v
-    except ValueError:
-        return v if v in ("true", "false") or v.startswith(("'", '"')) else f"'{v}'"
+def _typed(v: str):
+    """A --set value as Flower's run config types it (bool, int, float or string)."""
+    if v in ("true", "false"):
+        return v == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v
 
 
 def cmd_run(args) -> int:
@@ -184,22 +191,28 @@ def cmd_run(args) -> int:
                                       "from; start a new run instead")
         rc.update({"out-dir": str(out), "resume": str(out)})
         if not (args.preset or args.config):
-            rc["config"] = str(out / "config.yaml")
+            rc["config-yaml"] = (out / "config.yaml").read_text()
     if args.preset:
         rc["preset"] = args.preset
-    if args.config:
-        rc["config"] = str(Path(args.config).absolute())
+    if args.config:  # its content travels, never this machine's path (the sites could not, and must not, open it)
+        try:
+            rc["config-yaml"] = Path(args.config).read_text()
+        except OSError as e:
+            raise FederationError(f"--config {args.config}: cannot read it ({e.strerror})") from None
     if args.rounds:
         rc["num-server-rounds"] = args.rounds
     for kv in args.set or []:
         k, _, v = kv.partition("=")
-        rc[k.strip()] = v.strip()
-    text = " ".join(f"{k}={_toml_value(str(v))}" for k, v in rc.items())
+        rc[k.strip()] = _typed(v.strip())
     app = _app_dir(args.app)
     from ccmr_core.codehash import code_hash
 
     print(f"training code SHA-256 {code_hash(app)} (what sites pin with `ccmr-client start --pin-code`)", flush=True)
-    sub = fed.flwr_json("run", str(app), CONNECTION, "--run-config", text, timeout=300)
+    # as a TOML file: multi-line YAML content cannot travel in Flower's "k=v k=v" string
+    rc_file = fed.root / "state" / f"run-config-{stamp}.toml"
+    rc_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(rc_file, tomli_w.dumps(rc))
+    sub = fed.flwr_json("run", str(app), CONNECTION, "--run-config", str(rc_file), timeout=300)
     run_id = sub.get("run-id")
     if not sub.get("success", run_id is not None) or run_id is None:
         raise FederationError(f"the run was not accepted: {sub}")

@@ -56,3 +56,33 @@ def test_bad_yaml_and_bad_override(tmp_path):
 def test_duplicate_classes_rejected():
     with pytest.raises(ConfigError, match="unique"):
         load_config(overrides=["data.classes=[NOR, NOR]"])
+
+
+def test_a_config_travels_as_content_and_a_site_opens_no_path_it_is_sent(tmp_path):
+    """Issue 13: `ccmr-server run --config` handed the coordinator's file path to the sites (it only
+    worked where both share a file system) and a site opened whatever path it was sent."""
+    import tomli
+    from flwr.common.config import parse_config_args
+
+    from ccmr_core.config import from_run_config
+    from server.cli import _typed
+
+    text = 'train:\n  lr: 0.003  # "quoted" comment\nmodel: {name: cine-only}\n'
+    (tmp_path / "study.yaml").write_text(text)
+    by_path = from_run_config({"config": str(tmp_path / "study.yaml")})
+    by_content = from_run_config({"config-yaml": text}, allow_paths=False)
+    assert by_path == by_content and by_content.model.name == "cine-only"
+    with pytest.raises(ConfigError, match="opens no path"):
+        from_run_config({"config": str(tmp_path / "study.yaml")}, allow_paths=False)
+    with pytest.raises(ConfigError, match="not both"):
+        from_run_config({"config": str(tmp_path / "study.yaml"), "config-yaml": text})
+    with pytest.raises(ConfigError, match="config-yaml.*unknown key"):
+        from_run_config({"config-yaml": "trian: {lr: 1}\n"})
+    # what `ccmr-server run` writes for Flower: the content (quotes, newlines) comes back intact
+    import tomli_w
+
+    rc = {"config-yaml": text, "num-server-rounds": _typed("2"), "fraction-evaluate": _typed("0.0"),
+          "secure-aggregation": _typed("true"), "preset": _typed("'smoke'")}
+    (tmp_path / "rc.toml").write_text(tomli_w.dumps(rc))
+    assert parse_config_args([str(tmp_path / "rc.toml")]) == {**rc, "preset": "smoke"}
+    assert tomli.loads(tomli_w.dumps(rc))["secure-aggregation"] is True
