@@ -387,7 +387,16 @@ def test_code_hash_changes_with_any_training_code(tmp_path):
     for part in ("ccmr_core", "client", "server"):
         (tmp_path / part).mkdir()
         (tmp_path / part / "a.py").write_text("x = 1\n")
+    (tmp_path / "configs" / "presets").mkdir(parents=True)
+    (tmp_path / "configs" / "default.yaml").write_text("privacy: {target_epsilon: 8.0}\n")
     h = code_hash(tmp_path)
     assert code_hash(tmp_path) == h
     (tmp_path / "client" / "a.py").write_text("x = 2\n")
+    assert code_hash(tmp_path) != h
+    # the shipped configs set the experiment (issue 13: epsilon 1000 left the hash unchanged)
+    h = code_hash(tmp_path)
+    (tmp_path / "configs" / "default.yaml").write_text("privacy: {target_epsilon: 1000.0}\n")
+    assert code_hash(tmp_path) != h
+    h = code_hash(tmp_path)
+    (tmp_path / "configs" / "presets" / "x.yaml").write_text("train: {val_fraction: 0.01}\n")
     assert code_hash(tmp_path) != h
