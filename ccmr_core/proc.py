@@ -47,6 +47,25 @@ def worker_pool(ctx, processes: int, initializer=None):
         yield pool
 
 
+def dies_with(parent_pid: int):
+    """A ``preexec_fn`` for a child that must not outlive ``parent_pid`` even when the parent is
+    killed with SIGKILL and cannot stop it (Linux: the kernel sends the child SIGTERM, which a
+    SuperNode or SuperLink handles by stopping what it started). Elsewhere: nothing."""
+
+    def _set() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            return
+        if os.getppid() != parent_pid:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return _set
+
+
 class Stopped(Exception):
     """SIGTERM or SIGINT arrived while ``stop_signals`` was in effect."""
 

@@ -14,6 +14,7 @@ person can fix print one line starting with ``error:`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from client.bundle import BundleError, check_ca, check_gpu, check_key, check_sup
 from ccmr_core.cli import dispatch
 from ccmr_core.config import ConfigError, load_config
 from ccmr_core.flwr_env import child_env, flower_bin
-from ccmr_core.proc import Stopped, stop_group, stop_signals
+from ccmr_core.proc import Stopped, dies_with, stop_group, stop_signals
 from client.policy import DEFAULT_MIN_EVAL_PATIENTS
 
 
@@ -133,7 +134,9 @@ def cmd_start(args) -> int:
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # its own session (stop_group ends it with what it starts), and it ends when this process ends,
+    # even by SIGKILL, so no SuperNode is left dialling the coordinator unattended
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=dies_with(os.getpid()))
     try:
         with stop_signals():
             rc = proc.wait()

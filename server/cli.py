@@ -29,7 +29,7 @@ from pathlib import Path
 from ccmr_core.cli import dispatch
 from ccmr_core.files import write_atomic
 from ccmr_core.flwr_env import flower_bin
-from ccmr_core.proc import Stopped, stop_group, stop_signals
+from ccmr_core.proc import Stopped, dies_with, stop_group, stop_signals
 from server import federation as fedlib
 from server.federation import CONNECTION, FederationError
 from server.pki import KeyExists, cert_summary
@@ -100,7 +100,7 @@ def cmd_start(args) -> int:
     log = open(fed.log_file, "a")
     # its own process group: `stop` ends the SuperLink and the SuperExec it spawns, nothing else
     proc = subprocess.Popen(fed.superlink_command(), env=fed.env(), stdout=log, stderr=subprocess.STDOUT,
-                            cwd=fed.root, start_new_session=True)
+                            cwd=fed.root, start_new_session=True, preexec_fn=dies_with(os.getpid()))
     fed.pid_file.write_text(f"{os.getpid()} {proc.pid}\n")
 
     try:

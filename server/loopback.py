@@ -228,6 +228,13 @@ class LoopbackFederation:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # and a SuperNode or SuperLink of this harness in a session of its own whose parent is gone
+        # (a test that failed mid-way): its command line names this harness's folder
+        for line in self.leftovers():
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         for f in self._logs:
             f.close()
 

@@ -6,6 +6,7 @@ runs two rounds and stops everything it started, by PID."""
 
 import json
 import os
+import signal
 import shutil
 import socket
 import ssl
@@ -215,11 +216,20 @@ def test_hospitals_over_tls_survive_crashes_and_lose_no_round(cohort, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(tmp_path):
+def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(cohort, tmp_path):
     """A running SuperLink with two registered sites (no training): each wrong way in is refused on
     the SuperNode's side with Flower's exit code 305 and its reason."""
     with LoopbackFederation(tmp_path, {"hospital-a": None, "hospital-b": None}, start_sites=False) as lf:
         fed = lf.fed
+        # `ccmr-client start` killed outright (SIGKILL: no handler runs) takes its SuperNode with it
+        client = lf.start_site("hospital-a", cohort / "site-a")
+        lf.wait_online(1)
+        os.kill(client.pid, signal.SIGKILL)
+        client.wait(10)
+        deadline = time.time() + 30
+        while [x for x in lf.leftovers() if "flower-supernode" in x] and time.time() < deadline:
+            time.sleep(0.5)
+        assert not [x for x in lf.leftovers() if "flower-supernode" in x], "the SuperNode outlived ccmr-client"
         target = ["--superlink", f"localhost:{lf.port}", "--root-certificates", str(fed.ca)]
         stranger = load_bundle(fedlib.add_site(fedlib.init(tmp_path / "other", ["localhost"]), "rogue"))
         rc, out = lf.refused(*target, "--auth-supernode-private-key", str(stranger.key))
