@@ -20,12 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from client.bundle import BundleError, check_ca, check_gpu, check_key, check_superlink, keygen, load_bundle
+from pydantic import ValidationError
+
 from ccmr_core.cli import dispatch
 from ccmr_core.config import ConfigError, load_config
 from ccmr_core.flwr_env import child_env, flower_bin
 from ccmr_core.proc import Stopped, dies_with, stop_group, stop_signals
-from client.policy import DEFAULT_MIN_EVAL_PATIENTS
+from client.bundle import BundleError, check_ca, check_gpu, check_key, check_superlink, keygen, load_bundle
+from client.policy import DEFAULT_MIN_EVAL_PATIENTS, PolicyError, SitePolicy, load_policy
 
 
 def _config(args):
@@ -100,20 +102,28 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def supernode_command(b, data: Path, port: int, require_dp: str = "", pin_code: str = "",
-                      require_secagg: bool = False, min_eval_patients: int = DEFAULT_MIN_EVAL_PATIENTS,
-                      max_epsilon: float | None = None) -> list[str]:
-    node_config = (f'data-path="{data}" site-name="{b.site}" site-index={b.site_index} '
-                   f'policy-min-eval-patients={int(min_eval_patients)}')
-    if max_epsilon is not None:
-        node_config += f' policy-max-epsilon={float(max_epsilon)!r}'
+def site_policy(args) -> SitePolicy:
+    """The policy file (--policy), with any rule also given as a flag set there instead: a rule in
+    both places is refused, so that nobody wonders which one holds."""
+    flags = {"require_dp": args.require_dp or None, "require_secagg": args.require_secagg or None,
+             "allowed_code": [args.pin_code] if args.pin_code else None, "max_epsilon": args.max_epsilon,
+             "min_eval_patients": args.min_eval_patients}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    base = load_policy(args.policy) if args.policy else SitePolicy()
+    if args.policy:
+        both = sorted(k for k in flags if k in base.model_fields_set)
+        if both:
+            raise PolicyError(f"{args.policy} and the command line both set {', '.join(both)}; keep each rule in "
+                              "one place")
+    try:
+        return SitePolicy.model_validate({**base.model_dump(exclude_unset=True), **flags})
+    except ValidationError as e:
+        raise PolicyError(f"site policy: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
 
-    if require_dp:
-        node_config += f' policy-require-dp="{require_dp}"'
-    if require_secagg:
-        node_config += ' policy-require-secagg="true"'
-    if pin_code:
-        node_config += f' policy-code-sha256="{pin_code}"'
+
+def supernode_command(b, data: Path, port: int, policy: SitePolicy | None = None) -> list[str]:
+    policy = policy or SitePolicy()
+    node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index} {policy.node_config()}'
     return [flower_bin("flower-supernode"), "--superlink", b.superlink, "--root-certificates", str(b.ca), "--auth-supernode-private-key", str(b.key),
             "--node-config", node_config, "--port", str(port)]
 
@@ -129,8 +139,8 @@ def cmd_start(args) -> int:
     if args.prepare:
         _ingest(data, _config(args), quiet=True)  # the first round then finds the cache ready
     env = child_env()
-    cmd = supernode_command(b, data, args.port, args.require_dp or "", args.pin_code or "", args.require_secagg,
-                            args.min_eval_patients, args.max_epsilon)
+    policy = site_policy(args)
+    cmd = supernode_command(b, data, args.port, policy)
     print(f"site {b.site}: SuperNode dialling {b.superlink} (TLS, key {b.key.name}); data {data}; local runtime "
           f"port 127.0.0.1:{args.port} (not reachable from outside). Ctrl-C stops it.", flush=True)
     # the SuperNode retries forever by default, so it reconnects when the SuperLink restarts
@@ -189,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the hash `ccmr-server run` prints)")
     s.add_argument("--max-epsilon", type=float, metavar="E", help="this site's lifetime cap on patient-level DP: "
                    "epsilon over all runs together (at delta 1e-5); rounds beyond it are declined")
-    s.add_argument("--min-eval-patients", type=int, default=DEFAULT_MIN_EVAL_PATIENTS, metavar="N",
+    s.add_argument("--policy", metavar="FILE", help="the site's rules as YAML (require_dp, require_secagg, "
+                   "allowed_code, max_epsilon, min_eval_patients); kept by the site, never sent by the coordinator")
+    s.add_argument("--min-eval-patients", type=int, default=None, metavar="N",
                    help="send no evaluation statistics computed on fewer than N patients (default "
                         f"{DEFAULT_MIN_EVAL_PATIENTS}): counts over one or two patients describe those patients")
     s.add_argument("--preset", help="with --prepare: the federation's preset")

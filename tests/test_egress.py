@@ -200,3 +200,36 @@ def test_no_statistics_about_fewer_patients_than_the_sites_floor_leave(cohort, t
     # a hospital's SuperNode gets the floor unless it chooses otherwise
     b = type("B", (), {"site": "h", "site_index": 0, "superlink": "x:1", "ca": "ca", "key": "k"})()
     assert f"policy-min-eval-patients={DEFAULT_MIN_EVAL_PATIENTS}" in " ".join(supernode_command(b, tmp_path, 9094))
+
+
+def test_a_site_policy_file_holds_the_sites_rules_and_names_what_is_wrong(tmp_path):
+    """Issue 13: the site's rules as a file the hospital keeps (or flags), turned into node config
+    of its own SuperNode; errors name the file, the rule and what is allowed."""
+    from types import SimpleNamespace
+
+    from client.cli import site_policy, supernode_command
+    from client.policy import PolicyError, _app_hash, load_policy, violations
+
+    ok = tmp_path / "policy.yaml"
+    ok.write_text(f"require_dp: sample\nmax_epsilon: 8\nallowed_code: ['{'0' * 64}', '{_app_hash()}']\n")
+    p = load_policy(ok)
+    assert p.require_dp == "sample" and p.max_epsilon == 8.0 and p.min_eval_patients == 5
+    nc = p.node_config()
+    assert 'policy-require-dp="sample"' in nc and "policy-max-epsilon=8.0" in nc and "policy-min-eval-patients=5" in nc
+    node = {"policy-require-dp": "sample", "policy-code-sha256": ",".join(p.allowed_code)}
+    assert violations(node, "sample", False) == []  # this code is one of the allowed versions
+    assert "accepts only" in violations({"policy-code-sha256": "0" * 64}, "sample", False)[0]
+    for text, words in (("require_dp: maybe\n", "require_dp"), ("max_epsilon: -1\n", "max_epsilon"),
+                        ("allowed_code: [abc]\n", "not a SHA-256"), ("requre_dp: sample\n", "requre_dp"),
+                        ("- a list\n", "mapping of rules")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(PolicyError, match=words):
+            load_policy(tmp_path / "bad.yaml")
+    args = SimpleNamespace(policy=str(ok), require_dp=None, require_secagg=False, pin_code=None, max_epsilon=None,
+                           min_eval_patients=10)
+    assert site_policy(args).min_eval_patients == 10 and site_policy(args).require_dp == "sample"
+    args.max_epsilon = 3.0  # also in the file: which would hold?
+    with pytest.raises(PolicyError, match="both set max_epsilon"):
+        site_policy(args)
+    b = SimpleNamespace(site="h", site_index=0, superlink="x:1", ca="ca", key="k")
+    assert "policy-max-epsilon=8.0" in " ".join(supernode_command(b, tmp_path, 9094, p))
