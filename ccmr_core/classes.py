@@ -18,13 +18,3 @@ DESCRIPTIONS: dict[str, str] = {
     "high EF, small cavity, patchy scar at the RV insertion points in about half",
     "ARV": "abnormal right ventricle: dilated, poorly contracting RV with a near-normal LV",
 }
-
-
-def class_index(classes: tuple[str, ...] | list[str], name: str) -> int:
-    """Index of ``name`` in ``classes``; a clear error names the allowed values."""
-    try:
-        return list(classes).index(name)
-    except ValueError:
-        raise ValueError(
-            f"diagnosis {name!r} is not one of the configured classes: {', '.join(classes)}"
-        ) from None

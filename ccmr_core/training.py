@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ccmr_core.calibration import fit_temperature, nll_sums
 from ccmr_core.checkpoint import load_model, save_model
 from ccmr_core.config import ExperimentConfig, dump_config, validate
-from ccmr_core.data.sources import MultiSite, SourceError, prepare, subset
+from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
@@ -74,8 +74,8 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     train_ds = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
     labelled = labelled_subset(ds.labels, idx["train"], cfg.train.label_fraction, cfg.train.seed)
     train_ds.hidden_labels = frozenset(idx["train"]) - frozenset(labelled)
-    train_loader = loader(subset(train_ds, idx["train"]), cfg, shuffle=True, seed=cfg.train.seed)
-    val_loader = loader(subset(ds, idx["val"]), cfg, shuffle=False)
+    train_loader = loader(Subset(train_ds, idx["train"]), cfg, shuffle=True, seed=cfg.train.seed)
+    val_loader = loader(Subset(ds, idx["val"]), cfg, shuffle=False)
     plan = plan_for(model, cfg.train.epochs, cfg.model.teacher_share)
     (out / "config.yaml").write_text(dump_config(cfg))
     log.info("training %s on %d patients (validation %d, test %d) from %s; %s", cfg.model.name, len(idx["train"]),
@@ -122,7 +122,7 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     metrics: dict = {"model": cfg.model.name, **info, "refer": refer}
     if idx["test"]:
         torch.manual_seed(cfg.train.seed)  # the MC-dropout draws: evaluate_saved repeats them exactly
-        to = predict(model, loader(subset(ds, idx["test"]), cfg, shuffle=False), device, cfg.model.mc_samples)
+        to = predict(model, loader(Subset(ds, idx["test"]), cfg, shuffle=False), device, cfg.model.mc_samples)
         metrics["test"] = summarize(to, classes, cfg.model.mc_samples, cfg.train.seed, refer)
         write_predictions(out / "test_predictions.csv", to, ds, classes, refer)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

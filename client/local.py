@@ -40,7 +40,7 @@ class Site:
 _SITES: dict[tuple, list[Site]] = {}  # a SuperNode process keeps its datasets across rounds
 
 
-def hosted_sites(node_config: dict, cohort_dir: str, n_partitions_hint: int | None = None) -> list[tuple[int, str, Path]]:
+def hosted_sites(node_config: dict, cohort_dir: str) -> list[tuple[int, str, Path]]:
     """(index, name, folder) of the sites this SuperNode serves (a site folder of DICOM, or a cache
     that ``ccmr ingest`` already prepared)."""
     if "data-path" in node_config:
@@ -49,7 +49,7 @@ def hosted_sites(node_config: dict, cohort_dir: str, n_partitions_hint: int | No
         return [(int(node_config.get("site-index", 0)), name, path)]
     sites = find_sites(cohort_dir)
     pid = int(node_config.get("partition-id", 0))
-    n = int(node_config.get("num-partitions", n_partitions_hint or len(sites)))
+    n = int(node_config.get("num-partitions", len(sites)))
     return [(k, name, path) for k, (name, path, _) in enumerate(sites) if k % n == pid]
 
 

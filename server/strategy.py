@@ -45,7 +45,7 @@ class RoundLog:
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     sent: ArrayRecord | None = None
-    rejected: list = []
+    rejected: tuple | list = ()  # this round's rejections (a new list each round)
     kept_count: int = 0  # updates in the last round's mean
     audit_path = None  # the coordinator's audit log (run folder/audit.jsonl): what it sent and received
     secure = False  # train rounds run as SecAgg+: the grid audits the protocol messages instead
@@ -104,8 +104,6 @@ class RoundLog:
         self._audit(server_round, "received", "train", replies)
         replies = self._screen(server_round, replies)
         kept = [r for r in replies if _trained(r)]
-        if len(kept) < len(replies):
-            self.declined_this_round = len(replies) - len(kept)
         self.kept_count = sum(1 for r in kept if r.has_content())
         arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
         if arrays is not None and self.aggregator != "mean":

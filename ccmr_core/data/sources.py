@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset
 
 from ccmr_core.config import ExperimentConfig
 from ccmr_core.data.dataset import CacheDataset
@@ -85,8 +85,3 @@ class MultiSite(ConcatDataset):
         item["has_label"] = torch.tensor(i not in self.hidden_labels)
         return item
 
-
-def subset(ds: Dataset, idx: list[int]):
-    from torch.utils.data import Subset
-
-    return Subset(ds, idx)
