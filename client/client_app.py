@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader, Subset
 
+from ccmr_core.console import warn
 from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.metrics import EvalStats
@@ -120,8 +121,7 @@ def train(msg: Message, context: Context) -> Message:
                 dp.check_budget()  # this run's target
                 check_lifetime_budget(site, run_key, dp.ledger, dp.round_cost(), *max_epsilon(context.node_config))
             except BudgetExhausted as e:
-                log.warning("%s: %s", site.name, e)
-                print(f"[{site.name}] {e}", flush=True)
+                warn(log, f"[{site.name}] {e}")
                 eps[site.index] = ledger.epsilon(cfg.privacy.delta)
                 declined[site.index] = 1
                 continue

@@ -27,6 +27,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from ccmr_core.console import warn
 from ccmr_core.config import from_run_config
 from client.egress import EgressRefused, audit
 from client.local import hosted_sites
@@ -79,9 +80,8 @@ def to_masked_update(request: Message, reply: Message, max_weight: int, clipping
     scaled_max = max((float(np.abs(d).max()) for d in delta if d.size), default=0.0) * weight / max_weight
     clipped = int(sum(int((np.abs(d) * weight / max_weight > clipping_range).sum()) for d in delta))
     if clipped:
-        log.warning("%d update coordinates exceed the secure-aggregation clipping range %g (largest %.3g) and "
-                    "are clipped", clipped, clipping_range, scaled_max)
-        print(f"warning: {clipped} update coordinates clipped to the secure-aggregation range", flush=True)
+        warn(log, f"warning: {clipped} update coordinates exceed the secure-aggregation clipping range "
+                  f"{clipping_range:g} (largest {scaled_max:.3g}) and are clipped")
     content = RecordDict({
         "fitres.parameters": ArrayRecord(delta),
         "fitres.num_examples": MetricRecord({"num_examples": int(round(weight))}),

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
+from ccmr_core.console import warn
 from ccmr_core.metrics import EvalStats, flat_stats_problem, metrics_from_stats
 
 log = logging.getLogger("ccmr.server")
@@ -56,8 +57,7 @@ def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, 
             why = "its per-site counts do not add up to its total"
         if why:
             msg = f"evaluation statistics of a SuperNode left out: {why}"
-            log.warning(msg)
-            print(msg, flush=True)
+            warn(log, msg)
             continue
         s = EvalStats.from_flat(flat, n_classes)
         total = s if total is None else total + s

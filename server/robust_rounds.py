@@ -18,6 +18,7 @@ import logging
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
+from ccmr_core.console import warn
 from server.aggregation import refused
 
 log = logging.getLogger("ccmr.server")
@@ -83,8 +84,7 @@ class RetryGrid(GridWrapper):
                 for r in replies:
                     if r.has_error():
                         line = f"round {rnd}: SuperNode {r.metadata.src_node_id} dropped out: {r.error.reason[:160]}"
-                        log.warning(line)
-                        print(line, flush=True)
+                        warn(log, line)
                 # the strategy averages the replies that arrived (and site-level DP sizes its noise
                 # for them, server/strategy.py); Flower's DP wrappers would drop the whole round
                 return [r for r in replies if not r.has_error()]
@@ -96,8 +96,7 @@ class RetryGrid(GridWrapper):
                 raise RoundIncomplete(msg + f"; gave up after {self.retries} retries. The last completed round is "
                                       "checkpointed: continue with ccmr-server run --resume RUN_FOLDER (deployment) "
                                       "or --run-config \"resume='RUN_FOLDER'\"")
-            log.warning("%s; sending the round again (retry %d of %d)", msg, attempt + 1, self.retries)
-            print(f"{msg}; sending the round again (retry {attempt + 1} of {self.retries})", flush=True)
+            warn(log, f"{msg}; sending the round again (retry {attempt + 1} of {self.retries})")
             content, group = msgs[0].content, msgs[0].metadata.group_id
             msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group)
                     for nid in self.grid.get_node_ids()]

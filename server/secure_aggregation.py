@@ -30,6 +30,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+from ccmr_core.console import warn
 from ccmr_core.config import SecureAggregationConfig
 from client.secure_aggregation import WEIGHT_KEY
 from server.robust_rounds import GridWrapper, is_train_round
@@ -99,10 +100,8 @@ class _StageGrid:
             self.audit(rnd, "received", f"train/secagg-{stage}", replies)
         for r in replies:
             if r.has_error():
-                log.warning("secure aggregation, %s: SuperNode %s dropped out: %s", stage, r.metadata.src_node_id,
-                            r.error.reason)
-                print(f"secure aggregation, {stage}: SuperNode {r.metadata.src_node_id} dropped out: "
-                      f"{r.error.reason}", flush=True)
+                warn(log, f"secure aggregation, {stage}: SuperNode {r.metadata.src_node_id} dropped out: "
+                          f"{r.error.reason}")
         self.replies.append(replies)
         return replies
 

@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
     FedProx,
 )
 
+from ccmr_core.console import warn
 from ccmr_core.files import append_jsonl
 from client.egress import describe
 from server.aggregation import refused
@@ -88,8 +89,7 @@ class RoundLog:
                          for rj in rejected]
         for rj in self.rejected:
             msg = f"round {rj['round']}: update from SuperNode {rj['node']} rejected: {rj['reason']}"
-            log.warning(msg)
-            print(msg, flush=True)
+            warn(log, msg)
         bad = {id(with_arrays[i]) for i in range(len(with_arrays)) if i not in keep}
         return [r for r in replies if id(r) not in bad]
 
@@ -199,8 +199,7 @@ class NoiseForTheMean:
             self.num_sampled_clients = k
             msg = (f"site-level DP: {k} of {configured} sites in this round's mean; noise sized for {k} "
                    f"(stdev {self.noise_multiplier * self.clipping_norm / k:.4f})")
-            log.warning(msg)
-            print(msg, flush=True)
+            warn(log, msg)
         try:
             return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
         finally:
