@@ -14,44 +14,41 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+import psutil
 
 _WATCHER = r"""
-import os, signal, sys, time
+import sys, time
+import psutil
 sl, app, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-def alive(p):
-    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
-        with open(f"/proc/{p}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+def alive(p):  # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        return psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 deadline = time.time() + 6 * 3600
 while alive(app) and time.time() < deadline:
     time.sleep(0.5)
 time.sleep(grace)
 if alive(sl):
-    os.kill(sl, signal.SIGTERM)
-    for _ in range(40):
-        if not alive(sl):
-            break
-        time.sleep(0.25)
-    else:
-        os.kill(sl, signal.SIGKILL)
+    p = psutil.Process(sl)
+    p.terminate()
+    if not psutil.wait_procs([p], timeout=10)[0]:
+        p.kill()
 """
 
 
 def _cmdline(pid: int) -> list[str]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
 
 
 def _parent(pid: int) -> int:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
         return 0
 
 

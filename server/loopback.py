@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from ccmr_core.flwr_env import child_env
 from server import federation as fedlib
 
@@ -33,33 +35,21 @@ def session_members(sid: int) -> list[int]:
     """Every process in session ``sid`` (each process this harness starts leads a session of its
     own, and what it starts stays in it unless it calls setsid: orphans included)."""
     out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                    out.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                pass
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid:
+                out.append(pid)
+        except OSError:
+            pass
     return out
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first found in /proc, then theirs)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
+    """Every process below ``pid``."""
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 class LoopbackFederation:
