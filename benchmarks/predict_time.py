@@ -54,7 +54,7 @@ def main() -> None:
     cfg = load_config()
     model = build_model(cfg.model.name, **model_kwargs(cfg, 4))
     refer = {"fraction": 0.2, "confidence": 0.5, "uncertainty": 0.01, "validation_n": 0}
-    save_model(work / "model.pt", model, name=cfg.model.name, kwargs=model_kwargs(cfg, 4),
+    save_model(work / "model.pt", model.state_dict(), name=cfg.model.name, kwargs=model_kwargs(cfg, 4),
                classes=list(cfg.data.classes), ingest=cfg.data.ingest.model_dump(mode="json"),
                config=cfg.model_dump(mode="json"), info={"run": "benchmark"}, refer=refer)
     pred = Predictor(work / "model.pt")

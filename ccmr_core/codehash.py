@@ -1,4 +1,4 @@
-"""The SHA-256 of the training code: every .py file of ccmr_core, client and server, the
+"""The SHA-256 of the training code: every .py file of ccmr_core, client, protocol and server, the
 configs (configs/**/*.yaml: they set the experiment, e.g. the privacy target and the splits) and
 pyproject.toml, by relative path and content. The same value at the coordinator (the code it
 submits) and at a site (the code the SuperNode received), so a site can pin what it reviewed."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-PARTS = ("ccmr_core", "client", "server")
+PARTS = ("ccmr_core", "client", "protocol", "server")
 
 
 def code_hash(root: str | Path) -> str:

@@ -26,6 +26,7 @@ from client.egress import failed, guard, refuse
 from client.policy import max_epsilon, min_eval_patients, violations
 from client.local import RUN_KEY, average_states, check_lifetime_budget, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
+from protocol import messages as proto
 
 # secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
 app = ClientApp(mods=[secure_aggregation_mod])
@@ -38,7 +39,7 @@ log = logging.getLogger("ccmr.client")
 def _site_names(msg: Message, context: Context) -> list[str]:
     """The sites this SuperNode serves, for its own log, whatever state the request is in."""
     try:
-        return [name for _, name, _ in hosted_sites(context.node_config, str(msg.content["config"]["cohort-dir"]))]
+        return [name for _, name, _ in hosted_sites(context.node_config, str(msg.content["config"][proto.COHORT_DIR]))]
     except Exception:  # noqa: BLE001
         nc = context.node_config
         return [str(nc.get("site-name") or f"node-{nc.get('partition-id', 0)}")]
@@ -65,9 +66,9 @@ def _setup(msg: Message, context: Context):
     cfg = from_run_config(context.run_config, allow_paths="data-path" not in context.node_config)
     c = msg.content["config"]
     set_threads(cfg.train.threads)
-    sites = load_sites(context.node_config, cfg, str(c["cohort-dir"]))
-    n_sites = int(c["num-sites"])
-    kwargs = model_kwargs(cfg, int(c["bio-channels"]))
+    sites = load_sites(context.node_config, cfg, str(c[proto.COHORT_DIR]))
+    n_sites = int(c[proto.NUM_SITES])
+    kwargs = model_kwargs(cfg, int(c[proto.BIO_CHANNELS]))
     return cfg, c, sites, n_sites, kwargs
 
 
@@ -83,15 +84,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
     secure = is_secure(msg)
     bad = violations(context.node_config, cfg.privacy.mode, secure)
-    if not RUN_KEY.fullmatch(str(c["run-key"])):
-        bad.append(f"run key {str(c['run-key'])[:40]!r} is not a plain name")
+    if not RUN_KEY.fullmatch(str(c[proto.RUN_KEY])):
+        bad.append(f"run key {str(c[proto.RUN_KEY])[:40]!r} is not a plain name")
     if bad:
-        return refuse(msg, [s.name for s in sites], "train", str(c["run-key"])[:128], int(c["global-round"]),
+        return refuse(msg, [s.name for s in sites], "train", str(c[proto.RUN_KEY])[:128], int(c[proto.ROUND]),
                       "; ".join(bad))
     device = resolve_device(cfg.train.device)
-    mu = float(c.get("proximal-mu", 0.0))
-    run_key = str(c["run-key"])
-    rnd = int(c["global-round"])
+    mu = float(c.get(proto.PROXIMAL_MU, 0.0))
+    run_key = str(c[proto.RUN_KEY])
+    rnd = int(c[proto.ROUND])
     local = cfg.federated.local_epochs
     states, weights, losses = [], [], []
     train_seconds = 0.0
@@ -142,53 +143,53 @@ def train(msg: Message, context: Context) -> Message:
               f"{len(idx)} patients, loss {res['loss']:.3f}"
               + (f", epsilon {eps[site.index]:.2f}" if dp is not None else ""), flush=True)
     metrics = {
-        "num-examples": float(sum(weights)),
-        "unit-weight": 1.0,
-        "train-loss": float(np.average(losses, weights=weights)) if weights else 0.0,
-        "site-epsilon": eps.tolist(),
-        "site-declined": declined.tolist(),
-        "delta": float(cfg.privacy.delta),
-        "train-seconds": train_seconds,
+        proto.NUM_EXAMPLES: float(sum(weights)),
+        proto.UNIT_WEIGHT: 1.0,
+        proto.TRAIN_LOSS: float(np.average(losses, weights=weights)) if weights else 0.0,
+        proto.SITE_EPSILON: eps.tolist(),
+        proto.SITE_DECLINED: declined.tolist(),
+        proto.DELTA: float(cfg.privacy.delta),
+        proto.TRAIN_SECONDS: train_seconds,
     }
     if states:
         state = average_states(states, weights)
-        if "clipping_norm" in c:  # site-level DP under secure aggregation: the site clips its own update
-            state, norm = clip_update(state, msg.content["arrays"].to_torch_state_dict(), float(c["clipping_norm"]))
-            print(f"[{', '.join(s.name for s in sites)}] update norm {norm:.3f} clipped to {float(c['clipping_norm']):g}",
+        if proto.CLIPPING_NORM in c:  # site-level DP under secure aggregation: the site clips its own update
+            state, norm = clip_update(state, msg.content["arrays"].to_torch_state_dict(), float(c[proto.CLIPPING_NORM]))
+            print(f"[{', '.join(s.name for s in sites)}] update norm {norm:.3f} clipped to {float(c[proto.CLIPPING_NORM]):g}",
                   flush=True)
         arrays = ArrayRecord(state)
     else:  # every hosted site declined: send the global model back with weight 0
         arrays = msg.content["arrays"]
     reply = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
     privacy = {"mode": cfg.privacy.mode, "epsilon": float(max(eps)) if cfg.privacy.mode == "sample" else None,
-               "delta": cfg.privacy.delta}
+               proto.DELTA: cfg.privacy.delta}
     # under secure aggregation the guard checks the reply but the audit records the masked vector
     # that actually leaves (client/secure_aggregation.py)
     return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "train", run_key,
-                 int(c["global-round"]), privacy, record=not secure)
+                 int(c[proto.ROUND]), privacy, record=not secure)
 
 
 def _thresholds(c) -> dict | None:
     """The referral thresholds the coordinator asks the site to count against (final test)."""
-    if "refer-confidence" not in c:
+    if proto.REFER_CONFIDENCE not in c:
         return None
-    u = float(c["refer-uncertainty"])
-    return {"confidence": float(c["refer-confidence"]), "uncertainty": u if u >= 0 else None}
+    u = float(c[proto.REFER_UNCERTAINTY])
+    return {"confidence": float(c[proto.REFER_CONFIDENCE]), "uncertainty": u if u >= 0 else None}
 
 
 @app.evaluate()
 @contained("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, c, sites, n_sites, kwargs = _setup(msg, context)
-    rnd = int(c["global-round"]) if "global-round" in c else None  # the final evaluations have none
+    rnd = int(c[proto.ROUND]) if proto.ROUND in c else None  # the final evaluations have none
     # evaluation replies are statistics only; a site that requires secure aggregation answers the
     # evaluation of runs that use it for their updates
     bad = violations(context.node_config, cfg.privacy.mode, cfg.secure_aggregation.enabled)
     if bad:
-        return refuse(msg, [s.name for s in sites], "evaluate", str(c["run-key"]), rnd, "; ".join(bad))
+        return refuse(msg, [s.name for s in sites], "evaluate", str(c[proto.RUN_KEY]), rnd, "; ".join(bad))
     device = resolve_device(cfg.train.device)
-    split = str(c.get("split", "val"))
-    mc = int(c.get("mc-samples", 0))
+    split = str(c.get(proto.SPLIT, "val"))
+    mc = int(c.get(proto.MC_SAMPLES, 0))
     model = _model(cfg, kwargs, msg.content["arrays"], device)
     n_cls = len(cfg.data.classes)
     total = EvalStats.from_outputs(np.zeros((0, n_cls)), np.zeros(0, dtype=int), np.zeros(0))
@@ -211,8 +212,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         total = total + stats
         site_correct[site.index] = float(np.trace(stats.confusion))
         site_n[site.index] = float(stats.n)
-    metrics = {"num-examples": float(total.n), "unit-weight": 1.0, "site-correct": site_correct.tolist(),
-               "site-n": site_n.tolist()}
-    metrics.update({f"stats-{k}": v for k, v in total.to_flat().items()})
+    metrics = {proto.NUM_EXAMPLES: float(total.n), proto.UNIT_WEIGHT: 1.0, proto.SITE_CORRECT: site_correct.tolist(),
+               proto.SITE_N: site_n.tolist()}
+    metrics.update({proto.STATS + k: v for k, v in total.to_flat().items()})
     reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c["run-key"]), rnd)
+    return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c[proto.RUN_KEY]), rnd)

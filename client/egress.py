@@ -17,42 +17,24 @@ audit`` summarises it for site IT.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import os
 import traceback
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from ccmr_core.data.sources import default_cache_root
 from ccmr_core.files import append_jsonl, read_jsonl
-from ccmr_core.calibration import TEMPERATURES
-from ccmr_core.metrics import N_BINS, N_UNC_BINS
+from protocol import messages as proto
 
 
 class EgressRefused(ValueError):
     pass
 
 
-def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
-    """Metric key -> its largest allowed length (1 = a scalar)."""
-    c = n_classes
-    return {
-        "num-examples": 1, "unit-weight": 1, "train-loss": 1, "delta": 1, "train-seconds": 1, "refused": 1,
-        "site-epsilon": n_sites, "site-declined": n_sites, "site-correct": n_sites, "site-n": n_sites,
-        "stats-confusion": c * c, "stats-pos_hist": c * N_BINS, "stats-neg_hist": c * N_BINS,
-        "stats-calib_count": N_BINS, "stats-calib_correct": N_BINS, "stats-calib_conf": N_BINS,
-        "stats-unc_correct": N_UNC_BINS, "stats-unc_wrong": N_UNC_BINS, "stats-loss_sum": 1, "stats-n": 1,
-        "stats-nll_t": len(TEMPERATURES), "stats-refer": 4,
-        "secagg-clipped": 1,
-    }
-
-
 def check(content: RecordDict, reference: ArrayRecord | None, n_classes: int, n_sites: int) -> None:
     """Raise EgressRefused naming the first key that may not leave."""
-    allowed = allowed_metrics(n_classes, n_sites)
+    allowed = proto.allowed_metrics(n_classes, n_sites)
     for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
             if reference is None:
@@ -78,38 +60,6 @@ def check(content: RecordDict, reference: ArrayRecord | None, n_classes: int, n_
             raise EgressRefused(f"record {name!r} of type {type(rec).__name__} may not leave the site")
 
 
-def describe(content: RecordDict) -> tuple[list[dict], str]:
-    """Every key with shape, dtype and bytes; and the SHA-256 of the payload."""
-    h = hashlib.sha256()
-    keys = []
-    for name, rec in sorted(content.items()):
-        if isinstance(rec, ArrayRecord):
-            for k, a in rec.items():
-                data = a.data
-                h.update(f"{name}/{k}".encode())
-                h.update(data)
-                keys.append({"key": f"{name}/{k}", "shape": list(a.shape), "dtype": a.dtype, "bytes": len(data)})
-        elif isinstance(rec, MetricRecord):
-            for k, v in sorted(rec.items()):
-                blob = json.dumps(v).encode()
-                h.update(f"{name}/{k}".encode())
-                h.update(blob)
-                n = len(v) if isinstance(v, list) else 1
-                keys.append({"key": f"{name}/{k}", "shape": [n] if isinstance(v, list) else [], "dtype": "float64",
-                             "bytes": 8 * n})
-        elif isinstance(rec, ConfigRecord):  # secure aggregation's protocol messages (keys, masked vectors)
-            for k, v in sorted(rec.items()):
-                items = v if isinstance(v, list) else [v]
-                blobs = [x if isinstance(x, bytes) else json.dumps(x).encode() for x in items]
-                h.update(f"{name}/{k}".encode())
-                for b in blobs:
-                    h.update(b)
-                dtype = "bytes" if items and isinstance(items[0], bytes) else type(items[0]).__name__ if items else "-"
-                keys.append({"key": f"{name}/{k}", "shape": [len(items)] if isinstance(v, list) else [],
-                             "dtype": dtype, "bytes": int(sum(len(b) for b in blobs))})
-    return keys, h.hexdigest()
-
-
 def audit_path(site_name: str) -> Path:
     root = Path(os.environ.get("CCMR_AUDIT_DIR", default_cache_root() / "audit"))
     return root / f"{site_name}.jsonl"
@@ -126,7 +76,7 @@ def _refused(request: Message, sites: list[str], kind: str, run_key: str, rnd: i
              privacy: dict | None) -> Message:
     """An empty reply that says 'refused' (the coordinator treats it like a site that did not
     train), written to the site's audit log with the reason."""
-    content = RecordDict({"metrics": MetricRecord({"num-examples": 0.0, "unit-weight": 0.0, "refused": 1.0})})
+    content = RecordDict({"metrics": proto.refused_metrics()})
     audit(sites, content, kind, run_key, rnd, reason, privacy)
     return Message(content=content, reply_to=request)
 
@@ -150,23 +100,20 @@ def failed(request: Message, sites: list[str], kind: str, error: BaseException) 
           f"failed:\n{detail}", flush=True)
     rnd = None
     try:
-        rnd = int(request.content["config"].get("global-round"))
+        rnd = int(request.content["config"].get(proto.ROUND))
     except Exception:  # noqa: BLE001 - a malformed request has no round
         pass
-    append_audit(sites, {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": "-",
-                         "round": rnd, "kind": kind, "refused": f"failed at the site: {type(error).__name__}: "
-                         f"{str(error)[:500]} (the coordinator was told only that it failed)", "keys": [],
-                         "bytes": 0, "sha256": "", "privacy": None})
+    append_audit(sites, proto.audit_entry(None, run="-", round=rnd, kind=kind, privacy=None,
+                                          refused=f"failed at the site: {type(error).__name__}: {str(error)[:500]} "
+                                          "(the coordinator was told only that it failed)"))
     return Message(Error(code=0, reason=FAILED), reply_to=request)
 
 
 def audit(sites: list[str], content: RecordDict, kind: str, run_key: str, rnd: int | None, refused: str | None,
           privacy: dict | None) -> None:
     """Append what leaves (``content``; empty for a refusal) to the hosted sites' audit logs."""
-    keys, digest = describe(content)
-    append_audit(sites, {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run": run_key,
-                         "round": rnd, "kind": kind, "refused": refused, "keys": keys,
-                         "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest, "privacy": privacy})
+    append_audit(sites, proto.audit_entry(content, run=run_key, round=rnd, kind=kind, refused=refused,
+                                          privacy=privacy))
 
 
 def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_sites: int, kind: str,

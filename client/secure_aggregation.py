@@ -32,10 +32,9 @@ from ccmr_core.config import from_run_config
 from client.egress import EgressRefused, audit
 from client.local import hosted_sites
 from client.policy import violations
+from protocol import messages as proto
 
 log = logging.getLogger("ccmr.client")
-
-WEIGHT_KEY = "secagg-weight-key"  # train config: which reply metric weighs the update
 
 # what each stage may send back (besides the clear statistics of the collect stage)
 STAGE_OUTPUT = {
@@ -66,9 +65,9 @@ def to_masked_update(request: Message, reply: Message, max_weight: int, clipping
     c = request.content["config"]
     metrics = reply.content.metric_records.get("metrics")
     arrays = reply.content.array_records.get("arrays")
-    if arrays is None or metrics is None or float(metrics.get("refused", 0.0)) > 0:
+    if arrays is None or metrics is None or float(metrics.get(proto.REFUSED, 0.0)) > 0:
         raise SecureRoundRefused("the site refused to send its update (see its audit log)")
-    weight = float(metrics.get(str(c.get(WEIGHT_KEY, "num-examples")), 0.0))
+    weight = float(metrics.get(str(c.get(proto.SECAGG_WEIGHT_KEY, proto.NUM_EXAMPLES)), 0.0))
     if weight <= 0:
         raise SecureRoundRefused("the site declined to train this round (privacy budget)")
     if weight > max_weight:
@@ -87,7 +86,7 @@ def to_masked_update(request: Message, reply: Message, max_weight: int, clipping
         "fitres.num_examples": MetricRecord({"num_examples": int(round(weight))}),
         "fitres.metrics": ConfigRecord({}),
         "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
-        "metrics": MetricRecord({**dict(metrics), "secagg-clipped": float(clipped)}),
+        "metrics": MetricRecord({**dict(metrics), proto.SECAGG_CLIPPED: float(clipped)}),
     })
     return Message(content=content, reply_to=request)
 
@@ -114,8 +113,8 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
     cfg = from_run_config(ctxt.run_config)
     c = msg.content["config"]  # every stage carries the run's config (server/secure_aggregation.py)
-    run_key, rnd = str(c["run-key"]), int(c["global-round"])
-    names = [name for _, name, _ in hosted_sites(ctxt.node_config, str(c["cohort-dir"]))]
+    run_key, rnd = str(c[proto.RUN_KEY]), int(c[proto.ROUND])
+    names = [name for _, name, _ in hosted_sites(ctxt.node_config, str(c[proto.COHORT_DIR]))]
     kind = "train/secagg-" + stage.replace("_", "-")  # the same names as the coordinator's log
     if stage == Stage.SETUP:
         bad = violations(ctxt.node_config, cfg.privacy.mode, secure=True)

@@ -9,35 +9,26 @@ from flwr.app import MetricRecord, RecordDict
 
 from ccmr_core.console import warn
 from ccmr_core.metrics import EvalStats, flat_stats_problem, metrics_from_stats
+from protocol import messages as proto
 
 log = logging.getLogger("ccmr.server")
 
 
-def _metrics(rd: RecordDict) -> dict:
-    return dict(next(iter(rd.metric_records.values())))
-
-
-def refused(rd: RecordDict) -> bool:
-    """A site declined the request (its policy) or its egress guard stopped its reply: the reply
-    carries no model and no statistics, only this flag."""
-    return bool(_metrics(rd).get("refused", 0.0))
-
-
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean training loss over sites that trained; per-site epsilon and declines."""
-    n_refused = sum(refused(r) for r in replies)
-    ms = [_metrics(r) for r in replies if not refused(r)]
+    n_refused = sum(proto.is_refused(r) for r in replies)
+    ms = [proto.reply_metrics(r) for r in replies if not proto.is_refused(r)]
     if not ms:
-        return MetricRecord({"refused": float(n_refused)})
-    w = np.array([m["num-examples"] for m in ms], dtype=float)
-    loss = float(np.average([m["train-loss"] for m in ms], weights=w)) if w.sum() > 0 else float("nan")
-    eps = np.max([m["site-epsilon"] for m in ms], axis=0)
-    declined = np.max([m["site-declined"] for m in ms], axis=0)
-    out = {"train-loss": loss, "site-epsilon": eps.tolist(), "site-declined": declined.tolist(),
-           "patients": float(w.sum()), "delta": float(ms[0]["delta"]),
-           "train-seconds": float(sum(m.get("train-seconds", 0.0) for m in ms)), "refused": float(n_refused)}
-    if any("secagg-clipped" in m for m in ms):  # coordinates the secure-aggregation range cut, all sites
-        out["secagg-clipped"] = float(sum(m.get("secagg-clipped", 0.0) for m in ms))
+        return MetricRecord({proto.REFUSED: float(n_refused)})
+    w = np.array([m[proto.NUM_EXAMPLES] for m in ms], dtype=float)
+    loss = float(np.average([m[proto.TRAIN_LOSS] for m in ms], weights=w)) if w.sum() > 0 else float("nan")
+    eps = np.max([m[proto.SITE_EPSILON] for m in ms], axis=0)
+    declined = np.max([m[proto.SITE_DECLINED] for m in ms], axis=0)
+    out = {proto.TRAIN_LOSS: loss, proto.SITE_EPSILON: eps.tolist(), proto.SITE_DECLINED: declined.tolist(),
+           "patients": float(w.sum()), proto.DELTA: float(ms[0][proto.DELTA]),
+           proto.TRAIN_SECONDS: float(sum(m.get(proto.TRAIN_SECONDS, 0.0) for m in ms)), proto.REFUSED: float(n_refused)}
+    if any(proto.SECAGG_CLIPPED in m for m in ms):  # coordinates the secure-aggregation range cut, all sites
+        out[proto.SECAGG_CLIPPED] = float(sum(m.get(proto.SECAGG_CLIPPED, 0.0) for m in ms))
     return MetricRecord(out)
 
 
@@ -46,12 +37,12 @@ def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, 
     (ccmr_core.metrics.flat_stats_problem, or per-site counts that do not add up) is left out."""
     total, correct, n = None, None, None
     for r in replies:
-        if refused(r):  # nothing to pool
+        if proto.is_refused(r):  # nothing to pool
             continue
-        m = _metrics(r)
-        flat = {k[len("stats-"):]: v for k, v in m.items() if k.startswith("stats-")}
+        m = proto.reply_metrics(r)
+        flat = {k[len(proto.STATS):]: v for k, v in m.items() if k.startswith(proto.STATS)}
         why = flat_stats_problem(flat, n_classes)
-        site_n, site_c = np.asarray(m.get("site-n", []), dtype=float), np.asarray(m.get("site-correct", []), dtype=float)
+        site_n, site_c = np.asarray(m.get(proto.SITE_N, []), dtype=float), np.asarray(m.get(proto.SITE_CORRECT, []), dtype=float)
         if why is None and not (site_n.shape == site_c.shape and np.isfinite(site_n).all() and
                                 (site_c >= 0).all() and (site_c <= site_n).all() and site_n.sum() == flat["n"][0]):
             why = "its per-site counts do not add up to its total"
@@ -61,8 +52,8 @@ def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, 
             continue
         s = EvalStats.from_flat(flat, n_classes)
         total = s if total is None else total + s
-        correct = np.asarray(m["site-correct"]) if correct is None else correct + np.asarray(m["site-correct"])
-        n = np.asarray(m["site-n"]) if n is None else n + np.asarray(m["site-n"])
+        correct = np.asarray(m[proto.SITE_CORRECT]) if correct is None else correct + np.asarray(m[proto.SITE_CORRECT])
+        n = np.asarray(m[proto.SITE_N]) if n is None else n + np.asarray(m[proto.SITE_N])
     if total is None:
         total, correct, n = EvalStats.from_outputs(np.zeros((0, n_classes)), np.zeros(0, dtype=int)), np.zeros(0), np.zeros(0)
     return total, correct, n

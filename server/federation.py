@@ -30,7 +30,7 @@ import yaml
 
 from ccmr_core.files import write_atomic
 from ccmr_core.flwr_env import DEFAULTS, child_env, flower_bin
-from client.bundle import BundleError, check_public_key, make_site_keys
+from protocol.site_keys import BundleError, check_public_key, make_site_keys
 from server import pki
 
 CONNECTION = "ccmr"

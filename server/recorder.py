@@ -12,6 +12,7 @@ import torch
 from ccmr_core.checkpoint import save_model
 from ccmr_core.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from ccmr_core.config import ExperimentConfig, dump_config
+from protocol import messages as proto
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -78,9 +79,9 @@ class RunRecorder:
 
     def _line(self, rnd, train, federated, server, privacy) -> str:
         parts = [f"round {rnd}:"]
-        if train and train.get("train-loss") == train.get("train-loss"):
+        if train and train.get(proto.TRAIN_LOSS) == train.get(proto.TRAIN_LOSS):
             parts.append(f"train loss {train['train-loss']:.3f}")
-        if train and train.get("secagg-clipped"):
+        if train and train.get(proto.SECAGG_CLIPPED):
             parts.append(f"(warning: secure aggregation clipped {int(train['secagg-clipped'])} update coordinates; "
                          "raise secure_aggregation.clipping_range)")
         if federated:

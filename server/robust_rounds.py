@@ -19,7 +19,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from ccmr_core.console import warn
-from server.aggregation import refused
+from protocol import messages as proto
 
 log = logging.getLogger("ccmr.server")
 
@@ -64,7 +64,7 @@ class RoundIncomplete(RuntimeError):
 
 def answered(replies: list[Message]) -> list[Message]:
     """Replies from sites that took part (not an error, not a refusal)."""
-    return [r for r in replies if r.has_content() and not refused(r.content)]
+    return [r for r in replies if r.has_content() and not proto.is_refused(r.content)]
 
 
 class RetryGrid(GridWrapper):
@@ -76,7 +76,7 @@ class RetryGrid(GridWrapper):
         msgs = list(messages)
         if not is_train_round(msgs):
             return self.grid.send_and_receive(msgs, timeout=timeout)
-        rnd = msgs[0].content["config"].get("global-round", "?")
+        rnd = msgs[0].content["config"].get(proto.ROUND, "?")
         for attempt in range(self.retries + 1):
             replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
             ok = answered(replies)

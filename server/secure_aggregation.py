@@ -32,7 +32,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 from ccmr_core.console import warn
 from ccmr_core.config import SecureAggregationConfig
-from client.secure_aggregation import WEIGHT_KEY
+from protocol import messages as proto
 from server.robust_rounds import GridWrapper, is_train_round
 
 log = logging.getLogger("ccmr.server")
@@ -92,7 +92,7 @@ class _StageGrid:
         for m in msgs:
             if "config" not in m.content.config_records:
                 m.content["config"] = self.config
-        rnd = int(self.config.get("global-round", 0))
+        rnd = int(self.config.get(proto.ROUND, 0))
         if self.audit:
             self.audit(rnd, "sent", f"train/secagg-{stage}", msgs)
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
@@ -141,8 +141,8 @@ class SecAggPlusGrid(GridWrapper):
         return one reply per site that took part: the new global model and its statistics."""
         by_node = {m.metadata.dst_node_id: m for m in msgs}
         arrays: ArrayRecord = msgs[0].content["arrays"]
-        config = ConfigRecord({**dict(msgs[0].content["config"]), WEIGHT_KEY: self.weight_key})
-        rnd = int(config.get("global-round", 0))
+        config = ConfigRecord({**dict(msgs[0].content["config"]), proto.SECAGG_WEIGHT_KEY: self.weight_key})
+        rnd = int(config.get(proto.ROUND, 0))
         nodes = list(by_node)
         if len(nodes) < 2:
             print(f"round {rnd}: secure aggregation needs at least 2 sites, {len(nodes)} available; round skipped",

@@ -21,6 +21,7 @@ from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.referral import thresholds_from_stats
 from ccmr_core.schedule import finetunes_head
 from ccmr_core.synth.biomechanics import SIGNALS
+from protocol import messages as proto
 from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
@@ -40,10 +41,10 @@ def _site_epsilon(cfg, train: dict | None, rounds_done: int, site_names: list[st
     """Epsilon per site for this round: the sites' own DP-SGD ledgers (sample mode) or the
     server-side Gaussian mechanism applied once per round to clipped site updates (site mode)."""
     if cfg.privacy.mode == "sample" and train:
-        eps = train.get("site-epsilon", [])
+        eps = train.get(proto.SITE_EPSILON, [])
         return {"mode": "sample", "delta": cfg.privacy.delta,
                 "epsilon": {s: float(e) for s, e in zip(site_names, eps)},
-                "declined": [s for s, d in zip(site_names, train.get("site-declined", [])) if d]}
+                "declined": [s for s, d in zip(site_names, train.get(proto.SITE_DECLINED, [])) if d]}
     if cfg.privacy.mode == "site":
         acc = RDPAccountant()
         acc.history = [(cfg.privacy.noise_multiplier, 1.0, rounds_done)] if rounds_done else []
@@ -105,7 +106,7 @@ def main(grid: Grid, context: Context) -> None:
     common = dict(fraction_train=cfg.federated.fraction_train, fraction_evaluate=cfg.federated.fraction_evaluate,
                   min_train_nodes=cfg.federated.min_sites, min_evaluate_nodes=cfg.federated.min_sites,
                   min_available_nodes=cfg.federated.min_sites,
-                  weighted_by_key="unit-weight" if cfg.privacy.mode == "site" else "num-examples",
+                  weighted_by_key=proto.UNIT_WEIGHT if cfg.privacy.mode == "site" else proto.NUM_EXAMPLES,
                   train_metrics_aggr_fn=aggregate_train_metrics,
                   evaluate_metrics_aggr_fn=evaluate_aggr_fn(list(cfg.data.classes)))
     inner = make_strategy(cfg.federated, common, plain_keys=[k for k, _ in model.named_buffers()])
@@ -132,7 +133,8 @@ def main(grid: Grid, context: Context) -> None:
     grid = RetryGrid(grid, cfg.federated.min_sites, cfg.federated.round_retries)
     val_loader = DataLoader(val, batch_size=cfg.train.batch_size) if val is not None else None
     classes = list(cfg.data.classes)
-    base = {"cohort-dir": str(cohort), "num-sites": len(site_names), "bio-channels": bio, "run-key": run_key(out)}
+    base = {proto.COHORT_DIR: str(cohort), proto.NUM_SITES: len(site_names), proto.BIO_CHANNELS: bio,
+            proto.RUN_KEY: run_key(out)}
 
     latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
 
@@ -163,7 +165,7 @@ def main(grid: Grid, context: Context) -> None:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
                                 timeout=cfg.federated.round_timeout_s,
                                 train_config=ConfigRecord(base),
-                                evaluate_config=ConfigRecord({**base, "split": "val"}), evaluate_fn=round_end)
+                                evaluate_config=ConfigRecord({**base, proto.SPLIT: "val"}), evaluate_fn=round_end)
     train_seconds = time.perf_counter() - t0
 
     # the model at the end of the schedule; calibrated and given referral thresholds on the sites'
@@ -171,7 +173,7 @@ def main(grid: Grid, context: Context) -> None:
     final_state = latest["state"]
 
     def final_evaluation(state: dict, split: str, **extra) -> list[RecordDict]:
-        c = ConfigRecord({**base, "split": split, **extra})
+        c = ConfigRecord({**base, proto.SPLIT: split, **extra})
         arrays = ArrayRecord(state)
         msgs = [Message(content=RecordDict({"arrays": arrays, "config": c}), dst_node_id=nid,
                         message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
@@ -183,7 +185,7 @@ def main(grid: Grid, context: Context) -> None:
     if val_stats.n:
         temperature = fit_temperature(val_stats.nll_t)
         final_state = {**final_state, "calibration": torch.tensor(temperature)}
-        val_stats = pooled_stats(final_evaluation(final_state, "val", **{"mc-samples": cfg.model.mc_samples}),
+        val_stats = pooled_stats(final_evaluation(final_state, "val", **{proto.MC_SAMPLES: cfg.model.mc_samples}),
                                  len(classes))[0]
         refer = thresholds_from_stats(val_stats, len(classes), cfg.model.refer_fraction)
         print(f"calibration temperature {temperature:.2f} and referral thresholds from {refer['validation_n']} "
@@ -191,9 +193,9 @@ def main(grid: Grid, context: Context) -> None:
               f"{refer['uncertainty']}", flush=True)
     rounds_done = done + (remaining if result else 0)
     recorder.save_model(final_state, rounds_done, refer=refer)
-    counts = {"refer-confidence": refer["confidence"], "refer-uncertainty": refer["uncertainty"]
+    counts = {proto.REFER_CONFIDENCE: refer["confidence"], proto.REFER_UNCERTAINTY: refer["uncertainty"]
               if refer["uncertainty"] is not None else -1.0} if refer else {}
-    replies = final_evaluation(final_state, "test", **{"mc-samples": cfg.model.mc_samples}, **counts)
+    replies = final_evaluation(final_state, "test", **{proto.MC_SAMPLES: cfg.model.mc_samples}, **counts)
     test = summarize_stats(*pooled_stats(replies, len(classes)), classes) if replies else {"n": 0}
     server_val = None
     if val_loader is not None:

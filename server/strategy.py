@@ -5,7 +5,6 @@ aggregated metrics are kept for the run log."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Iterable
 
@@ -21,8 +20,7 @@ from flwr.serverapp.strategy import (
 
 from ccmr_core.console import warn
 from ccmr_core.files import append_jsonl
-from client.egress import describe
-from server.aggregation import refused
+from protocol import messages as proto
 from server.screening import robust_aggregate, screen
 
 log = logging.getLogger("ccmr.server")
@@ -32,7 +30,7 @@ def _trained(msg: Message) -> bool:
     if not msg.has_content():
         return True  # errors are logged and skipped by Flower itself
     m = next(iter(msg.content.metric_records.values()), {})
-    return float(m.get("num-examples", 1.0)) > 0
+    return float(m.get(proto.NUM_EXAMPLES, 1.0)) > 0
 
 
 class RoundLog:
@@ -63,15 +61,12 @@ class RoundLog:
         for m in messages:
             if not m.has_content():
                 continue
-            keys, digest = describe(m.content)
             node = m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id
-            rows.append({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "round": rnd,
-                         "direction": direction, "kind": kind, "node": node,
-                         "bytes": int(sum(k["bytes"] for k in keys)), "sha256": digest, "keys": keys})
+            rows.append(proto.audit_entry(m.content, round=rnd, direction=direction, kind=kind, node=node))
         append_jsonl(self.audit_path, rows)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config["global-round"] = self.round_offset + server_round
+        config[proto.ROUND] = self.round_offset + server_round
         self.sent = arrays
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         self._audit(server_round, "sent", "train", msgs)
@@ -94,7 +89,7 @@ class RoundLog:
         return [r for r in replies if id(r) not in bad]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config["global-round"] = self.round_offset + server_round
+        config[proto.ROUND] = self.round_offset + server_round
         msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._audit(server_round, "sent", "evaluate", msgs)
         return msgs
@@ -119,7 +114,7 @@ class RoundLog:
         replies = list(replies)
         self._audit(server_round, "received", "evaluate", replies)
         # a site that refused the request (its policy, or its egress guard) has nothing to pool
-        replies = [r for r in replies if not (r.has_content() and refused(r.content))]
+        replies = [r for r in replies if not (r.has_content() and proto.is_refused(r.content))]
         self.last_eval = super().aggregate_evaluate(server_round, replies) if replies else None
         return self.last_eval
 
@@ -151,7 +146,7 @@ class CCMRFedAvgM(RoundLog, FedAvg):
         self.velocity: dict[str, np.ndarray] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config["proximal-mu"] = self.proximal_mu
+        config[proto.PROXIMAL_MU] = self.proximal_mu
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

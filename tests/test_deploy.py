@@ -20,8 +20,8 @@ from cryptography import x509
 
 from client.bundle import BundleError, check_ca, check_key, check_superlink, load_bundle
 from server import federation as fedlib
-from server.loopback import LoopbackFederation
-from server.loopback import free_port as _free_port
+from tests.loopback import LoopbackFederation
+from tests.loopback import free_port as _free_port
 from server.pki import KeyExists, make_server_cert
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.egress import EgressRefused, check, describe
+from client.egress import EgressRefused, check
+from protocol.messages import describe
 
 GLOBAL = ArrayRecord({"w": torch.zeros(4, 3), "b": torch.zeros(3)})
 

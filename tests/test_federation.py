@@ -10,7 +10,7 @@ import tomllib
 
 from ccmr_core.checkpoint import load_model
 
-from server.inprocess import run_inprocess
+from tests.inprocess import run_inprocess
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,7 +384,7 @@ def test_site_policies_refuse_runs_they_do_not_accept_and_the_run_goes_on(env, c
 def test_code_hash_changes_with_any_training_code(tmp_path):
     from ccmr_core.codehash import code_hash
 
-    for part in ("ccmr_core", "client", "server"):
+    for part in ("ccmr_core", "client", "protocol", "server"):
         (tmp_path / part).mkdir()
         (tmp_path / part / "a.py").write_text("x = 1\n")
     (tmp_path / "configs" / "presets").mkdir(parents=True)
@@ -392,6 +392,9 @@ def test_code_hash_changes_with_any_training_code(tmp_path):
     h = code_hash(tmp_path)
     assert code_hash(tmp_path) == h
     (tmp_path / "client" / "a.py").write_text("x = 2\n")
+    assert code_hash(tmp_path) != h
+    h = code_hash(tmp_path)  # the message keys and allow-list both sides share
+    (tmp_path / "protocol" / "a.py").write_text("x = 2\n")
     assert code_hash(tmp_path) != h
     # the shipped configs set the experiment (issue 13: epsilon 1000 left the hash unchanged)
     h = code_hash(tmp_path)

@@ -15,7 +15,7 @@ import pytest
 
 from ccmr_core.flwr_env import child_env
 
-from server.loopback import free_port
+from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

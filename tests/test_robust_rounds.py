@@ -6,7 +6,7 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from server.inprocess import run_inprocess
+from tests.inprocess import run_inprocess
 from server.robust_rounds import GridWrapper, RetryGrid, RoundIncomplete
 from tests.test_federation import _apps, _run_config
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.common import bytes_to_ndarray
 
-from server.inprocess import run_inprocess
+from tests.inprocess import run_inprocess
 from tests.test_federation import _apps, _run_config
 
 MASKED = "secaggplus_configs"
