@@ -40,6 +40,20 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
+def ece_floor(count: np.ndarray, conf_sum: np.ndarray, draws: int = 2000, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model would score, on average, on this many patients with these
+    confidences (per calibration bin: ``count`` patients, ``conf_sum`` summed confidence): each bin's
+    correct count drawn as Binomial(count, mean confidence). ECE is biased upwards on few patients; a
+    measured ECE near this floor is as good as calibration can be shown to be at this size."""
+    count = np.asarray(count, dtype=np.int64)
+    n = int(count.sum())
+    if n == 0:
+        return float("nan")
+    p = np.divide(conf_sum, count, out=np.zeros(len(count)), where=count > 0).clip(0, 1)
+    correct = np.random.default_rng(seed).binomial(count, p, size=(draws, len(count)))
+    return float(np.abs(correct - conf_sum).sum(1).mean() / n)
+
+
 def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of accuracy (patients resampled with replacement)."""
     if len(correct) == 0:
@@ -95,6 +109,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
         "classes": list(classes),
     }
     stats = EvalStats.from_outputs(probs, labels, uncertainty=uncertainty, thresholds=thresholds)
+    out["ece_floor"] = ece_floor(stats.calib_count, stats.calib_conf)
     out["curves"] = curves_from_stats(stats, classes)
     out["referral"] = referral_summary(stats)
     out["confidence_error_auc"] = roc_auc(-probs.max(1), ~correct) if len(labels) else float("nan")
@@ -334,6 +349,7 @@ def metrics_from_stats(stats: EvalStats, classes: list[str]) -> dict:
         "macro_f1": _nanmean([v["f1"] for v in pc.values()]),
         "confusion_matrix": cm.tolist(),
         "ece": ece,
+        "ece_floor": ece_floor(stats.calib_count, stats.calib_conf),
         "loss": stats.loss_sum / n if n else float("nan"),
         "classes": list(classes),
         "curves": curves_from_stats(stats, classes),

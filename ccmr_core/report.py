@@ -128,7 +128,10 @@ def _reliability(test: dict) -> str | None:
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-class probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {_f(test.get('ece'))})")
+    floor = test.get("ece_floor")
+    ax.set_title(f"reliability (ECE {_f(test.get('ece'))}"
+                 + (f"; a calibrated model: ~{_f(floor)} on {test.get('n')} patients)" if floor is not None else ")"),
+                 fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     return _png(fig)
 
@@ -247,6 +250,10 @@ def _table(metrics: dict, test: dict) -> str:
            f"<tr><td>{html.escape(str(metrics.get('model')))}</td><td>{test['n']}</td><td>{_f(test.get('accuracy'))}</td>"
            f"<td>{_f(lo)}-{_f(hi)}</td><td>{_f(test.get('macro_auc'))}</td><td>{_f(test.get('macro_f1'))}</td>"
            f"<td>{_f(test.get('ece'))}</td><td>{eps_txt}</td></tr></table>")
+    if test.get("ece_floor") is not None:
+        out += (f"<p>ECE is biased upwards on few patients: a perfectly calibrated model with these "
+                f"confidences would score about {_f(test['ece_floor'])} on {test['n']} patients, so an ECE near that "
+                "value is as well calibrated as this test set can show.</p>")
     pc = test.get("per_class") or {}
     if pc:
         aucs = test.get("auc_per_class") or {}

@@ -230,6 +230,9 @@ def _print_table(r: dict, out) -> None:
     print(f"{'model':<10} {'n':>4} {'accuracy':>9} {'95% CI':>15} {'macro AUC':>10} {'ECE':>6}")
     print(f"{r['model']:<10} {t['n']:>4} {t['accuracy']:>9.3f} {f'{lo:.3f}-{hi:.3f}':>15} "
           f"{t['macro_auc']:>10.3f} {t['ece']:>6.3f}")
+    if t.get("ece_floor") is not None:
+        print(f"  ECE {t['ece']:.3f}; a perfectly calibrated model would score about {t['ece_floor']:.3f} on "
+              f"{t['n']} patients (ECE is biased upwards on few patients)")
     for s, a, n in zip(r["sites"], t["site_accuracy"], t["site_n"]):
         if n:
             print(f"  {s}: accuracy {a:.3f} (n={n})")

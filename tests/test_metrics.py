@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, classification_metrics,
+from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, classification_metrics, ece_floor,
                                expected_calibration_error, metrics_from_stats, per_class, roc_auc)
 
 CLASSES = ["NOR", "MINF", "DCM"]
@@ -29,6 +29,24 @@ def test_ece_zero_when_calibrated_positive_when_overconfident():
     assert expected_calibration_error(calibrated, labels) == pytest.approx(0.0, abs=1e-9)
     over = np.tile([0.99, 0.01, 0.0], (100, 1))
     assert expected_calibration_error(over, labels) == pytest.approx(0.49, abs=1e-6)
+
+
+def test_ece_floor_is_what_a_calibrated_model_scores_at_this_size():
+    """A model whose confidences are exactly its chance of being right still scores ECE > 0 on few
+    patients; the floor matches simulation, shrinks with n and is 0 for certain predictions."""
+    rng = np.random.default_rng(1)
+    conf = rng.choice([0.99, 0.95, 0.8, 0.6], 62, p=[0.6, 0.2, 0.1, 0.1])
+    draws = []
+    for _ in range(2000):
+        right = rng.random(62) < conf
+        draws.append(expected_calibration_error(np.stack([conf, 1 - conf], 1), np.where(right, 0, 1)))
+    stats = EvalStats.from_outputs(np.stack([conf, 1 - conf, 0 * conf], 1), np.zeros(62, dtype=int))
+    floor = ece_floor(stats.calib_count, stats.calib_conf)
+    assert floor == pytest.approx(np.mean(draws), rel=0.1) and 0.02 < floor < 0.1
+    big = EvalStats.from_outputs(np.tile(np.stack([conf, 1 - conf, 0 * conf], 1), (20, 1)), np.zeros(1240, dtype=int))
+    assert ece_floor(big.calib_count, big.calib_conf) < floor / 3
+    assert ece_floor(np.array([10, 0]), np.array([10.0, 0.0])) == 0.0
+    assert metrics_from_stats(stats, CLASSES)["ece_floor"] == pytest.approx(floor)
 
 
 def test_bootstrap_ci_brackets_accuracy_and_narrows():
