@@ -39,16 +39,16 @@ MODES = ("plain, audit off", "plain (as shipped)", "SecAgg+ (as shipped)")
 @contextmanager
 def audit_off(on: bool):
     import client.egress as eg
-    import server.strategy as st
+    import server.recorder as rec
 
-    saved = eg.audit, st.RoundLog.audit_messages
+    saved = eg.audit, rec.MessageAudit.record
     if not on:
         eg.audit = lambda *a, **k: None
-        st.RoundLog.audit_messages = lambda *a, **k: None
+        rec.MessageAudit.record = lambda *a, **k: None
     try:
         yield
     finally:
-        eg.audit, st.RoundLog.audit_messages = saved
+        eg.audit, rec.MessageAudit.record = saved
 
 
 def one_run(cohort: Path, out: Path, mode: str, rounds: int, audit_dir: Path) -> tuple[list[float], float]:

@@ -1,5 +1,5 @@
 """The run folder of a federated run: config, per-round metrics, a checkpoint for resume, the
-final model, results."""
+final model, results, and the coordinator's audit log of every message (audit.jsonl)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,24 @@ def _clean(x):
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+class MessageAudit:
+    """The coordinator's audit log: one line per message sent or received, written the way a site
+    writes its own (protocol.messages.audit_entry), so the two can be compared. Under secure
+    aggregation the SecAgg+ grid records the train rounds' protocol messages itself, and the plain
+    train messages are not recorded twice (``secure``)."""
+
+    def __init__(self, path: Path, secure: bool = False):
+        self.path, self.secure = Path(path), secure
+
+    def record(self, rnd: int, direction: str, kind: str, messages) -> None:
+        if self.secure and kind == "train":  # the grid records the "train/secagg-*" messages instead
+            return
+        rows = [proto.audit_entry(m.content, round=rnd, direction=direction, kind=kind,
+                                  node=m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id)
+                for m in messages if m.has_content()]
+        append_jsonl(self.path, rows)
 
 
 class RunRecorder:

@@ -9,9 +9,8 @@ of the other sites' weights; otherwise one site could own the mean with an hones
 and a huge count. A rejected update is left out and logged with its reason; the global model is
 computed from the rest, so one broken or hostile site cannot move it.
 
-Aggregators: ``mean`` (Flower's weighted average, the default), or coordinate-wise ``median`` and
-``trimmed-mean`` (drop the ``trim`` share of highest and lowest values per coordinate), which
-bound the influence of any single site even when its update passes the checks.
+``Screening`` applies these checks to a round's replies (server/strategy.py); what bounds a site
+that passes them is the aggregator (``federated.aggregator``: Flower's FedMedian or FedTrimmedAvg).
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord, Message
+
+from protocol import messages as proto
 
 
 @dataclass
@@ -84,21 +85,23 @@ def screen(updates: list[tuple[int, ArrayRecord]], reference: ArrayRecord, max_r
     return keep, rejected
 
 
-def robust_aggregate(records: list[ArrayRecord], method: str, trim: float = 0.2) -> ArrayRecord:
-    """Coordinate-wise median or trimmed mean of the kept updates (unweighted)."""
-    keys = list(records[0].keys())
-    out = {}
-    for k in keys:
-        stack = np.stack([r[k].numpy() for r in records])
-        if not np.issubdtype(stack.dtype, np.floating):
-            out[k] = stack[0]
-        elif method == "median":
-            out[k] = np.median(stack, axis=0).astype(stack.dtype)
-        elif method == "trimmed-mean":
-            n = len(records)
-            cut = min(int(np.floor(trim * n)), (n - 1) // 2)
-            s = np.sort(stack, axis=0)
-            out[k] = s[cut:n - cut].mean(axis=0).astype(stack.dtype)
-        else:
-            raise ValueError(f"aggregator {method!r} is not one of: mean, median, trimmed-mean")
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+@dataclass(frozen=True)
+class Screening:
+    """The checks a round's updates pass before they are averaged (``federated.max_update_ratio``,
+    ``federated.max_site_weight``)."""
+
+    max_update_ratio: float = 10.0
+    max_site_weight: float = 1000.0
+
+    def apply(self, replies: list[Message], sent: ArrayRecord | None, weight_key: str
+              ) -> tuple[list[Message], list[Rejection]]:
+        """The replies without the rejected updates (replies without a model pass through), and
+        the rejections with their reasons."""
+        with_arrays = [r for r in replies if r.has_content() and r.content.array_records]
+        if sent is None or not with_arrays:
+            return replies, []
+        updates = [(r.metadata.src_node_id, next(iter(r.content.array_records.values()))) for r in with_arrays]
+        weights = [float(proto.reply_metrics(r.content).get(weight_key, float("nan"))) for r in with_arrays]
+        keep, rejected = screen(updates, sent, self.max_update_ratio, weights, self.max_site_weight)
+        bad = {id(with_arrays[i]) for i in range(len(with_arrays)) if i not in keep}
+        return [r for r in replies if id(r) not in bad], rejected

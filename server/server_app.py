@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -13,7 +15,7 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
 from ccmr_core.calibration import fit_temperature
-from ccmr_core.config import from_run_config
+from ccmr_core.config import ExperimentConfig, from_run_config
 from ccmr_core.data.sources import find_sites
 from ccmr_core.files import read_jsonl
 from ccmr_core.engine import evaluate, set_threads
@@ -25,7 +27,7 @@ from protocol import messages as proto
 from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
-from server.recorder import RunRecorder
+from server.recorder import MessageAudit, RunRecorder
 from server.robust_rounds import RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
 from server.strategy import ClientSideClippingDP, ServerSideClippingDP, make_strategy
@@ -53,9 +55,58 @@ def _site_epsilon(cfg, train: dict | None, rounds_done: int, site_names: list[st
     return None
 
 
+@dataclass
+class Run:
+    """What the coordinator knows about this run once it has read its config."""
+
+    cfg: ExperimentConfig
+    out: Path
+    site_names: list[str]
+    cohort: str  # simulation: the synthetic cohort's folder; a deployment: "" (each site has its own data)
+    deployed: bool
+    resume: bool
+    val: object  # the coordinator's own validation set (None: none)
+    kwargs: dict  # the model's arguments
+    recorder: RunRecorder
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.cfg.data.classes)
+
+    def request(self, **extra) -> ConfigRecord:
+        """The config record every request carries (protocol/messages.py)."""
+        bio = self.kwargs["bio_channels"]
+        return ConfigRecord({proto.COHORT_DIR: self.cohort, proto.NUM_SITES: len(self.site_names),
+                             proto.BIO_CHANNELS: bio, proto.RUN_KEY: run_key(self.out), **extra})
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
+    run = open_run(rc)
+    model, done, start = initial_model(run)
+    n_nodes = len(list(grid.get_node_ids()))
+    announce(run, n_nodes, start)
+    strategy, inner, grid = coordinator(run, grid, model, done, n_nodes)
+    t0 = time.perf_counter()
+    final_state, completed = train_rounds(run, strategy, inner, grid, model, done)
+    train_seconds = time.perf_counter() - t0
+    final_state, temperature, refer = calibrate(run, grid, final_state)
+    run.recorder.save_model(final_state, done + completed, refer=refer)
+    results = test(run, grid, model, final_state, refer)
+    results.update({"calibration_temperature": temperature, "supernodes": n_nodes, "refer": refer,
+                    "train_seconds": round(train_seconds, 1)})
+    run.recorder.finish(results)
+    _print_table(results, run.out)
+    from ccmr_core.report import write_report
+
+    write_report(run.out)
+    if not bool(rc.get("keep-superlink", False)):
+        schedule_stop_if_auto_started()
+
+
+def open_run(rc) -> Run:
+    """The config, the run folder, the sites and (simulation) their cohort, the validation set."""
     cfg = from_run_config(rc)
     set_threads(cfg.train.threads)
     resume = str(rc.get("resume", "") or "")
@@ -65,77 +116,87 @@ def main(grid: Grid, context: Context) -> None:
         site_names = [s.strip() or f"slot-{k}" for k, s in enumerate(deployed.split(","))]
         cohort = ""
     else:  # simulation: the synthetic cohort, generated once
-        cohort = ensure_cohort(cfg, str(rc.get("data-dir", "") or ""))
+        cohort = str(ensure_cohort(cfg, str(rc.get("data-dir", "") or "")))
         site_names = [name for name, _, _ in find_sites(cohort)]
     val = validation_set(cfg)
-    bio = val.bio_channels if val is not None else len(SIGNALS)
-    kwargs = model_kwargs(cfg, bio)
-    recorder = RunRecorder(out, cfg, kwargs, site_names)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, **kwargs)
-    done = 0
-    start = None
-    if not resume:
-        start = initial_state(cfg, model, bool(deployed))
-    if resume:
-        ck = recorder.load_checkpoint()
-        if ck is None:
-            raise FileNotFoundError(f"resume: no {out}/checkpoint.pt to continue from")
-        model.load_state_dict(ck["state"])
-        done = int(ck["round"])
-        print(f"resuming {out} after round {done} of {cfg.federated.rounds}", flush=True)
-    remaining = cfg.federated.rounds - done
-    n_nodes = len(list(grid.get_node_ids()))
-    print(f"CC-CMR federated run -> {out}\n  model {cfg.model.name}, {cfg.federated.strategy}"
-          f"{f' (mu={cfg.federated.proximal_mu:g})' if cfg.federated.strategy == 'fedprox' else ''}"
-          f"{f', server momentum {cfg.federated.server_momentum:g} lr {cfg.federated.server_lr:g} (FedAvgM)' if cfg.federated.server_momentum > 0 or cfg.federated.server_lr != 1.0 else ''}, "
-          f"{cfg.federated.rounds} rounds x {cfg.federated.local_epochs} local epoch(s), DP: {cfg.privacy.mode}"
+    kwargs = model_kwargs(cfg, val.bio_channels if val is not None else len(SIGNALS))
+    return Run(cfg, out, site_names, cohort, bool(deployed), bool(resume), val, kwargs,
+               RunRecorder(out, cfg, kwargs, site_names))
+
+
+def initial_model(run: Run) -> tuple[torch.nn.Module, int, str | None]:
+    """The global model to start from, the rounds already done (resume) and where it came from."""
+    torch.manual_seed(run.cfg.train.seed)
+    model = build_model(run.cfg.model.name, **run.kwargs)
+    if not run.resume:
+        return model, 0, initial_state(run.cfg, model, run.deployed)
+    ck = run.recorder.load_checkpoint()
+    if ck is None:
+        raise FileNotFoundError(f"resume: no {run.out}/checkpoint.pt to continue from")
+    model.load_state_dict(ck["state"])
+    print(f"resuming {run.out} after round {int(ck['round'])} of {run.cfg.federated.rounds}", flush=True)
+    return model, int(ck["round"]), None
+
+
+def announce(run: Run, n_nodes: int, start: str | None) -> None:
+    cfg = run.cfg
+    fed = cfg.federated
+    print(f"CC-CMR federated run -> {run.out}\n  model {cfg.model.name}, {fed.strategy}"
+          f"{f' (mu={fed.proximal_mu:g})' if fed.strategy == 'fedprox' else ''}"
+          f"{f', server momentum {fed.server_momentum:g} lr {fed.server_lr:g} (FedAvgM)' if fed.server_momentum > 0 or fed.server_lr != 1.0 else ''}"
+          f"{f', aggregator {fed.aggregator}' if fed.aggregator != 'mean' else ''}, "
+          f"{fed.rounds} rounds x {fed.local_epochs} local epoch(s), DP: {cfg.privacy.mode}"
           f"{' (sites train the heads only)' if finetunes_head(cfg) else ''}; starts from "
-          f"{start or ('the checkpoint' if resume else 'random weights')}\n"
-          f"  sites: {', '.join(site_names)} {f'from {cohort}' if cohort else '(each on its own SuperNode)'}; "
+          f"{start or ('the checkpoint' if run.resume else 'random weights')}\n"
+          f"  sites: {', '.join(run.site_names)} {f'from {run.cohort}' if run.cohort else '(each on its own SuperNode)'}; "
           f"SuperNodes: {n_nodes}", flush=True)
-    if 0 < n_nodes < len(site_names) and not deployed:
-        print(f"  note: {n_nodes} SuperNodes for {len(site_names)} sites, so some SuperNodes host several "
+    if 0 < n_nodes < len(run.site_names) and not run.deployed:
+        print(f"  note: {n_nodes} SuperNodes for {len(run.site_names)} sites, so some SuperNodes host several "
               "sites (each trained and accounted separately; the average is unchanged). For one SuperNode "
-              f"per site run once: flwr federation simulation-config --num-supernodes {len(site_names)}",
+              f"per site run once: flwr federation simulation-config --num-supernodes {len(run.site_names)}",
               flush=True)
         if cfg.privacy.mode == "site":
             raise ValueError("site-level DP needs one SuperNode per site (each site's update is clipped "
                              "separately); set --num-supernodes to the number of sites")
 
-    common = dict(fraction_train=cfg.federated.fraction_train, fraction_evaluate=cfg.federated.fraction_evaluate,
-                  min_train_nodes=cfg.federated.min_sites, min_evaluate_nodes=cfg.federated.min_sites,
-                  min_available_nodes=cfg.federated.min_sites,
-                  weighted_by_key=proto.UNIT_WEIGHT if cfg.privacy.mode == "site" else proto.NUM_EXAMPLES,
-                  train_metrics_aggr_fn=aggregate_train_metrics,
-                  evaluate_metrics_aggr_fn=evaluate_aggr_fn(list(cfg.data.classes)))
-    inner = make_strategy(cfg.federated, common, plain_keys=[k for k, _ in model.named_buffers()])
-    inner.round_offset = done
-    inner.max_update_ratio = cfg.federated.max_update_ratio
-    inner.max_site_weight = cfg.federated.max_site_weight
-    inner.audit_path = out / "audit.jsonl"
-    inner.aggregator, inner.trim_fraction = cfg.federated.aggregator, cfg.federated.trim_fraction
-    strategy = inner
+
+def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
+    """(the strategy that runs the rounds, the CoordinatorRounds inside any DP wrapper, the grid):
+    the chosen aggregation with screening and audit, site-level DP noise, SecAgg+ and rounds that
+    survive missing sites as layers around it."""
+    cfg = run.cfg
+    fed = cfg.federated
     secure = cfg.secure_aggregation.enabled
+    weight_key = proto.UNIT_WEIGHT if cfg.privacy.mode == "site" else proto.NUM_EXAMPLES
+    common = dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+                  min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
+                  weighted_by_key=weight_key, train_metrics_aggr_fn=aggregate_train_metrics,
+                  evaluate_metrics_aggr_fn=evaluate_aggr_fn(run.classes))
+    audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
+    inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
+                          audit=audit)
+    strategy = inner
     if cfg.privacy.mode == "site":
         # the coordinator clips each site's update, or, under secure aggregation where it sees only
         # the sum, each site clips its own (client/client_app.py); the noise is added to the mean
         wrapper = ClientSideClippingDP if secure else ServerSideClippingDP
         strategy = wrapper(inner, noise_multiplier=cfg.privacy.noise_multiplier,
                            clipping_norm=cfg.privacy.clipping_norm,
-                           num_sampled_clients=max(1, int(round(n_nodes * cfg.federated.fraction_train))))
+                           num_sampled_clients=max(1, int(round(n_nodes * fed.fraction_train))))
     if secure:
-        inner.secure = True
-        grid = SecAggPlusGrid(grid, cfg.secure_aggregation, common["weighted_by_key"], audit=inner.audit_messages)
+        grid = SecAggPlusGrid(grid, cfg.secure_aggregation, weight_key, audit=audit.record)
         print(f"  secure aggregation (SecAgg+): the coordinator sees only the weighted mean of the sites' updates; "
               f"clipping range {cfg.secure_aggregation.clipping_range:g}, max weight "
               f"{cfg.secure_aggregation.max_weight}", flush=True)
-    grid = RetryGrid(grid, cfg.federated.min_sites, cfg.federated.round_retries)
-    val_loader = DataLoader(val, batch_size=cfg.train.batch_size) if val is not None else None
-    classes = list(cfg.data.classes)
-    base = {proto.COHORT_DIR: str(cohort), proto.NUM_SITES: len(site_names), proto.BIO_CHANNELS: bio,
-            proto.RUN_KEY: run_key(out)}
+    return strategy, inner, RetryGrid(grid, fed.min_sites, fed.round_retries)
 
+
+def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tuple[dict, int]:
+    """The remaining rounds; after each, the coordinator validates the global model on its own
+    patients and records the round. Returns the last global model and the rounds completed."""
+    cfg = run.cfg
+    remaining = cfg.federated.rounds - done
+    val_loader = DataLoader(run.val, batch_size=cfg.train.batch_size) if run.val is not None else None
     latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
 
     def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -144,75 +205,68 @@ def main(grid: Grid, context: Context) -> None:
         server = None
         if val_loader is not None:
             model.load_state_dict(state)
-            m = evaluate(model, val_loader, torch.device("cpu"), classes)
+            m = evaluate(model, val_loader, torch.device("cpu"), run.classes)
             server = {"accuracy": m["accuracy"], "macro-auc": m["macro_auc"], "ece": m["ece"], "loss": m["loss"]}
         if server_round == 0:
             if server and not done:
                 print(f"round 0 (initial model): coordinator validation accuracy {server['accuracy']:.3f}", flush=True)
             return MetricRecord(server) if server else None
         rnd = done + server_round
-        train = dict(inner.last_train) if inner.last_train else None
-        if inner.rejected:
-            train = {**(train or {}), "rejected": list(inner.rejected)}
-        fed = dict(inner.last_eval) if inner.last_eval else None
-        privacy = _site_epsilon(cfg, train, rnd, site_names)
-        print(recorder.record_round(rnd, state, train, fed, server, privacy), flush=True)
+        train, fed = inner.last_round()
+        privacy = _site_epsilon(cfg, train, rnd, run.site_names)
+        print(run.recorder.record_round(rnd, state, train, fed, server, privacy), flush=True)
         return MetricRecord(server) if server else None
 
-    t0 = time.perf_counter()
-    result = None
-    if remaining > 0:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
-                                timeout=cfg.federated.round_timeout_s,
-                                train_config=ConfigRecord(base),
-                                evaluate_config=ConfigRecord({**base, proto.SPLIT: "val"}), evaluate_fn=round_end)
-    train_seconds = time.perf_counter() - t0
+    if remaining <= 0:
+        return latest["state"], 0
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
+                            timeout=cfg.federated.round_timeout_s, train_config=run.request(),
+                            evaluate_config=run.request(**{proto.SPLIT: "val"}), evaluate_fn=round_end)
+    return latest["state"], remaining if result else 0
 
-    # the model at the end of the schedule; calibrated and given referral thresholds on the sites'
-    # pooled validation statistics (counts and sums only), then tested on every site's held-out patients
-    final_state = latest["state"]
 
-    def final_evaluation(state: dict, split: str, **extra) -> list[RecordDict]:
-        c = ConfigRecord({**base, proto.SPLIT: split, **extra})
-        arrays = ArrayRecord(state)
-        msgs = [Message(content=RecordDict({"arrays": arrays, "config": c}), dst_node_id=nid,
-                        message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
-        return [r.content for r in grid.send_and_receive(msgs, timeout=cfg.federated.round_timeout_s)
-                if r.has_content()]
+def _evaluate_at_sites(run: Run, grid: Grid, state: dict, split: str, **extra) -> list[RecordDict]:
+    arrays = ArrayRecord(state)
+    msgs = [Message(content=RecordDict({"arrays": arrays, "config": run.request(**{proto.SPLIT: split}, **extra)}),
+                    dst_node_id=nid, message_type=MessageType.EVALUATE) for nid in grid.get_node_ids()]
+    return [r.content for r in grid.send_and_receive(msgs, timeout=run.cfg.federated.round_timeout_s)
+            if r.has_content()]
 
-    refer, temperature = None, 1.0
-    val_stats = pooled_stats(final_evaluation(final_state, "val"), len(classes))[0]
-    if val_stats.n:
-        temperature = fit_temperature(val_stats.nll_t)
-        final_state = {**final_state, "calibration": torch.tensor(temperature)}
-        val_stats = pooled_stats(final_evaluation(final_state, "val", **{proto.MC_SAMPLES: cfg.model.mc_samples}),
-                                 len(classes))[0]
-        refer = thresholds_from_stats(val_stats, len(classes), cfg.model.refer_fraction)
-        print(f"calibration temperature {temperature:.2f} and referral thresholds from {refer['validation_n']} "
-              f"validation patients at the sites: confidence below {refer['confidence']:.2f} or uncertainty above "
-              f"{refer['uncertainty']}", flush=True)
-    rounds_done = done + (remaining if result else 0)
-    recorder.save_model(final_state, rounds_done, refer=refer)
+
+def calibrate(run: Run, grid: Grid, state: dict) -> tuple[dict, float, dict | None]:
+    """The model at the end of the schedule, calibrated (temperature) and given referral thresholds
+    on the sites' pooled validation statistics (counts and sums only)."""
+    n_cls = len(run.classes)
+    val_stats = pooled_stats(_evaluate_at_sites(run, grid, state, "val"), n_cls)[0]
+    if not val_stats.n:
+        return state, 1.0, None
+    temperature = fit_temperature(val_stats.nll_t)
+    state = {**state, "calibration": torch.tensor(temperature)}
+    val_stats = pooled_stats(_evaluate_at_sites(run, grid, state, "val", **{proto.MC_SAMPLES: run.cfg.model.mc_samples}),
+                             n_cls)[0]
+    refer = thresholds_from_stats(val_stats, n_cls, run.cfg.model.refer_fraction)
+    print(f"calibration temperature {temperature:.2f} and referral thresholds from {refer['validation_n']} "
+          f"validation patients at the sites: confidence below {refer['confidence']:.2f} or uncertainty above "
+          f"{refer['uncertainty']}", flush=True)
+    return state, temperature, refer
+
+
+def test(run: Run, grid: Grid, model, state: dict, refer: dict | None) -> dict:
+    """Every site's held-out patients (pooled statistics, with the referral counted against the
+    stored thresholds) and the coordinator's own validation patients."""
+    cfg = run.cfg
     counts = {proto.REFER_CONFIDENCE: refer["confidence"], proto.REFER_UNCERTAINTY: refer["uncertainty"]
               if refer["uncertainty"] is not None else -1.0} if refer else {}
-    replies = final_evaluation(final_state, "test", **{proto.MC_SAMPLES: cfg.model.mc_samples}, **counts)
-    test = summarize_stats(*pooled_stats(replies, len(classes)), classes) if replies else {"n": 0}
+    replies = _evaluate_at_sites(run, grid, state, "test", **{proto.MC_SAMPLES: cfg.model.mc_samples}, **counts)
+    test = summarize_stats(*pooled_stats(replies, len(run.classes)), run.classes) if replies else {"n": 0}
     server_val = None
-    if val_loader is not None:
-        model.load_state_dict(final_state)
-        server_val = evaluate(model, val_loader, torch.device("cpu"), classes, mc_samples=cfg.model.mc_samples)
-    last = _last_privacy(out)
-    results = {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
-               "calibration_temperature": temperature, "sites": site_names, "supernodes": n_nodes, "test": test,
-               "server_validation": server_val, "privacy": last, "refer": refer,
-               "train_seconds": round(train_seconds, 1)}
-    recorder.finish(results)
-    _print_table(results, out)
-    from ccmr_core.report import write_report
-
-    write_report(out)
-    if not bool(rc.get("keep-superlink", False)):
-        schedule_stop_if_auto_started()
+    if run.val is not None:
+        model.load_state_dict(state)
+        server_val = evaluate(model, DataLoader(run.val, batch_size=cfg.train.batch_size), torch.device("cpu"),
+                              run.classes, mc_samples=cfg.model.mc_samples)
+    return {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
+            "sites": run.site_names, "test": test, "server_validation": server_val,
+            "privacy": _last_privacy(run.out)}
 
 
 def _last_privacy(out) -> dict | None:

@@ -1,7 +1,9 @@
-"""FedProx/FedAvg from Flower with what the coordinator needs on top: declined sites (privacy
-budget) are left out of the average, every update is screened before it is averaged (shapes,
-finite values, norm; server/screening.py), an optional robust aggregator, and each round's
-aggregated metrics are kept for the run log."""
+"""The coordinator's strategy: Flower's FedProx, FedAvg, FedAvgM, FedMedian or FedTrimmedAvg, with
+what a federation of hospitals needs on top of each round (``CoordinatorRounds``): the run's
+round number in every request, every message written to the coordinator's audit log
+(server/recorder.MessageAudit), every update screened before it is averaged
+(server/screening.Screening), sites that declined (privacy budget) or refused left out of the
+average, and the round's aggregated metrics kept for the run log."""
 
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
 )
 
 from ccmr_core.console import warn
-from ccmr_core.files import append_jsonl
 from protocol import messages as proto
-from server.screening import robust_aggregate, screen
+from server.recorder import MessageAudit
+from server.screening import Screening
 
 log = logging.getLogger("ccmr.server")
 
@@ -29,41 +33,38 @@ log = logging.getLogger("ccmr.server")
 def _trained(msg: Message) -> bool:
     if not msg.has_content():
         return True  # errors are logged and skipped by Flower itself
-    m = next(iter(msg.content.metric_records.values()), {})
-    return float(m.get(proto.NUM_EXAMPLES, 1.0)) > 0
+    return float(proto.reply_metrics(msg.content).get(proto.NUM_EXAMPLES, 1.0)) > 0
 
 
-class RoundLog:
-    """Mixin: remember the last aggregated train/evaluate metrics and inject the global round."""
+class CoordinatorRounds:
+    """Mixin placed before a Flower strategy: what the coordinator adds to each of its rounds.
 
-    round_offset: int = 0
-    last_train: MetricRecord | None = None
-    last_eval: MetricRecord | None = None
-    max_update_ratio: float = 10.0
-    max_site_weight: float = 1000.0
-    aggregator: str = "mean"
-    trim_fraction: float = 0.2
-    sent: ArrayRecord | None = None
-    rejected: tuple | list = ()  # this round's rejections (a new list each round)
-    kept_count: int = 0  # updates in the last round's mean
-    audit_path = None  # the coordinator's audit log (run folder/audit.jsonl): what it sent and received
-    secure = False  # train rounds run as SecAgg+: the grid audits the protocol messages instead
+    ``round_offset``: rounds done before (a resumed run keeps counting); ``screening``: the checks an
+    update passes before it is averaged; ``audit``: where the messages are written down (None: not).
+    After each round ``last_round()`` gives its aggregated train and evaluation metrics, with this
+    round's rejected updates."""
+
+    def __init__(self, *, round_offset: int = 0, screening: Screening | None = None,
+                 audit: MessageAudit | None = None, **kw):
+        super().__init__(**kw)
+        self.round_offset = round_offset
+        self.screening = screening or Screening()
+        self.audit = audit
+        self.sent: ArrayRecord | None = None  # the global model sent in this round
+        self.rejected: list[dict] = []  # this round's rejected updates
+        self.kept_count = 0  # updates in this round's mean (site-level DP sizes its noise by it)
+        self.last_train: MetricRecord | None = None
+        self.last_eval: MetricRecord | None = None
 
     def _audit(self, server_round: int, direction: str, kind: str, messages) -> None:
-        if self.secure and kind == "train":
-            return
-        self.audit_messages(self.round_offset + server_round, direction, kind, messages)
+        if self.audit is not None:
+            self.audit.record(self.round_offset + server_round, direction, kind, messages)
 
-    def audit_messages(self, rnd: int, direction: str, kind: str, messages) -> None:
-        if self.audit_path is None:
-            return
-        rows = []
-        for m in messages:
-            if not m.has_content():
-                continue
-            node = m.metadata.dst_node_id if direction == "sent" else m.metadata.src_node_id
-            rows.append(proto.audit_entry(m.content, round=rnd, direction=direction, kind=kind, node=node))
-        append_jsonl(self.audit_path, rows)
+    def last_round(self) -> tuple[dict | None, dict | None]:
+        train = dict(self.last_train) if self.last_train else None
+        if self.rejected:
+            train = {**(train or {}), "rejected": list(self.rejected)}
+        return train, dict(self.last_eval) if self.last_eval else None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[proto.ROUND] = self.round_offset + server_round
@@ -71,22 +72,6 @@ class RoundLog:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         self._audit(server_round, "sent", "train", msgs)
         return msgs
-
-    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
-        with_arrays = [r for r in replies if r.has_content() and r.content.array_records]
-        if self.sent is None or not with_arrays:
-            return replies
-        updates = [(r.metadata.src_node_id, next(iter(r.content.array_records.values()))) for r in with_arrays]
-        weights = [float(next(iter(r.content.metric_records.values()), {}).get(self.weighted_by_key, float("nan")))
-                   for r in with_arrays]
-        keep, rejected = screen(updates, self.sent, self.max_update_ratio, weights, self.max_site_weight)
-        self.rejected = [{"round": self.round_offset + server_round, "node": rj.node_id, "reason": rj.reason}
-                         for rj in rejected]
-        for rj in self.rejected:
-            msg = f"round {rj['round']}: update from SuperNode {rj['node']} rejected: {rj['reason']}"
-            warn(log, msg)
-        bad = {id(with_arrays[i]) for i in range(len(with_arrays)) if i not in keep}
-        return [r for r in replies if id(r) not in bad]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[proto.ROUND] = self.round_offset + server_round
@@ -97,13 +82,14 @@ class RoundLog:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         self._audit(server_round, "received", "train", replies)
-        replies = self._screen(server_round, replies)
+        replies, rejected = self.screening.apply(replies, self.sent, self.weighted_by_key)
+        self.rejected = [{"round": self.round_offset + server_round, "node": rj.node_id, "reason": rj.reason}
+                         for rj in rejected]
+        for rj in self.rejected:
+            warn(log, f"round {rj['round']}: update from SuperNode {rj['node']} rejected: {rj['reason']}")
         kept = [r for r in replies if _trained(r)]
         self.kept_count = sum(1 for r in kept if r.has_content())
         arrays, metrics = super().aggregate_train(server_round, kept) if kept else (None, None)
-        if arrays is not None and self.aggregator != "mean":
-            recs = [next(iter(r.content.array_records.values())) for r in kept if r.has_content()]
-            arrays = robust_aggregate(recs, self.aggregator, self.trim_fraction)
         if metrics is None and replies:  # nobody trained: still report epsilon and declines
             ok = [r.content for r in replies if r.has_content()]
             metrics = self.train_metrics_aggr_fn(ok, self.weighted_by_key) if ok else None
@@ -119,15 +105,36 @@ class RoundLog:
         return self.last_eval
 
 
-class CCMRFedProx(RoundLog, FedProx):
+class ProximalWeight:
+    """Mixin: send FedProx's proximal weight to the sites, as Flower's FedProx does, from a strategy
+    that is not FedProx (the sites' local objective is independent of how the coordinator averages)."""
+
+    def __init__(self, *, proximal_mu: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.proximal_mu = proximal_mu
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        config[proto.PROXIMAL_MU] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+class CCMRFedProx(CoordinatorRounds, FedProx):
     pass
 
 
-class CCMRFedAvg(RoundLog, FedAvg):
+class CCMRFedAvg(CoordinatorRounds, FedAvg):
     pass
 
 
-class CCMRFedAvgM(RoundLog, FedAvg):
+class CCMRFedMedian(CoordinatorRounds, ProximalWeight, FedMedian):
+    """Coordinate-wise median of the screened updates (unweighted): one site cannot move it far."""
+
+
+class CCMRFedTrimmedAvg(CoordinatorRounds, ProximalWeight, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting the ``beta`` share of highest and lowest values (unweighted)."""
+
+
+class CCMRFedAvgM(CoordinatorRounds, ProximalWeight, FedAvg):
     """FedAvgM (Hsu et al. 2019): the coordinator steps along a momentum of the mean of the screened
     updates, sending FedProx's proximal weight to the sites as Flower's FedProx does (0 = none).
 
@@ -137,17 +144,12 @@ class CCMRFedAvgM(RoundLog, FedAvg):
     (the student before it starts, the teacher after) take the plain mean, and their momentum is
     dropped. The momentum lives in the coordinator's memory: a resumed run starts it from zero."""
 
-    def __init__(self, proximal_mu: float = 0.0, server_learning_rate: float = 1.0, server_momentum: float = 0.0,
-                 **kw):
+    def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0,
+                 plain_keys: Iterable[str] = (), **kw):
         super().__init__(**kw)
-        self.proximal_mu = proximal_mu
         self.server_learning_rate, self.server_momentum = server_learning_rate, server_momentum
-        self.plain_keys: set[str] = set()
+        self.plain_keys: set[str] = set(plain_keys)
         self.velocity: dict[str, np.ndarray] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config[proto.PROXIMAL_MU] = self.proximal_mu
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -167,17 +169,23 @@ class CCMRFedAvgM(RoundLog, FedAvg):
         return ArrayRecord(out), metrics
 
 
-def make_strategy(fed, common: dict, plain_keys: Iterable[str] = ()):
-    """The coordinator's strategy for ``fed`` (FederatedConfig): FedProx or FedAvg, as FedAvgM when the
+def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (), **rounds):
+    """The coordinator's strategy for ``fed`` (FederatedConfig), built in one call: FedAvgM when the
     coordinator keeps a momentum or steps with a learning rate other than 1 (``plain_keys``: the
-    model's buffers, averaged without it)."""
+    model's buffers, averaged without it); else by ``fed.aggregator``: Flower's FedMedian or
+    FedTrimmedAvg, or for the mean FedProx / FedAvg. ``common``: Flower's strategy arguments;
+    ``rounds``: CoordinatorRounds' (round_offset, audit; screening defaults to ``fed``'s limits)."""
     mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
+    rounds.setdefault("screening", Screening(fed.max_update_ratio, fed.max_site_weight))
+    kw = {**common, **rounds}
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
-        s = CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
-                        **common)
-        s.plain_keys = set(plain_keys)
-        return s
-    return CCMRFedProx(proximal_mu=mu, **common) if fed.strategy == "fedprox" else CCMRFedAvg(**common)
+        return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
+                           plain_keys=plain_keys, **kw)
+    if fed.aggregator == "median":
+        return CCMRFedMedian(proximal_mu=mu, **kw)
+    if fed.aggregator == "trimmed-mean":
+        return CCMRFedTrimmedAvg(proximal_mu=mu, beta=fed.trim_fraction, **kw)
+    return CCMRFedProx(proximal_mu=mu, **kw) if fed.strategy == "fedprox" else CCMRFedAvg(**kw)
 
 
 class NoiseForTheMean:

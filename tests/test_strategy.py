@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ccmr_core.config import ExperimentConfig
-from server.strategy import CCMRFedAvg, CCMRFedAvgM, CCMRFedProx, make_strategy
+from server.strategy import CCMRFedAvg, CCMRFedAvgM, CCMRFedMedian, CCMRFedProx, CCMRFedTrimmedAvg, make_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +84,36 @@ def test_momentum_spares_buffers_and_weights_no_site_changed():
 def test_momentum_with_a_robust_aggregator_is_refused_with_the_keys_to_change():
     with pytest.raises(ValueError, match="server_momentum.*aggregator 'median'"):
         ExperimentConfig.model_validate({"federated": {"server_momentum": 0.9, "aggregator": "median"}})
+
+
+class FiveNodes:
+    def get_node_ids(self):
+        return [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("aggregator, cls", [("median", CCMRFedMedian), ("trimmed-mean", CCMRFedTrimmedAvg)])
+def test_a_robust_aggregator_bounds_one_site_that_passes_screening(aggregator, cls):
+    """Flower's FedMedian / FedTrimmedAvg behind the coordinator's screening: an update that is large
+    but within the norm limit moves the mean, not the median or the trimmed mean; the sites still
+    get FedProx's weight and the round number."""
+    common = dict(min_train_nodes=5, min_evaluate_nodes=5, min_available_nodes=5)
+    s = make_strategy(_fed(aggregator=aggregator, trim_fraction=0.2), common, round_offset=4)
+    mean = make_strategy(_fed(), common)
+    assert type(s) is cls
+
+    def one_round(strategy):
+        sent = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+        msgs = list(strategy.configure_train(1, sent, ConfigRecord({}), FiveNodes()))
+        assert all(m.content["config"]["proximal-mu"] == pytest.approx(0.01) for m in msgs)
+        assert all(m.content["config"]["global-round"] == strategy.round_offset + 1 for m in msgs)
+        values = [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0], [20.0, -20.0]]  # the last: 9x the others' norm
+        replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.array(v, dtype=np.float32))}),
+                                       "metrics": MetricRecord({"num-examples": 10.0})}), reply_to=m)
+                   for m, v in zip(msgs, values)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert not strategy.rejected  # it passed the screening
+        return arrays["w"].numpy()
+
+    assert one_round(mean).tolist() == pytest.approx([6.0, -2.0])  # the outlier moves the mean
+    robust = one_round(s)
+    assert robust.dtype == np.float32 and robust.tolist() == pytest.approx([3.0, 2.0])
