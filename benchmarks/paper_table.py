@@ -121,7 +121,7 @@ def _detection(preds: list[dict[str, dict]]) -> tuple[float, float]:
 
 
 def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list[str], preset: str = "default",
-            efficiency_seeds: list[int] | None = None) -> dict:
+            efficiency_seeds: list[int] | None = None, threads: int = 0) -> dict:
     cohort, external = work / "cohort", work / "external"
     generate_cohort(cohort, progress=False)
     generate_cohort(external, sites=1, patients=40, seed=100, progress=False, kind="external")
@@ -132,7 +132,8 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
         if not (out / "metrics.json").is_file():
             t0 = time.perf_counter()
             cfg = load_config(preset=preset,
-                              overrides=VARIANTS[v][0] + [f"train.seed={seed}", f"train.label_fraction={frac}"])
+                              overrides=VARIANTS[v][0] + [f"train.seed={seed}", f"train.label_fraction={frac}",
+                                                          f"train.threads={threads}"])
             m = train_central(cohort, out, cfg, test_site="site-c", progress=False, cache_root=work / "cache")
             print(f"[{k + 1}/{len(jobs)}] {v}, {frac:.0%} of labels, seed {seed}: site-c accuracy "
                   f"{m['test']['accuracy']:.3f} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
@@ -262,11 +263,16 @@ def main() -> None:
     ap.add_argument("--preset", default="default", help="config preset (smoke: a quick rehearsal, not a result)")
     ap.add_argument("--summarise-only", action="store_true", help="write the tables from the runs already in "
                     "--workdir (and measure throughput: do it on a quiet machine)")
+    ap.add_argument("--runs-only", action="store_true", help="train and evaluate, write no table (e.g. two "
+                    "workers with --threads 1 and different --seeds on one work folder, then --summarise-only)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-paper-"))
     print(f"work folder {work} (rerun with --workdir to resume)", flush=True)
     if not args.summarise_only:
-        run_all(work, args.seeds, args.fractions, args.variants, args.preset, args.efficiency_seeds)
+        run_all(work, args.seeds, args.fractions, args.variants, args.preset, args.efficiency_seeds, args.threads)
+    if args.runs_only:
+        return
     text = summarise(work, args.seeds, args.fractions, args.variants, args.efficiency_seeds)
     if args.preset == "default":
         update_block("paper", text)
