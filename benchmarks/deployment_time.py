@@ -30,7 +30,7 @@ import numpy as np
 from benchmarks.common import ROOT, machine, update_block
 from ccmr_core.flwr_env import child_env
 from ccmr_core.synth.cohort import generate_cohort
-from server.loopback import LoopbackFederation, free_port
+from tests.loopback import LoopbackFederation, free_port
 
 
 def _rounds(run: Path) -> tuple[float, float]:
@@ -73,7 +73,7 @@ def simulation(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
 
 def inprocess(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
     from client.client_app import app as client_app
-    from server.inprocess import run_inprocess
+    from tests.inprocess import run_inprocess
     from server.server_app import app as server_app
 
     rc = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])

@@ -3,7 +3,7 @@ the pooled data and against each site alone, on the same test patients, over sev
 
     python -m benchmarks.federated [--seeds 0 1 2] [--dp-eps 1 3 8] [--workdir DIR]
 
-Every federated run drives the real ServerApp and ClientApp in one process (server/inprocess.py,
+Every federated run drives the real ServerApp and ClientApp in one process (tests/inprocess.py,
 no Ray) with the README main job's settings, so the comparison measures learning, not the
 simulator. The test patients are the same in every row: each site's held-out test patients
 (``train.split_seed``), pooled. Centralised trains one model on the union of the sites' training
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 import tomllib
@@ -42,7 +43,7 @@ from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import train_central
 from client.local import load_sites
-from server.inprocess import run_inprocess
+from tests.inprocess import run_inprocess
 from server.provision import public_model
 
 
@@ -62,6 +63,15 @@ def federated(cohort: Path, out: Path, **over):
         grid = run_inprocess(server_app, client_app, 3, run_config(**{"out-dir": str(out), "data-dir": str(cohort),
                                                                       "keep-superlink": True}, **over))
     return json.loads((out / "metrics.json").read_text()), grid
+
+
+def run_seconds(folder: Path) -> float:
+    """A run's wall time: ``seconds.json`` where the benchmark wrote it, else from its run folder (the
+    config is written when the run starts, metrics.json or model.pt when it ends)."""
+    if (folder / "seconds.json").is_file():
+        return float(json.loads((folder / "seconds.json").read_text()))
+    end = folder / "metrics.json" if (folder / "metrics.json").is_file() else folder / "model.pt"
+    return end.stat().st_mtime - (folder / "config.yaml").stat().st_mtime
 
 
 def site_splits(ds: MultiSite, cfg) -> list[dict[str, list[int]]]:
@@ -87,6 +97,9 @@ def overhead(cohort: Path, work: Path, rounds: int = 3) -> tuple[float, float, f
     cfg = load_config(overrides=["federated.fraction_evaluate=0.0", "federated.validation_patients=0",
                                  "federated.local_epochs=1"])
     out = work / "overhead"
+    if (out / "overhead.json").is_file():  # measured before, in full, with this work folder
+        return tuple(json.loads((out / "overhead.json").read_text()))
+    shutil.rmtree(out, ignore_errors=True)  # a run without its measurement (an older version): measure again
     _, grid = federated(cohort, out, **{"num-server-rounds": rounds, "strategy": "fedavg", "local-epochs": 1,
                                         "validation-patients": 0, "fraction-evaluate": 0.0})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +126,9 @@ def overhead(cohort: Path, work: Path, rounds: int = 3) -> tuple[float, float, f
     n_param_bytes = sum(v.numel() * 4 for v in g.values())
     sizes = [message_to_proto(r).ByteSize() for r in (grid.received if grid else [])
              if r.has_content() and r.content.array_records]
-    return float(fl), bare, float(np.mean(sizes) / n_param_bytes) if sizes else float("nan")
+    res = (float(fl), bare, float(np.mean(sizes) / n_param_bytes) if sizes else float("nan"))
+    (out / "overhead.json").write_text(json.dumps(res))
+    return res
 
 
 def main() -> None:
@@ -143,46 +158,47 @@ def main() -> None:
     eps_spent: dict[str, list[float]] = {}
     seed = args.seeds[0]
 
-    def record(row: str, correct: dict[str, bool], t0: float, eps: float | None = None) -> None:
+    def record(row: str, correct: dict[str, bool], folders: list[Path], eps: float | None = None) -> None:
+        """A row's per-patient correctness for this seed; its minutes are the runs' own wall time
+        (so a rerun that finds the runs in the work folder reports what they took)."""
         results.setdefault(row, {})[seed] = correct
-        seconds.setdefault(row, []).append(time.perf_counter() - t0)
+        secs = sum(run_seconds(d) for d in folders)
+        seconds.setdefault(row, []).append(secs)
         if eps is not None:
             eps_spent.setdefault(row, []).append(eps)
         acc = np.mean([correct[n] for n in names])
-        print(f"{row}: accuracy {acc:.3f} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        print(f"{row}: accuracy {acc:.3f} ({secs / 60:.1f} min)", flush=True)
 
     for seed in args.seeds:
         cfg = load_config(overrides=[f"train.seed={seed}", f"train.epochs={epochs}"])
-        t0 = time.perf_counter()
         out = work / f"central-e{epochs}-s{seed}"  # cached per number of epochs and seed
         union = {k: sorted(i for sp in splits for i in sp[k]) for k in ("train", "val", "test")}
         if not (out / "model.pt").is_file():
             train_central(cohort, out, cfg, progress=False, cache_root=None, splits=union)
-        record("centralised (pooled data, one model)", per_patient(out / "model.pt", ds, test), t0)
-        t0 = time.perf_counter()
+        record("centralised (pooled data, one model)", per_patient(out / "model.pt", ds, test), [out])
         local: dict[str, bool] = {}
         for k, sp in enumerate(splits):
             out = work / f"local-{k}-e{epochs}-s{seed}"
             if not (out / "model.pt").is_file():
                 train_central(cohort, out, cfg, progress=False, splits=sp)
             local.update(per_patient(out / "model.pt", ds, sp["test"]))
-        record("each site alone (tested on its own patients)", local, t0)
+        record("each site alone (tested on its own patients)", local,
+               [work / f"local-{k}-e{epochs}-s{seed}" for k in range(len(splits))])
         fed_runs = [] if args.no_fedavg else [("FedAvg", {"strategy": "fedavg"})]
         fed_runs += [(f"FedProx mu={mu:g}", {"strategy": "fedprox", "proximal-mu": mu}) for mu in args.mus]
         for row, over in fed_runs:
-            t0 = time.perf_counter()
             if f.server_momentum > 0:
                 row += f", server momentum {f.server_momentum:g}"
             out = work / f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}-s{seed}"
             federated(cohort, out, **{"train-seed": seed}, **over)
-            record(f"federated, {row}", per_patient(out / "model.pt", ds, test), t0)
+            record(f"federated, {row}", per_patient(out / "model.pt", ds, test), [out])
         if not args.dp_eps or (args.dp_seeds is not None and seed not in args.dp_seeds):
             continue
         # DP recipe: the coordinator's public pretraining, then the sites fine-tune the heads
-        t0 = time.perf_counter()
         dp_cfg = load_config(overrides=[f"train.seed={seed}", "model.alignment=slice", "privacy.mode=sample"])
         pre = work / f"public-s{seed}" / "model.pt"
         if not pre.is_file():
+            t0 = time.perf_counter()
             m = build_model(dp_cfg.model.name, **model_kwargs(dp_cfg, 4))
             m.load_state_dict(public_model(dp_cfg))
             from ccmr_core.checkpoint import save_model
@@ -191,18 +207,18 @@ def main() -> None:
             save_model(pre, m.state_dict(), name=dp_cfg.model.name, kwargs=model_kwargs(dp_cfg, 4),
                        classes=list(dp_cfg.data.classes), ingest=dp_cfg.data.ingest.model_dump(mode="json"),
                        config=dp_cfg.model_dump(mode="json"))
-        record("public pretraining alone (no site data)", per_patient(pre, ds, test), t0)
-        t0 = time.perf_counter()
+            (pre.parent / "seconds.json").write_text(json.dumps(time.perf_counter() - t0))
+        record("public pretraining alone (no site data)", per_patient(pre, ds, test), [pre.parent])
         out = work / f"head-nodp-{recipe}-s{seed}"
         federated(cohort, out, **{"train-seed": seed, "alignment": "slice"}, config=str(_yaml(work, "head")))
-        record("public pretraining + sites fine-tune the heads, no DP", per_patient(out / "model.pt", ds, test), t0)
+        record("public pretraining + sites fine-tune the heads, no DP", per_patient(out / "model.pt", ds, test),
+               [out])
         for eps in args.dp_eps:
-            t0 = time.perf_counter()
             out = work / f"dp-{eps:g}-{recipe}-s{seed}"
             r, _ = federated(cohort, out, **{"train-seed": seed, "alignment": "slice", "dp": "sample",
                                              "target-epsilon": eps})
             record(f"public pretraining + heads with patient-level DP-SGD, epsilon {eps:g}",
-                   per_patient(out / "model.pt", ds, test), t0, max(r["privacy"]["epsilon"].values()))
+                   per_patient(out / "model.pt", ds, test), [out], max(r["privacy"]["epsilon"].values()))
     fl, bare, bytes_ratio = overhead(cohort, work)
     text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio)
     update_block("federated", text)

@@ -3,14 +3,14 @@
     python -m benchmarks.trust_cost [--rounds 3] [--repeats 2] [--deployment-rounds 3]
 
 The same train-only FedProx rounds on the default synthetic cohort (3 sites, the default model),
-driven through the real ServerApp and ClientApp in one process (server/inprocess.py), in three
+driven through the real ServerApp and ClientApp in one process (tests/inprocess.py), in three
 modes, interleaved: a plain round with the audit logs switched off (the baseline; the product
 has no such switch, the benchmark patches it out), a plain round as shipped (egress guard +
 audit at the sites and at the coordinator), and a SecAgg+ round (as shipped, audited).
 Per-round time is the median over rounds after the first and over repeats; bytes are what each
 site's audit log says left it per train round.
 
-Then the same comparison, plain vs SecAgg+, in a deployment on 127.0.0.1 (server/loopback.py:
+Then the same comparison, plain vs SecAgg+, in a deployment on 127.0.0.1 (tests/loopback.py:
 SuperLink, three SuperNodes as processes, TLS, smoke preset), where each SecAgg+ round is four
 messages per site instead of one.
 """
@@ -29,8 +29,8 @@ from tqdm import tqdm
 from benchmarks.common import machine, update_block
 from benchmarks.federated import run_config
 from ccmr_core.config import load_config
-from server.inprocess import run_inprocess
-from server.loopback import LoopbackFederation
+from tests.inprocess import run_inprocess
+from tests.loopback import LoopbackFederation
 from server.provision import ensure_cohort
 
 MODES = ("plain, audit off", "plain (as shipped)", "SecAgg+ (as shipped)")
