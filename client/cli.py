@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -124,8 +125,11 @@ def site_policy(args) -> SitePolicy:
 def supernode_command(b, data: Path, port: int, policy: SitePolicy | None = None) -> list[str]:
     policy = policy or SitePolicy()
     node_config = f'data-path="{data}" site-name="{b.site}" site-index={b.site_index} {policy.node_config()}'
-    return [flower_bin("flower-supernode"), "--superlink", b.superlink, "--root-certificates", str(b.ca), "--auth-supernode-private-key", str(b.key),
-            "--node-config", node_config, "--port", str(port)]
+    # --isolation process: the SuperNode runs no app itself; the site's worker (client/worker.py)
+    # answers every message with the site's installed code
+    return [flower_bin("flower-supernode"), "--superlink", b.superlink, "--root-certificates", str(b.ca),
+            "--auth-supernode-private-key", str(b.key), "--node-config", node_config, "--port", str(port),
+            "--isolation", "process"]
 
 
 def cmd_start(args) -> int:
@@ -147,8 +151,15 @@ def cmd_start(args) -> int:
     # its own session (stop_group ends it with what it starts), and it ends when this process ends,
     # even by SIGKILL, so no SuperNode is left dialling the coordinator unattended
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=dies_with(os.getpid()))
+    rc = None
     try:
         with stop_signals():
+            from client.worker import SiteWorker
+
+            worker = SiteWorker(f"127.0.0.1:{args.port}")
+            print(f"site {b.site}: answering with this site's installed code (code hash {worker.own_hash[:16]}...), "
+                  "imported once; the coordinator's app is never run here", flush=True)
+            worker.serve(threading.Event(), alive=lambda: proc.poll() is None)
             rc = proc.wait()
     except Stopped:
         rc = -signal.SIGTERM  # asked to stop: the SuperNode is stopped below, not an error

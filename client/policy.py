@@ -8,8 +8,9 @@ coordinator cannot change:
 * ``policy-require-dp``: ``sample`` or ``site``; a run with another privacy mode is refused.
 * ``policy-require-secagg``: ``true``; a run without secure aggregation (SecAgg+) is refused.
 * ``policy-code-sha256``: the SHA-256 (or a comma-separated list) of the training code the site reviewed
-  (``ccmr_core.codehash``; ``ccmr-server run`` prints it for every run); a run shipping other code
-  is refused.
+  (``ccmr_core.codehash``; ``ccmr-server run`` prints it for every run); a run whose app (FAB)
+  holds other code is refused. The site answers with its own installed code in any case
+  (client/worker.py); the pin is about what the coordinator runs and ships.
 * ``policy-max-epsilon``: the site's lifetime cap on patient-level DP: epsilon over every run it
   took part in (RDP composed over the runs' ledgers at the site), at ``policy-delta`` (default
   1e-5, whatever delta a run asks for). A round that would exceed it is declined.
@@ -35,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ccmr_core.codehash import code_hash
 
 APP_ROOT = Path(__file__).resolve().parents[1]
+# set by the site's worker (client/worker.py): the code hash of the app the coordinator shipped
+FAB_CODE_KEY = "coordinator-code-sha256"
 
 
 @lru_cache(maxsize=1)
@@ -54,7 +57,9 @@ def violations(node_config: dict, privacy_mode: str, secure: bool) -> list[str]:
                    "(run config secure-aggregation=true)")
     pins = [p.strip() for p in str(node_config.get("policy-code-sha256", "") or "").split(",") if p.strip()]
     if pins:
-        have = _app_hash()
+        # the site's worker answers with the site's own code and reports what the coordinator
+        # shipped; a SuperNode that runs the shipped app (simulation) checks that app itself
+        have = str(node_config.get(FAB_CODE_KEY) or _app_hash())
         if have not in pins:
             out.append(f"the run's training code has SHA-256 {have[:16]}..., this site accepts only "
                        f"{', '.join(p[:16] + '...' for p in pins)}")

@@ -28,7 +28,7 @@ from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
 from server.recorder import MessageAudit, RunRecorder
-from server.robust_rounds import RetryGrid
+from server.robust_rounds import FastPollGrid, RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
 from server.strategy import ClientSideClippingDP, ServerSideClippingDP, make_strategy
 
@@ -173,6 +173,7 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
                   weighted_by_key=weight_key, train_metrics_aggr_fn=aggregate_train_metrics,
                   evaluate_metrics_aggr_fn=evaluate_aggr_fn(run.classes))
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
+    grid = FastPollGrid(grid)
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
                           audit=audit)
     strategy = inner

@@ -220,6 +220,12 @@ def test_a_site_policy_file_holds_the_sites_rules_and_names_what_is_wrong(tmp_pa
     node = {"policy-require-dp": "sample", "policy-code-sha256": ",".join(p.allowed_code)}
     assert violations(node, "sample", False) == []  # this code is one of the allowed versions
     assert "accepts only" in violations({"policy-code-sha256": "0" * 64}, "sample", False)[0]
+    # under the site's worker the pin is checked against the app the coordinator shipped (the site
+    # answers with its own code): a coordinator shipping other code is refused though the site's matches
+    from client.policy import FAB_CODE_KEY
+
+    assert "accepts only" in violations({**node, FAB_CODE_KEY: "1" * 64}, "sample", False)[0]
+    assert violations({**node, FAB_CODE_KEY: "0" * 64}, "sample", False) == []
     for text, words in (("require_dp: maybe\n", "require_dp"), ("max_epsilon: -1\n", "max_epsilon"),
                         ("allowed_code: [abc]\n", "not a SHA-256"), ("requre_dp: sample\n", "requre_dp"),
                         ("- a list\n", "mapping of rules")):
@@ -233,4 +239,6 @@ def test_a_site_policy_file_holds_the_sites_rules_and_names_what_is_wrong(tmp_pa
     with pytest.raises(PolicyError, match="both set max_epsilon"):
         site_policy(args)
     b = SimpleNamespace(site="h", site_index=0, superlink="x:1", ca="ca", key="k")
-    assert "policy-max-epsilon=8.0" in " ".join(supernode_command(b, tmp_path, 9094, p))
+    cmd = " ".join(supernode_command(b, tmp_path, 9094, p))
+    # the SuperNode runs no app of its own: the site's worker answers with the site's installed code
+    assert "policy-max-epsilon=8.0" in cmd and "--isolation process" in cmd
