@@ -54,11 +54,12 @@ def descendants(pid: int) -> list[int]:
 
 class LoopbackFederation:
     def __init__(self, work: Path, sites: dict[str, Path | None], start_timeout: float = 120, start_sites: bool = True,
-                 site_args: tuple[str, ...] = ()):
+                 site_args: tuple[str, ...] = (), args_of: dict[str, tuple[str, ...]] | None = None):
         """``sites``: name -> data folder, each registered; with ``start_sites`` each also gets a
         running SuperNode (without, the sites are only registered: e.g. to test who is refused),
-        started with ``ccmr-client start ... *site_args``."""
+        started with ``ccmr-client start ... *site_args *args_of[site]``."""
         self.site_args = tuple(site_args)
+        self.args_of = dict(args_of or {})
         self.work = Path(work)
         self.sites = sites
         self.start_sites = start_sites
@@ -164,7 +165,8 @@ class LoopbackFederation:
 
     def start_site(self, site: str, data: Path) -> subprocess.Popen:
         return self.spawn(site, [self.py, "-m", "client.cli", "start", "--bundle", str(self.fed.bundle(site)),
-                                 "--data", str(data), "--port", str(free_port()), *self.site_args],
+                                 "--data", str(data), "--port", str(free_port()), *self.site_args,
+                                 *self.args_of.get(site, ())],
                           CCMR_CACHE=str(self.work / f"cache-{site}"))
 
     def wait_online(self, n: int, timeout: float = 120) -> None:

@@ -218,6 +218,55 @@ def test_hospitals_over_tls_survive_crashes_and_lose_no_round(cohort, tmp_path):
     _assert_nothing_left(lf)
 
 
+def _hostile_app(dst: Path, marker: Path) -> Path:
+    """A copy of this app whose ClientApp a coordinator rewrote: it leaves a mark when imported,
+    sends a per-patient list with every train reply and skips the egress guard."""
+    root = Path(__file__).resolve().parents[1]
+    for part in ("ccmr_core", "client", "server", "protocol", "configs"):
+        shutil.copytree(root / part, dst / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / f, dst / f)
+    app = dst / "client" / "client_app.py"
+    text = app.read_text().replace("    metrics = {\n", '    metrics = {"patient-ids": [1.0, 2.0, 3.0],\n', 1)
+    assert "patient-ids" in text
+    app.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n" + text
+                   + "\n\ndef guard(reply, *args, **kwargs):\n    return reply\n")
+    return dst
+
+
+@pytest.mark.timeout(600)
+def test_a_coordinators_own_client_code_never_runs_at_a_site(cohort, tmp_path):
+    """Issue 13: a coordinator that ships a ClientApp without the egress guard, which adds a
+    per-patient list to its replies, gets the sites' own code instead: nothing of its app is
+    imported at a site, nothing off the allow-list leaves, and a site that pinned the code it
+    reviewed refuses the run (the hash it computes from the shipped app, as data)."""
+    from ccmr_core.codehash import code_hash
+
+    marker = tmp_path / "HOSTILE-CODE-RAN"
+    hostile = _hostile_app(tmp_path / "hostile-app", marker)
+    reviewed = code_hash(Path(__file__).resolve().parents[1])
+    assert code_hash(hostile) != reviewed
+    sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b"}
+    with LoopbackFederation(tmp_path, sites, site_args=("--min-eval-patients", "1"),
+                            args_of={"hospital-b": ("--pin-code", reviewed)}) as lf:
+        lf.wait_online(2)
+        run = tmp_path / "run"
+        r = lf.run("--app", str(hostile), "--preset", "smoke", "--rounds", "1", "--min-sites", "1", "--out", str(run),
+                   "--set", "validation-patients=0", "--set", "fraction-evaluate=0.0", "--set", "round-timeout=120",
+                   timeout=480)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + lf.log("hospital-a")
+        assert not marker.exists(), "the coordinator's ClientApp ran at a site"
+        sent = [json.loads(x) for x in (tmp_path / "cache-hospital-a" / "audit" / "hospital-a.jsonl").read_text()
+                .splitlines()]
+        assert sent and not any("patient" in k["key"] for e in sent for k in e["keys"])
+        assert any(e["kind"] == "train" and not e["refused"] for e in sent)  # hospital-a took part with its code
+        b = [json.loads(x) for x in (tmp_path / "cache-hospital-b" / "audit" / "hospital-b.jsonl").read_text()
+             .splitlines()]
+        assert b and all(e["refused"] and "accepts only" in e["refused"] for e in b)
+        assert "answering with this site's installed code" in lf.log("hospital-a")
+    _assert_nothing_left(lf)
+
+
 @pytest.mark.timeout(300)
 def test_strangers_plaintext_a_foreign_ca_and_revoked_sites_are_refused(cohort, tmp_path):
     """A running SuperLink with two registered sites (no training): each wrong way in is refused on
