@@ -27,7 +27,7 @@ import torch
 from ccmr_core.checkpoint import load_model
 from ccmr_core.config import IngestConfig, validate
 from ccmr_core.data.dicom_read import FileProblem, Frame
-from ccmr_core.data.ingest import list_files, _parallel, _read_one
+from ccmr_core.data.ingest import list_files, read_files
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
@@ -64,8 +64,7 @@ def read_studies(folder: str | Path, workers: int = 1, progress: bool = False) -
                                                                   if unlisted else ""))
     frames: dict[str, list[Frame]] = defaultdict(list)
     problems: list[FileProblem] = list(unlisted)
-    jobs = [(str(p), str(folder)) for p, _ in files]
-    for result in _parallel(_read_one, jobs, workers, "reading DICOM", "file", progress, 32):
+    for result in read_files([p for p, _ in files], folder, workers, progress):
         if isinstance(result, FileProblem):
             problems.append(result)
         else:

@@ -132,6 +132,13 @@ def _read_one(args: tuple[str, str]):
     return read_file(Path(path), Path(root))
 
 
+def read_files(paths: list[Path], root: Path, workers: int, progress: bool, desc: str = "reading DICOM"):
+    """Read DICOM files in parallel: for each path, in order, its frames or a FileProblem (paths in
+    problems are shown relative to ``root``)."""
+    jobs = [(str(p), str(root)) for p in paths]
+    return _parallel(_read_one, jobs, workers, desc, "file", progress, 32)
+
+
 @dataclass
 class _StudyJob:
     uid: str
@@ -248,13 +255,12 @@ def ingest(
             file_info[rel] = {"stat": stats[rel], "study": uid}
             dirty.add(uid)
 
-    jobs = [(str(site / rel), str(site)) for rel in to_read]
-    for rel, result in zip(to_read, _parallel(_read_one, jobs, workers, "reading DICOM", "file", progress, 32)):
+    for rel, result in zip(to_read, read_files([site / rel for rel in to_read], site, workers, progress)):
         absorb(rel, result)
     # unchanged files of dirty studies must be read too; their old problems are reported again
     reread = [rel for rel, info in file_info.items() if info.get("study") in dirty and rel not in to_read]
-    jobs = [(str(site / rel), str(site)) for rel in reread]
-    for rel, result in zip(reread, _parallel(_read_one, jobs, workers, "re-reading changed studies", "file", progress, 32)):
+    for rel, result in zip(reread, read_files([site / rel for rel in reread], site, workers, progress,
+                                              "re-reading changed studies")):
         absorb(rel, result)
     for rel, info in file_info.items():
         if "problem" in info and rel not in to_read and rel not in reread:
