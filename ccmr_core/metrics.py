@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 
 from ccmr_core.calibration import TEMPERATURES, nll_sums
@@ -56,12 +57,13 @@ def ece_floor(count: np.ndarray, conf_sum: np.ndarray, draws: int = 2000, seed: 
 
 def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of accuracy (patients resampled with replacement)."""
+    correct = np.asarray(correct, dtype=float)
     if len(correct) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(correct), size=(n_boot, len(correct)))
-    accs = correct[idx].mean(1)
-    return float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))
+    if np.all(correct == correct[0]):  # every resample is the same: scipy would warn and give NaN
+        return float(correct[0]), float(correct[0])
+    r = bootstrap((correct,), np.mean, n_resamples=n_boot, method="percentile", random_state=seed)
+    return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
 def per_class(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
