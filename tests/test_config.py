@@ -86,3 +86,13 @@ def test_a_config_travels_as_content_and_a_site_opens_no_path_it_is_sent(tmp_pat
     (tmp_path / "rc.toml").write_text(tomli_w.dumps(rc))
     assert parse_config_args([str(tmp_path / "rc.toml")]) == {**rc, "preset": "smoke"}
     assert tomli.loads(tomli_w.dumps(rc))["secure-aggregation"] is True
+
+
+def test_the_config_names_exactly_the_models_the_registry_builds():
+    """Model names live in the registry (each model class) and in the config's schema; they must agree."""
+    from typing import get_args
+
+    from ccmr_core.config import ModelName
+    from ccmr_core.models.registry import MODEL_NAMES
+
+    assert sorted(get_args(ModelName)) == sorted(MODEL_NAMES)
