@@ -124,17 +124,16 @@ evaluation, final test; round time from the run's metrics.jsonl, rounds after th
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Where the deployment's time goes. Sites' training is a second of it (summed over the three sites).
-The rest is per message, twice a round (train, evaluate) at every SuperNode: each message starts a
-fresh `flwr-clientapp` process, and importing the ClientApp (torch, opacus, flwr, the app) takes
-{one:.1f} s in one process and {three:.1f} s when three SuperNodes do it at once on these 2 cores (measured
-here); the process then rebuilds its site's dataset from the cache. On top, Flower 1.41's SuperNode
-and the ServerApp's Grid each poll every 3 s (hard-coded; ../shared/notes/flower-1.41.md), and the
-SuperExec polls every second. The share of each was not separated further. This cost does not
-grow with the model or the data, but it is large: with the default model (about 20 s of training
-per round for the three sites, federated block) it would still be most of a round. Levers: fewer
-evaluation phases (`fraction-evaluate=0` leaves only the final test), and importing opacus only
-when DP is on (it is 2.5 s of the import; not done yet).
+Where the deployment's time goes. Each hospital answers with one long-lived worker of its own
+installed code (client/worker.py): no process per message, imports once, datasets kept in memory.
+A fresh process per message, as before, would import the ClientApp (torch, opacus, flwr, the app)
+for {one:.1f} s alone and {three:.1f} s with three at once on these 2 cores (measured here). The
+coordinator asks for replies every 0.2 s. The rest of the round was not separated into its parts
+here. Known parts: Flower 1.41's SuperNode polls the SuperLink every 3 s when idle and waits in 0.5 s
+steps for a reply to send (hard-coded; not patched), twice a round (train, then evaluate), and the
+three sites share 2 cores. Levers not yet pulled: evaluation riding on the train reply (one
+message phase per round), `fraction-evaluate=0` (only the final test), importing opacus only when
+DP is on.
 """
     update_block("deployment", text)
     print(text)
