@@ -222,16 +222,22 @@ class EvalStats:
         )
 
 
+def flat_sizes(n_classes: int) -> dict[str, int]:
+    """The length of each array of ``EvalStats.to_flat`` for ``n_classes`` classes (what a site may
+    send, protocol/messages.py, and what the coordinator accepts, ``flat_stats_problem``)."""
+    c = n_classes
+    return {"confusion": c * c, "pos_hist": c * N_BINS, "neg_hist": c * N_BINS, "calib_count": N_BINS,
+            "calib_correct": N_BINS, "calib_conf": N_BINS, "unc_correct": N_UNC_BINS, "unc_wrong": N_UNC_BINS,
+            "nll_t": len(TEMPERATURES), "refer": 4, "loss_sum": 1, "n": 1}
+
+
 def flat_stats_problem(d: dict, n_classes: int) -> str | None:
     """Why statistics received from a site (``EvalStats.to_flat`` form) cannot be true counts of
     one evaluation, or None. A site could otherwise steer the pooled metrics, the calibration
     temperature and the referral thresholds with numbers no set of patients produces."""
     c = n_classes
-    shapes = {"confusion": c * c, "pos_hist": c * N_BINS, "neg_hist": c * N_BINS, "calib_count": N_BINS,
-              "calib_correct": N_BINS, "calib_conf": N_BINS, "unc_correct": N_UNC_BINS, "unc_wrong": N_UNC_BINS,
-              "nll_t": len(TEMPERATURES), "refer": 4, "loss_sum": 1, "n": 1}
     a = {}
-    for k, size in shapes.items():
+    for k, size in flat_sizes(c).items():
         v = np.asarray(d.get(k, np.zeros(size)), dtype=float).ravel()
         if v.size != size:
             return f"{k} has {v.size} values, expected {size}"

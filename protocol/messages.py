@@ -10,8 +10,7 @@ import json
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ccmr_core.calibration import TEMPERATURES
-from ccmr_core.metrics import N_BINS, N_UNC_BINS
+from ccmr_core.metrics import flat_sizes
 
 # --- the request's "config" record (coordinator -> site) --------------------------------------------
 ROUND = "global-round"  # the run's round number (resumed runs continue counting); absent at the final tests
@@ -44,13 +43,9 @@ SECAGG_CLIPPED = "secagg-clipped"  # SecAgg+: coordinates cut to the clipping ra
 
 def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
     """The egress allow-list: metric key -> its largest allowed length (1 = a scalar)."""
-    c = n_classes
-    stats = {"confusion": c * c, "pos_hist": c * N_BINS, "neg_hist": c * N_BINS, "calib_count": N_BINS,
-             "calib_correct": N_BINS, "calib_conf": N_BINS, "unc_correct": N_UNC_BINS, "unc_wrong": N_UNC_BINS,
-             "loss_sum": 1, "n": 1, "nll_t": len(TEMPERATURES), "refer": 4}
     return {NUM_EXAMPLES: 1, UNIT_WEIGHT: 1, TRAIN_LOSS: 1, DELTA: 1, TRAIN_SECONDS: 1, REFUSED: 1,
             SITE_EPSILON: n_sites, SITE_DECLINED: n_sites, SITE_CORRECT: n_sites, SITE_N: n_sites,
-            SECAGG_CLIPPED: 1, **{STATS + k: n for k, n in stats.items()}}
+            SECAGG_CLIPPED: 1, **{STATS + k: n for k, n in flat_sizes(n_classes).items()}}
 
 
 def refused_metrics() -> MetricRecord:
