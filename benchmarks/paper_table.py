@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import bootstrap
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import machine, update_block
 from ccmr_core.config import load_config
-from ccmr_core.metrics import roc_auc
+from ccmr_core.metrics import bootstrap_accuracy_ci, roc_auc
 from ccmr_core.models.registry import build_model, model_inputs, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import evaluate_saved, train_central
@@ -100,10 +99,7 @@ def _read(path: Path) -> dict[str, dict]:
 
 
 def _ci(values: np.ndarray) -> tuple[float, float]:
-    if len(values) < 2 or np.allclose(values, values[0]):
-        return float(values.mean()), float(values.mean())
-    r = bootstrap((values,), np.mean, n_resamples=10_000, method="percentile", random_state=0)
-    return float(r.confidence_interval.low), float(r.confidence_interval.high)
+    return bootstrap_accuracy_ci(values, n_boot=10_000, seed=0)
 
 
 def _correct(preds: list[dict[str, dict]], patients: list[str]) -> np.ndarray:

@@ -56,12 +56,13 @@ def ece_floor(count: np.ndarray, conf_sum: np.ndarray, draws: int = 2000, seed: 
 
 
 def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of accuracy (patients resampled with replacement)."""
+    """95% percentile-bootstrap interval of the mean over patients (resampled with replacement):
+    of accuracy for 0/1 correctness, or of a paired difference for per-patient differences."""
     correct = np.asarray(correct, dtype=float)
     if len(correct) == 0:
         return float("nan"), float("nan")
-    if np.all(correct == correct[0]):  # every resample is the same: scipy would warn and give NaN
-        return float(correct[0]), float(correct[0])
+    if len(correct) < 2 or np.allclose(correct, correct[0]):  # every resample is the same: scipy warns
+        return float(correct.mean()), float(correct.mean())
     r = bootstrap((correct,), np.mean, n_resamples=n_boot, method="percentile", random_state=seed)
     return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
