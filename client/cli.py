@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -159,7 +158,7 @@ def cmd_start(args) -> int:
             worker = SiteWorker(f"127.0.0.1:{args.port}")
             print(f"site {b.site}: answering with this site's installed code (code hash {worker.own_hash[:16]}...), "
                   "imported once; the coordinator's app is never run here", flush=True)
-            worker.serve(threading.Event(), alive=lambda: proc.poll() is None)
+            worker.serve(alive=lambda: proc.poll() is None)
             rc = proc.wait()
     except Stopped:
         rc = -signal.SIGTERM  # asked to stop: the SuperNode is stopped below, not an error

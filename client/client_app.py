@@ -162,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays = msg.content["arrays"]
     reply = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
     privacy = {"mode": cfg.privacy.mode, "epsilon": float(max(eps)) if cfg.privacy.mode == "sample" else None,
-               proto.DELTA: cfg.privacy.delta}
+               "delta": cfg.privacy.delta}
     # under secure aggregation the guard checks the reply but the audit records the masked vector
     # that actually leaves (client/secure_aggregation.py)
     return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "train", run_key,

@@ -22,26 +22,29 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
-import threading
+import time
 import zipfile
 from pathlib import Path
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -107,7 +110,6 @@ class SiteWorker:
         self.address, self.app, self.poll_s = address, app, poll_s
         self.own_hash = code_hash(APP_ROOT)
         self._fab_hashes: dict[str, str] = {}
-        self.tasks = 0
 
     def _client(self, *interceptors) -> RuntimeHttpClient:
         retry = make_simple_http_retry_invoker()
@@ -116,11 +118,12 @@ class SiteWorker:
             server_address=self.address, insecure=True, root_certificates=None, interceptors=list(interceptors),
             retry_invoker=retry)
 
-    def serve(self, stop: threading.Event, alive=lambda: True) -> None:
-        """Answer messages until ``stop`` is set or ``alive()`` turns false (the SuperNode ended)."""
+    def serve(self, alive=lambda: True) -> None:
+        """Answer messages until ``alive()`` turns false (the SuperNode ended); SIGTERM / Ctrl-C end it
+        through ``ccmr_core.proc.stop_signals`` in the caller."""
         control = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
         try:
-            while not stop.is_set() and alive():
+            while alive():
                 try:
                     res = control.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 except Exception:  # noqa: BLE001
@@ -130,7 +133,7 @@ class SiteWorker:
                 if res.HasField("task") and res.token:
                     self.run_task(res.token)
                 else:
-                    stop.wait(self.poll_s)
+                    time.sleep(self.poll_s)
         finally:
             control.close()
 
@@ -178,4 +181,3 @@ class SiteWorker:
                     push_task_output(client, context, status, details)
                 heartbeat.stop()
                 client.close()
-                self.tasks += 1
