@@ -1,7 +1,8 @@
 """The SHA-256 of the training code: every .py file of ccmr_core, client, protocol and server, the
 configs (configs/**/*.yaml: they set the experiment, e.g. the privacy target and the splits) and
 pyproject.toml, by relative path and content. pyproject.toml counts by what it says, not its bytes:
-Flower writes it anew (same content, other formatting) into the app (FAB) it ships to the sites. The same value at the coordinator (the code it
+Flower writes it anew (same content, other formatting) into the app (FAB) it ships to the sites.
+The same value at the coordinator (the code it
 submits) and at a site (the code the SuperNode received), so a site can pin what it reviewed."""
 
 from __future__ import annotations
