@@ -75,3 +75,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     it the way a near-zero KL would."""
     t = F.softmax(teacher_logits.detach() / tau, dim=-1)
     return -(t * F.log_softmax(student_logits / tau, dim=-1)).sum(-1) * tau * tau
+
+
+def clip_loss(video: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP / CMR-CLIP, per patient: row i is the mean of "which report is
+    patient i's?" and "which study is report i's?" over the batch. Inputs L2-normalised (B, D).
+    The other patients of the batch are the negatives, so patients are coupled: no patient-level DP."""
+    logits = video @ text.T / temperature
+    target = torch.arange(len(video), device=video.device)
+    return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2

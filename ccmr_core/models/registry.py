@@ -38,4 +38,4 @@ def model_inputs(model: nn.Module, batch: dict, training: bool) -> dict:
     names = set(base.inputs)
     if training and base.name == "cc-cmr":
         names.add("lge")
-    return {k: batch[k] for k in ("cine", "lge", "bio") if k in names}
+    return {k: batch[k] for k in ("cine", "lge", "bio", "report") if k in names}

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ccmr_core.measurements import MEASUREMENTS
 from ccmr_core.proc import worker_pool
 from ccmr_core.synth.anatomy import Heart, lv_volume_ml, sample_heart, scar_extent, scar_transmurality
+from ccmr_core.synth.reports import aha_segments, habits_for, write_report
 from ccmr_core.synth.biomechanics import SIGNALS, biomechanics
 from ccmr_core.synth.external import CINE_CONTRAST, LGE_CONTRAST, EXTERNAL_SITE, sample_external_heart
 from ccmr_core.synth.dicom_writer import SeriesTemplate, base_dataset, stable_uid, write_bytes
@@ -52,6 +53,7 @@ class PatientJob:
     diagnosis: str
     seed: int
     with_masks: bool
+    kind: str = "sites"  # which cohort: "sites", "external" or "public" (its sites' reporting habits)
 
     @property
     def patient_id(self) -> str:
@@ -198,11 +200,16 @@ def generate_patient(job: PatientJob) -> dict:
             slice_spacing=site.slice_spacing,
         )
     wall = heart.wall_ed
+    segments = aha_segments(heart)
+    text_rng = np.random.default_rng([job.seed, job.site_index, job.index, 31])  # its own stream: images unchanged
+    text, blind = write_report({"diagnosis": job.diagnosis, "has_lge": lge is not None, "rv_scale": heart.rv_scale,
+                                "segments": segments}, report, heart, habits_for(job.site_index, job.kind), text_rng)
     return {
         "site": site.name,
         "patient_id": job.patient_id,
         "diagnosis": job.diagnosis,
         "report": report,
+        "text": (text, blind),
         "bio": [(job.patient_id, float(t), *map(float, s)) for t, s in zip(t_ms, sig)],
         "truth": {
             "patient_id": job.patient_id,
@@ -223,6 +230,7 @@ def generate_patient(job: PatientJob) -> dict:
             "scars": [sc.kind for sc in heart.scars],
             "scar_extent": round(scar_extent(heart), 4),
             "scar_transmurality_max": round(float(scar_transmurality(heart.scars, heart.z).max()), 3),
+            "segments": segments,
         },
     }
 
@@ -288,7 +296,7 @@ def generate_cohort(
     tmp.mkdir(parents=True)
     for si, (site, n) in enumerate(zip(profiles, counts)):
         dx = site_diagnoses(site, n, np.random.default_rng([seed, si, 10**6]))
-        jobs += [PatientJob(str(tmp), site, si, i, d, seed, with_masks) for i, d in enumerate(dx)]
+        jobs += [PatientJob(str(tmp), site, si, i, d, seed, with_masks, kind) for i, d in enumerate(dx)]
 
     workers = workers or len(os.sched_getaffinity(0))
     results: list[dict] = []
@@ -338,6 +346,10 @@ def _write_tables(root: Path, profiles: list[SiteProfile], counts: list[int], re
             w.writerow(["patient_id", "t", *SIGNALS])
             for r in rows:
                 w.writerows([b[0], f"{b[1]:.1f}", *(f"{v:.4f}" for v in b[2:])] for b in r["bio"])
+        with open(root / p.name / "reports.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["patient_id", "report", "report_without_diagnosis"])
+            w.writerows([r["patient_id"], *r["text"]] for r in rows)
         (gt_dir / f"{p.name}.json").write_text(json.dumps([r["truth"] for r in rows], indent=1))
         mix: dict[str, int] = {}
         for r in rows:

@@ -1,0 +1,107 @@
+"""Central CMR-CLIP training and its evaluation (retrieval, zero-shot findings, probes).
+
+The same training loop as every other model (``engine.train_epoch``) over the same ingested
+caches; the supervision is each site's ``reports.csv``, never the diagnosis. The diagnosis is
+used only to evaluate (class-aware precision, zero-shot classes, probes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ccmr_core.config import ExperimentConfig
+from ccmr_core.data.reports import WithReports, read_reports
+from ccmr_core.data.sources import MultiSite, find_sites, prepare
+from ccmr_core.data.transforms import default_augmentation
+from ccmr_core.engine import make_optimizer, set_threads, train_epoch
+from ccmr_core.models.cmr_clip import CMRCLIP
+from ccmr_core.models.text import encode
+from ccmr_core.retrieval import (CLASS_PROMPTS, FINDING_PROMPTS, class_precision_at_k, finding_aucs, linear_probe,
+                                 prototype_probe, retrieval, zero_shot_classes)
+from ccmr_core.schedule import plan_for
+from ccmr_core.training import split_indices
+
+log = logging.getLogger("ccmr.clip")
+
+
+def site_reports(data: str | Path, column: str = "report") -> dict[str, str]:
+    """'site/patient_id' -> report for every site under ``data``."""
+    return {f"{name}/{pid}": text for name, path, _ in find_sites(data) for pid, text in read_reports(path, column).items()}
+
+
+@torch.no_grad()
+def embed(model: CMRCLIP, ds, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(video embeddings, report embeddings, labels) of ``ds`` in order."""
+    model.eval()
+    v, t, y = [], [], []
+    for b in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        v.append(model.embed_video(b["cine"]))
+        t.append(model.embed_text(b["report"]))
+        y.append(b["label"])
+    return torch.cat(v).numpy(), torch.cat(t).numpy(), torch.cat(y).numpy()
+
+
+@torch.no_grad()
+def embed_prompts(model: CMRCLIP, prompts: list[str]) -> np.ndarray:
+    model.eval()
+    return model.embed_text(encode(prompts)).numpy()
+
+
+def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str, column: str = "report",
+               cache_root: Path | None = None, progress: bool = False, text_layers: int = 2) -> tuple[CMRCLIP, dict]:
+    """Train CMR-CLIP on every site but ``test_site``; returns the model and the split's rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    caches = prepare(data, cfg, cache_root, progress)
+    reports = site_reports(data, column)
+    ds = MultiSite(caches, cfg)
+    idx = split_indices(ds, cfg, test_site)
+    aug = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
+    train = Subset(WithReports(aug, ds.patient_ids, reports), idx["train"])
+    m = cfg.model
+    model = CMRCLIP(cfg.data.ingest.slices, m.width, m.dim, proj=m.proj, text_layers=text_layers,
+                    temperature=m.temperature)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
+    plan = plan_for(model, cfg.train.epochs, 0.5)
+    opt = make_optimizer(model, cfg.train)
+    log.info("CMR-CLIP on %d patients' studies and reports (test site %s), %d epochs", len(idx["train"]), test_site,
+             plan.epochs)
+    with open(out / "metrics.jsonl", "w") as f:
+        for epoch in range(plan.epochs):
+            tr = train_epoch(model, loader, opt, torch.device("cpu"), lr_at=lambda x, e=epoch: plan.lr_factor(e + x),
+                             progress=progress, desc=f"epoch {epoch + 1}")
+            f.write(json.dumps({"epoch": epoch + 1, "train": tr}) + "\n")
+            log.info("epoch %d/%d: contrastive loss %.3f", epoch + 1, plan.epochs, tr["loss"])
+    torch.save(model.state_dict(), out / "cmr_clip.pt")
+    return model, {"idx": idx, "ds": WithReports(ds, ds.patient_ids, reports), "patient_ids": ds.patient_ids}
+
+
+def evaluate_clip(model: CMRCLIP, ds, idx: dict, classes: list[str], truth: dict[str, list] | None = None,
+                  shots: tuple[int, ...] = (1, 4, 16), draws: int = 20, seed: int = 0) -> dict:
+    """Metrics on the test rows (retrieval within the test site's gallery), probes fitted on the
+    training rows. ``truth``: per finding, the test rows' ground truth (None where unknown)."""
+    tv, tt, ty = embed(model, Subset(ds, idx["test"]))
+    sim = tv @ tt.T
+    res = {"retrieval": retrieval(sim), "class_precision@5": class_precision_at_k(sim, ty, 5)}
+    class_emb = [embed_prompts(model, CLASS_PROMPTS[c]) for c in classes]
+    scores = zero_shot_classes(tv, class_emb)
+    res["zero_shot_accuracy"] = float((scores.argmax(1) == ty).mean())
+    if truth is not None:
+        res["findings"] = finding_aucs(tv, {f: embed_prompts(model, p) for f, p in FINDING_PROMPTS.items()}, truth)
+    trv, _, try_ = embed(model, Subset(ds, idx["train"]))
+    rng = np.random.default_rng(seed)
+    res["few_shot"] = {str(k): float(np.mean([(prototype_probe(trv, try_, tv, k, len(classes), rng) == ty).mean()
+                                              for _ in range(draws)])) for k in shots}
+    res["linear_probe"] = float((linear_probe(trv, try_, tv) == ty).mean())
+    res["test_n"] = int(len(ty))
+    return res

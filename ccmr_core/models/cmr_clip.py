@@ -1,0 +1,53 @@
+"""CMR-CLIP: a cine study encoder and a report encoder aligned by symmetric contrastive learning
+(after CMR-CLIP, Makiya11/CMRCLIP, and CMRformer). No diagnosis label is used: the cardiologist's
+report is the supervision. Both sides are projected to a shared, L2-normalised space; the
+temperature is fixed (CMR-CLIP: 0.05). The study side reads cine only, so retrieval, zero-shot
+findings and probes need no gadolinium.
+
+In-batch negatives couple patients, so this model refuses patient-level DP (as CC-CMR's batch
+alignment does); site-level DP is allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccmr_core.losses import clip_loss
+from ccmr_core.models.encoders import CineEncoder
+from ccmr_core.models.text import TextEncoder
+
+
+class CMRCLIP(nn.Module):
+    name = "cmr-clip"
+    inputs = ("cine", "report")
+    patient_level_dp = False  # in-batch negatives: one patient's report is every other patient's negative
+
+    def __init__(self, slices: int, width: int = 8, dim: int = 128, proj: int = 128, text_width: int = 128,
+                 text_layers: int = 2, temperature: float = 0.05, dropout: float = 0.1):
+        super().__init__()
+        self.cine = CineEncoder(slices, width, dim)
+        self.video_proj = nn.Linear(dim, proj)
+        self.text = TextEncoder(text_width, text_layers, dropout=dropout)
+        self.text_proj = nn.Linear(text_width, proj)
+        self.temperature = temperature
+
+    def embed_video(self, cine: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.video_proj(self.cine(cine)[1]), dim=-1)
+
+    def embed_text(self, report: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text(report)), dim=-1)
+
+    def forward(self, cine: torch.Tensor, report: torch.Tensor) -> dict:
+        return {"video": self.embed_video(cine), "text": self.embed_text(report)}
+
+    def losses(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per patient with a report: the symmetric InfoNCE over the batch's patients that have one."""
+        has = batch.get("has_report", torch.ones(len(out["video"]), dtype=torch.bool, device=out["video"].device))
+        v, t = out["video"][has], out["text"][has]
+        if len(v) < 2:  # no negatives: nothing to learn from this batch
+            z = out["video"].sum() * 0.0
+            return z.reshape(1)[:0], {"clip": z.reshape(1)[:0]}
+        loss = clip_loss(v, t, self.temperature)
+        return loss, {"clip": loss}
