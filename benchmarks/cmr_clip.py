@@ -22,18 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine, update_block
-from ccmr_core.clip_training import evaluate_clip, train_clip
+from ccmr_core.clip_training import evaluate_clip, synthetic_truth, train_clip
 from ccmr_core.config import load_config
 from ccmr_core.synth.cohort import generate_cohort
-from ccmr_core.synth.reports import FINDINGS, findings
+from ccmr_core.synth.reports import FINDINGS
 
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis"}
-
-
-def test_truth(cohort: Path, patient_ids: list[str], rows: list[int], site: str) -> dict[str, list]:
-    gt = {t["patient_id"]: t for t in json.loads((cohort / "groundtruth" / f"{site}.json").read_text())}
-    per = [findings(gt[patient_ids[i].split("/", 1)[1]]) for i in rows]
-    return {f: [p[f] for p in per] for f in FINDINGS}
 
 
 def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, threads: int, batch: int) -> dict:
@@ -44,7 +38,7 @@ def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, thre
                                  f"train.batch_size={batch}"])
     t0 = time.perf_counter()
     model, s = train_clip(cohort, out, cfg, "site-c", COLUMNS[variant], cache_root=work / "cache")
-    truth = test_truth(cohort, s["patient_ids"], s["idx"]["test"], "site-c")
+    truth = synthetic_truth(cohort, s["patient_ids"], s["idx"]["test"])
     m = evaluate_clip(model, s["ds"], s["idx"], list(cfg.data.classes), truth, seed=seed)
     m["minutes"] = (time.perf_counter() - t0) / 60
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
@@ -62,6 +56,7 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: int) -> str:
+    cfg = load_config()
     any_m = next(iter(results.values()))[0]
     n = any_m["retrieval"]["gallery"]
     variants = list(results)
@@ -90,8 +85,9 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
 Machine: {machine()}. No GPU was lent to this task.
 Default synthetic cohort (seed 0) with its reports (`SITE/reports.csv`, each site's own template and habits); trained
 on site-a + site-b's studies and reports (no diagnosis label), {epochs} epochs, batch {batch}, AdamW, warm-up then
-cosine, fixed temperature 0.05; tested on all of **site-c** ({n} patients: another scanner, case mix and report
-template). Seeds {seeds}; mean ± sd over seeds. Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
+cosine; tested on all of **site-c** ({n} patients: another scanner, case mix and report
+template). Seeds {seeds}; mean ± sd over seeds. Projection {cfg.model.proj}-d,
+temperature {cfg.model.temperature} (fixed). Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
 cosine similarity to a few positive prompts (`ccmr_core/retrieval.py`), AUC against the phantom's ground truth
 (LV dysfunction EF < 50%, LV dilation EDV > 150 mL, hypertrophy max wall >= 15 mm, LGE present among patients
 given contrast, RV dysfunction RVEF < 45%, regional wall-motion abnormality); in brackets positives of patients.

@@ -233,13 +233,17 @@ def efficiency_table(work: Path, fractions: list[float], variants: list[str], ef
         return [_read(runs / f"{SLUG[v]}-f{frac:g}-s{s}" / "test_predictions.csv") for s in only]
 
     eff = []
+    shown = [v for v in EFFICIENCY if v in variants]
     for frac in [*fractions, 1.0]:
+        # the seeds for which every compared variant has this point (a partly run curve shows what it has)
+        have = [s for s in eff_seeds if all((runs / f"{SLUG[v]}-f{frac:g}-s{s}" / "test_predictions.csv").is_file()
+                                            for v in shown)]
+        if not have:
+            continue
         cells = []
         accs = {}
-        for v in EFFICIENCY:
-            if v not in variants:
-                continue
-            p = preds(v, frac, only=eff_seeds)
+        for v in shown:
+            p = preds(v, frac, only=have)
             patients = sorted(p[0])
             accs[v] = _correct(p, patients).mean(0)
             lo, hi = _ci(accs[v])
@@ -248,17 +252,17 @@ def efficiency_table(work: Path, fractions: list[float], variants: list[str], ef
             d = accs[EFFICIENCY[0]] - accs[EFFICIENCY[1]]
             lo, hi = _ci(d)
             cells.append(f"{100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})")
-        n_lab = json.loads((runs / f"{SLUG[EFFICIENCY[0]]}-f{frac:g}-s{eff_seeds[0]}" / "metrics.json").read_text())
-        eff.append(f"| {frac:.0%} ({n_lab['n_train_labelled']}) | " + " | ".join(cells) + " |")
+        n_lab = json.loads((runs / f"{SLUG[shown[0]]}-f{frac:g}-s{have[0]}" / "metrics.json").read_text())
+        eff.append(f"| {frac:.0%} ({n_lab['n_train_labelled']}) | {', '.join(map(str, have))} | " + " | ".join(cells) + " |")
     return f"""## Label efficiency: CC-CMR and its ablation with part of the labels (`python -m benchmarks.paper_table --efficiency-only`)
 
-Machine: {machine()}. The default cohort and config of the table above, tested on site-c; seeds {eff_seeds}.
+Machine: {machine()}. The default cohort and config of the table above, tested on site-c; seeds as listed per row.
 The diagnosis is known for a stratified share of the training patients (number in brackets); the others still
 contribute cine, LGE and report measurements. Accuracy (95% percentile bootstrap over test patients of the seed-averaged
 correctness); difference: paired, the same patients and seeds.
 
-| labelled share | {' | '.join(v for v in EFFICIENCY if v in variants)} | difference |
-|---|---|---|---|
+| labelled share | seeds | {' | '.join(shown)} | difference |
+|---|---|---|---|---|
 {chr(10).join(eff)}
 """
 

@@ -51,3 +51,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     model = build_model(blob["model"], **blob["model_kwargs"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), blob
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """``load_model`` for the commands that diagnose (predict, evaluate, export): a CMR-CLIP model
+    has no diagnosis head and is refused with what to use instead."""
+    model, blob = load_model(path, device)
+    if blob["model"] == "cmr-clip":
+        raise ValueError(f"{path} is a cmr-clip model (studies and reports in one space, no diagnosis head): use "
+                         "'ccmr search --model' with it, or a model trained with --model cc-cmr / cine-only")
+    return model, blob

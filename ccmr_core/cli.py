@@ -19,6 +19,8 @@ EPILOG = """examples:
   ccmr train --data cohort --model cc-cmr --out runs/ccmr --test-site site-c
   ccmr evaluate --model runs/ccmr/model.pt --data cohort/site-c
   ccmr predict STUDY --model runs/ccmr/model.pt --out pred/   # one patient, cine only
+  ccmr train --data cohort --model cmr-clip --out runs/clip --test-site site-c   # studies + reports
+  ccmr search cohort/site-c --model runs/clip/model.pt --text "dilated LV with mid-wall LGE"
 """
 
 
@@ -85,11 +87,39 @@ def cmd_train(args) -> int:
     if args.model:
         overrides.append(f"model.name={args.model}")
     cfg = load_config(args.config, args.preset, overrides)
+    if cfg.model.name == "cmr-clip":
+        return _train_clip(args, cfg)
     m = train_central(args.data, args.out, cfg, test_site=args.test_site, progress=not args.quiet)
     print(f"{cfg.model.name}: trained {m['epochs']} epochs, calibration temperature {m['calibration_temperature']:.2f}; "
           f"run folder {args.out}")
     if "test" in m:
         print("test: " + _metrics_line(m["test"]))
+    return 0
+
+
+def _train_clip(args, cfg) -> int:
+    from ccmr_core.clip_training import train_clip_run
+
+    m = train_clip_run(args.data, args.out, cfg, args.test_site, progress=not args.quiet)
+    t = m["test"]
+    r = t["retrieval"]
+    print(f"cmr-clip: trained on {m['n_train']} patients' studies and reports; run folder {args.out}")
+    print(f"test site {m['test_site']} ({t['test_n']} patients): report -> study R@1 {r['report_to_video']['R@1']:.2f}, "
+          f"R@10 {r['report_to_video']['R@10']:.2f} (chance {r['chance']['R@10']:.2f}), median rank "
+          f"{r['report_to_video']['median_rank']:.0f}; linear probe accuracy {t['linear_probe']:.3f}")
+    for f, v in (t.get("findings") or {}).items():
+        if v["auc"] is not None:
+            print(f"  zero-shot {f.replace('_', ' ')}: AUC {v['auc']:.2f} ({v['positives']} of {v['n']})")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from ccmr_core.clip_training import search
+
+    hits = search(args.model, args.site, args.text, args.top, progress=not args.quiet)
+    print(f"{len(hits)} studies of {args.site} nearest to {args.text!r}:")
+    for pid, sim in hits:
+        print(f"  {sim:+.3f}  {pid}")
     return 0
 
 
@@ -190,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("train", help="train a model centrally (CC-CMR or a baseline)",
+    p = sub.add_parser("train", help="train a model centrally (CC-CMR, a baseline or CMR-CLIP)",
                        description="Ingest (incrementally, into ~/.cache/ccmr or $CCMR_CACHE) and train on a "
                        "cohort, a site folder or a cache: patient-level stratified split (or labels.csv's split "
                        "column, or --test-site for external testing), a fixed schedule (warm-up, cosine to zero; CC-CMR: "
@@ -229,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier prediction in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("search", help="find a site's studies that match a description (cmr-clip model)",
+                       description="Ingest SITE with MODEL's grid (a cmr-clip model.pt from 'ccmr train --model "
+                       "cmr-clip') and list its TOP studies nearest to TEXT in the shared study-report space. Runs "
+                       "at the site: nothing of SITE is written anywhere but its ingest cache.")
+    p.add_argument("site", help="site folder (or cache) to search")
+    p.add_argument("--model", required=True, help="a cmr-clip model.pt")
+    p.add_argument("--text", required=True, help="what to look for, e.g. 'dilated LV with mid-wall LGE'")
+    p.add_argument("--top", type=int, default=5, help="how many studies to list")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="write a cine-only inference model (TorchScript or ONNX)",
                        description="Export MODEL's cine path as a stand-alone model: input cine float32 "

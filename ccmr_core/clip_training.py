@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ccmr_core.config import ExperimentConfig
+from ccmr_core.checkpoint import load_model, save_model
+from ccmr_core.config import ExperimentConfig, dump_config, validate
 from ccmr_core.data.reports import WithReports, read_reports
 from ccmr_core.data.sources import MultiSite, find_sites, prepare
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import make_optimizer, set_threads, train_epoch
 from ccmr_core.models.cmr_clip import CMRCLIP
+from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.models.text import encode
 from ccmr_core.retrieval import (CLASS_PROMPTS, FINDING_PROMPTS, class_precision_at_k, finding_aucs, linear_probe,
                                  prototype_probe, retrieval, zero_shot_classes)
@@ -54,7 +56,7 @@ def embed_prompts(model: CMRCLIP, prompts: list[str]) -> np.ndarray:
 
 
 def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str, column: str = "report",
-               cache_root: Path | None = None, progress: bool = False, text_layers: int = 2) -> tuple[CMRCLIP, dict]:
+               cache_root: Path | None = None, progress: bool = False) -> tuple[CMRCLIP, dict]:
     """Train CMR-CLIP on every site but ``test_site``; returns the model and the split's rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,7 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     idx = split_indices(ds, cfg, test_site)
     aug = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
     train = Subset(WithReports(aug, ds.patient_ids, reports), idx["train"])
-    m = cfg.model
-    model = CMRCLIP(cfg.data.ingest.slices, m.width, m.dim, proj=m.proj, text_layers=text_layers,
-                    temperature=m.temperature)
+    model = build_model("cmr-clip", **model_kwargs(cfg, ds.bio_channels))
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
     plan = plan_for(model, cfg.train.epochs, 0.5)
@@ -105,3 +105,64 @@ def evaluate_clip(model: CMRCLIP, ds, idx: dict, classes: list[str], truth: dict
     res["linear_probe"] = float((linear_probe(trv, try_, tv) == ty).mean())
     res["test_n"] = int(len(ty))
     return res
+
+
+def synthetic_truth(data: str | Path, patient_ids: list[str], rows: list[int]) -> dict[str, list] | None:
+    """Per finding, the ground truth of ``rows`` when ``data`` is a synthetic cohort (its
+    groundtruth/ folder); None for a hospital's data, which has no phantom truth."""
+    from ccmr_core.synth.reports import FINDINGS, findings
+
+    gt_dir = Path(data) / "groundtruth"
+    if not gt_dir.is_dir():
+        return None
+    gt = {}
+    for f in gt_dir.glob("*.json"):
+        gt.update({f"{f.stem}/{t['patient_id']}": t for t in json.loads(f.read_text())})
+    if not all(patient_ids[i] in gt for i in rows):
+        return None
+    per = [findings(gt[patient_ids[i]]) for i in rows]
+    return {f: [p[f] for p in per] for f in FINDINGS}
+
+
+def train_clip_run(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None,
+                   column: str = "report", progress: bool = True, cache_root: Path | None = None) -> dict:
+    """``ccmr train --model cmr-clip``: a run folder with config.yaml, metrics.jsonl, model.pt and
+    (with a test site) metrics.json of the evaluation above."""
+    out = Path(out)
+    if (out / "model.pt").exists():
+        raise FileExistsError(f"{out} already holds a trained model; choose another --out")
+    if test_site is None:
+        raise ValueError("CMR-CLIP is evaluated on a held-out site: pass --test-site SITE")
+    model, s = train_clip(data, out, cfg, test_site, column, cache_root, progress)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    classes = list(cfg.data.classes)
+    info = {"sites": sorted({p.split("/", 1)[0] for p in s["patient_ids"]}), "test_site": test_site,
+            "n_train": len(s["idx"]["train"]), "n_test": len(s["idx"]["test"]), "report_column": column}
+    save_model(out / "model.pt", model.state_dict(), name="cmr-clip", kwargs=model_kwargs(cfg, 1), classes=classes,
+               ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info)
+    m = evaluate_clip(model, s["ds"], s["idx"], classes, synthetic_truth(data, s["patient_ids"], s["idx"]["test"]),
+                      seed=cfg.train.seed)
+    metrics = {"model": "cmr-clip", **info, "test": m}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def search(model_path: str | Path, site: str | Path, text: str, top: int = 5, cache_root: Path | None = None,
+           progress: bool = False) -> list[tuple[str, float]]:
+    """The ``top`` studies of ``site`` nearest to ``text`` (patient id, cosine similarity), run
+    at the site: the studies are ingested with the model's grid and never leave it."""
+    model, blob = load_model(model_path)
+    if blob["model"] != "cmr-clip":
+        raise ValueError(f"{model_path} is a {blob['model']} model; search needs a cmr-clip model "
+                         "('ccmr train --model cmr-clip')")
+    if not text.strip():
+        raise ValueError("--text is empty; describe the studies to find, e.g. 'dilated LV with mid-wall LGE'")
+    cfg = validate(blob["config"], f"{model_path} (embedded config)")
+    caches = prepare(site, cfg, cache_root, progress)
+    ds = MultiSite(caches, cfg)
+    with torch.no_grad():
+        video = torch.cat([model.embed_video(b["cine"]) for b in DataLoader(ds, batch_size=16)])
+        query = model.embed_text(encode([text]))[0]
+    sim = (video @ query).numpy()
+    order = np.argsort(-sim)[:top]
+    return [(ds.patient_ids[i], float(sim[i])) for i in order]

@@ -84,7 +84,7 @@ class DataConfig(_Section):
         return v
 
 
-ModelName = Literal["cc-cmr", "cine-only", "dual-path", "lge-only"]
+ModelName = Literal["cc-cmr", "cine-only", "dual-path", "lge-only", "cmr-clip"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
@@ -236,6 +236,11 @@ class ExperimentConfig(_Section):
                 "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.alignment 'bank': "
                 "contrastive negatives from other patients couple patients, so the reported epsilon would be false; "
                 "set model.alignment to 'slice' (run config alignment='slice') or use privacy.mode 'site'")
+        if self.privacy.mode == "sample" and self.model.name == "cmr-clip":
+            raise ValueError(
+                "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.name 'cmr-clip': every "
+                "report in a batch is every other patient's contrastive negative, so patients are coupled and the "
+                "reported epsilon would be false; use privacy.mode 'site' or 'off'")
         return self
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccmr_core.checkpoint import load_model
+from ccmr_core.checkpoint import load_classifier
 from ccmr_core.config import IngestConfig, validate
 from ccmr_core.data.dicom_read import FileProblem, Frame
 from ccmr_core.data.ingest import list_files, read_files
@@ -102,7 +102,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, mc_samples: int | None = None):
         path = Path(model_path)
-        self.model, blob = load_model(path)
+        self.model, blob = load_classifier(path)
         self.classes: list[str] = list(blob["classes"])
         name = blob["model"]
         if getattr(self.model, "requires_lge", False) or "lge" in getattr(self.model, "inputs", ()):

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ccmr_core.calibration import fit_temperature, nll_sums
-from ccmr_core.checkpoint import load_model, save_model
+from ccmr_core.checkpoint import load_classifier, save_model
 from ccmr_core.config import ExperimentConfig, dump_config, validate
 from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.data.splits import labelled_subset, stratified_split
@@ -147,7 +147,7 @@ def write_predictions(path: Path, out: dict, ds: MultiSite, classes: list[str], 
 def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | None = None, progress: bool = True,
                    cache_root: Path | None = None) -> dict:
     """External validation: a saved model on another site's data, ingested with the model's grid."""
-    model, blob = load_model(model_path)
+    model, blob = load_classifier(model_path)
     cfg = validate(blob["config"], f"{model_path} (embedded config)")
     caches = prepare(data, cfg, cache_root, progress)
     ds = MultiSite(caches, cfg)

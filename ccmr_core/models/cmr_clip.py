@@ -1,8 +1,9 @@
 """CMR-CLIP: a cine study encoder and a report encoder aligned by symmetric contrastive learning
 (after CMR-CLIP, Makiya11/CMRCLIP, and CMRformer). No diagnosis label is used: the cardiologist's
 report is the supervision. Both sides are projected to a shared, L2-normalised space; the
-temperature is fixed (CMR-CLIP: 0.05). The study side reads cine only, so retrieval, zero-shot
-findings and probes need no gadolinium.
+temperature is fixed (``model.temperature``, 0.1 by default; CMR-CLIP uses 0.05 with batches far
+larger than a site's). The study side reads cine only, so retrieval, zero-shot findings and
+probes need no gadolinium.
 
 In-batch negatives couple patients, so this model refuses patient-level DP (as CC-CMR's batch
 alignment does); site-level DP is allowed.
@@ -24,12 +25,13 @@ class CMRCLIP(nn.Module):
     inputs = ("cine", "report")
     patient_level_dp = False  # in-batch negatives: one patient's report is every other patient's negative
 
-    def __init__(self, slices: int, width: int = 8, dim: int = 128, proj: int = 128, text_width: int = 128,
-                 text_layers: int = 2, temperature: float = 0.05, dropout: float = 0.1):
+    def __init__(self, slices: int, width: int = 8, dim: int = 128, proj: int = 64, text_width: int = 128,
+                 text_layers: int = 2, temperature: float = 0.1, text_dropout: float = 0.1, n_classes: int = 5):
         super().__init__()
+        self.n_classes = n_classes  # the label set of the probes and class prompts it is evaluated with
         self.cine = CineEncoder(slices, width, dim)
         self.video_proj = nn.Linear(dim, proj)
-        self.text = TextEncoder(text_width, text_layers, dropout=dropout)
+        self.text = TextEncoder(text_width, text_layers, dropout=text_dropout)
         self.text_proj = nn.Linear(text_width, proj)
         self.temperature = temperature
 

@@ -8,8 +8,9 @@ from torch import nn
 
 from ccmr_core.models.baselines import CineOnly, DualPath, LGEOnly
 from ccmr_core.models.cc_cmr import CCCMR
+from ccmr_core.models.cmr_clip import CMRCLIP
 
-MODELS: dict[str, type[nn.Module]] = {m.name: m for m in (CCCMR, CineOnly, DualPath, LGEOnly)}
+MODELS: dict[str, type[nn.Module]] = {m.name: m for m in (CCCMR, CineOnly, DualPath, LGEOnly, CMRCLIP)}
 MODEL_NAMES = tuple(MODELS)
 
 
