@@ -136,6 +136,8 @@ def cmd_predict(args) -> int:
 
     if (args.study is None) == (args.batch is None):
         raise ValueError("give either one STUDY folder or --batch SITE (a folder of many studies)")
+    if args.batch and args.findings:
+        raise ValueError("--findings scores one STUDY; it is not available with --batch yet")
     if args.batch:
         rows = predict_batch(args.batch, args.model, args.out, force=args.force, mc_samples=args.mc,
                              progress=not args.quiet)
@@ -144,7 +146,12 @@ def cmd_predict(args) -> int:
               f"human (refer); {len(rows) - len(ok)} could not be read (see the error column) -> "
               f"{Path(args.out) / 'predictions.csv'}")
         return 0
-    d = predict_study(args.study, args.model, args.out, force=args.force, mc_samples=args.mc)
+    scorer = None
+    if args.findings:
+        from ccmr_core.inference import FindingScorer
+
+        scorer = FindingScorer(args.findings)
+    d = predict_study(args.study, args.model, args.out, force=args.force, mc_samples=args.mc, findings=scorer)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in sorted(d["probabilities"].items(), key=lambda kv: -kv[1]))
     u = d["epistemic_uncertainty"]
     print(f"{d['patient_id']}: {d['predicted']} (confidence {d['confidence']:.2f}"
@@ -153,6 +160,9 @@ def cmd_predict(args) -> int:
         print("  REFER to a human reader: " + "; ".join(d["refer_reasons"]))
     else:
         print("  no referral: confidence and uncertainty are within the thresholds set on validation data")
+    if "zero_shot_findings" in d:
+        print("  zero-shot findings (cmr-clip similarity, not a probability): " + ", ".join(
+            f"{k.replace('_', ' ')} {v:+.2f}" for k, v in d["zero_shot_findings"]["scores"].items()))
     for n in d["ingestion"]["notes"]:
         print(f"  note: {n}")
     print(f"  -> {Path(args.out) / 'prediction.json'}, {Path(args.out) / 'saliency.png'}")
@@ -256,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model.pt from a run folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mc", type=int, default=None, help="MC-dropout passes (default: the model's own setting)")
+    p.add_argument("--findings", metavar="CLIP_MODEL", help="also score findings zero-shot with a cmr-clip model.pt "
+                   "(one STUDY only)")
     p.add_argument("--force", action="store_true", help="replace an earlier prediction in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)

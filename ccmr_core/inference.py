@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccmr_core.checkpoint import load_classifier
+from ccmr_core.checkpoint import load_classifier, load_model
 from ccmr_core.config import IngestConfig, validate
 from ccmr_core.data.dicom_read import FileProblem, Frame
 from ccmr_core.data.ingest import list_files, read_files
@@ -33,7 +33,9 @@ from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
 from ccmr_core.files import write_atomic, write_csv
 from ccmr_core.measurements import from_outputs
+from ccmr_core.models.text import encode
 from ccmr_core.referral import refer
+from ccmr_core.retrieval import FINDING_PROMPTS
 
 
 class PredictError(ValueError):
@@ -171,6 +173,29 @@ class Predictor:
 # --- figures and files ---------------------------------------------------------------------------
 
 
+class FindingScorer:
+    """A cmr-clip model file that scores a cine study against each finding's prompts (zero-shot):
+    the mean cosine similarity of the study with the finding's descriptions. A similarity, not a
+    probability: higher means the study looks more like the description; compare between studies."""
+
+    def __init__(self, model_path: str | Path):
+        path = Path(model_path)
+        self.model, blob = load_model(path)
+        if blob["model"] != "cmr-clip":
+            raise PredictError(f"--findings {path} is a {blob['model']} model; findings need a cmr-clip model "
+                               "('ccmr train --model cmr-clip')")
+        self.ingest = validate(blob["config"], f"{path} (embedded config)").data.ingest
+        self.prompts = FINDING_PROMPTS
+        with torch.no_grad():
+            self.prompt_emb = {f: self.model.embed_text(encode(p)) for f, p in FINDING_PROMPTS.items()}
+        self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": "cmr-clip"}
+
+    def score(self, cine: np.ndarray) -> dict:
+        with torch.no_grad():
+            v = self.model.embed_video(torch.from_numpy(cine).float()[None])[0]
+        return {f: round(float((e @ v).mean()), 4) for f, e in self.prompt_emb.items()}
+
+
 def end_systole(cine: np.ndarray) -> int:
     """The frame with the least bright blood in the centre of the field (smallest LV cavity);
     frame 0 is end-diastole (cine is triggered on the R wave)."""
@@ -220,8 +245,10 @@ def _problems(problems: list[FileProblem]) -> list[dict]:
 
 
 def predict_study(study_dir: str | Path, model_path: str | Path, out: str | Path, force: bool = False,
-                  mc_samples: int | None = None, predictor: Predictor | None = None) -> dict:
-    """Predict one patient's study folder; writes OUT/prediction.json and OUT/saliency.png."""
+                  mc_samples: int | None = None, predictor: Predictor | None = None,
+                  findings: FindingScorer | None = None) -> dict:
+    """Predict one patient's study folder; writes OUT/prediction.json and OUT/saliency.png. With
+    ``findings`` (a cmr-clip model), also each finding's zero-shot score."""
     out = Path(out)
     if (out / "prediction.json").exists() and not force:
         raise FileExistsError(f"{out / 'prediction.json'} exists; choose another --out or pass --force")
@@ -247,6 +274,11 @@ def predict_study(study_dir: str | Path, model_path: str | Path, out: str | Path
                          "notes": notes, "skipped_files": _problems(problems)},
            "saliency": {"file": "saliency.png", "method": "absolute gradient of the predicted class's logit "
                         "with respect to the cine input, 3x3 smoothed", "end_systole_frame": end_systole(cine)}}
+    if findings is not None:
+        fc = cine if findings.ingest == pred.ingest else prepare_cine(study, findings.ingest)[0]
+        doc["zero_shot_findings"] = {"scores": findings.score(fc), "prompts": findings.prompts,
+                                     "meaning": "mean cosine similarity of the study with the finding's descriptions "
+                                     "(not a probability; higher = more alike)", "model": findings.identity}
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "saliency.png", png)
     write_atomic(out / "prediction.json", json.dumps(doc, indent=1).encode())

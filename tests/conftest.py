@@ -40,7 +40,7 @@ def patient_files(site_dir: Path, patient_id: str) -> list[Path]:
     """All DICOM files of one patient, whatever the site's layout."""
     out = []
     for p in sorted(site_dir.rglob("*")):
-        if p.is_file() and p.name not in ("labels.csv", "biomechanics.csv"):
+        if p.is_file() and p.name not in ("labels.csv", "biomechanics.csv", "reports.csv"):
             if str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["PatientID"]).PatientID) == patient_id:
                 out.append(p)
     return out

@@ -59,6 +59,15 @@ def test_reports_follow_the_ground_truth(cohort):
             assert f["lge_present"] is None or f["lge_present"] == (t["scar_extent"] > 0)
 
 
+def test_ingest_reads_reports_csv_as_a_table_not_as_a_broken_image(cohort, tmp_path):
+    from ccmr_core.data.ingest import ingest, load_manifest
+    from tests.conftest import SMALL
+
+    ingest(cohort / "site-a", tmp_path / "cache", SMALL, ["NOR", "MINF", "DCM", "HCM", "ARV"], progress=False)
+    errors = load_manifest(tmp_path / "cache")["errors"]
+    assert not [e for e in errors if "reports.csv" in e["path"]], errors
+
+
 def test_reports_are_deterministic_for_a_seed(tmp_path):
     from ccmr_core.synth.cohort import generate_cohort
 
@@ -189,6 +198,40 @@ def test_ccmr_train_cmr_clip_then_search(cohort, tmp_path, monkeypatch, capsys):
     # a diagnosing command refuses it, and says what to use
     assert main(["evaluate", "--model", str(run / "model.pt"), "--data", str(cohort / "site-c")]) == 2
     assert "is a cmr-clip model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def clip_run(cohort, tmp_path_factory):
+    from ccmr_core.clip_training import train_clip_run
+    from ccmr_core.config import load_config
+
+    cfg = load_config(preset="smoke", overrides=["model.name=cmr-clip", "train.epochs=1", "train.batch_size=4",
+                                                 "train.threads=1"])
+    out = tmp_path_factory.mktemp("clip") / "run"
+    train_clip_run(cohort, out, cfg, "site-c", progress=False, cache_root=tmp_path_factory.mktemp("cache"))
+    return out
+
+
+def test_predict_scores_findings_beside_the_diagnosis(trained_run, clip_run, make_site, cohort, tmp_path, capsys):
+    from ccmr_core.cli import main
+
+    run, _ = trained_run
+    pid = _reports(cohort / "site-c")[0]["patient_id"]
+    study = make_site([("site-c", pid)])
+    assert main(["predict", str(study), "--model", str(run / "model.pt"), "--findings", str(clip_run / "model.pt"),
+                 "--out", str(tmp_path / "p")]) == 0
+    doc = json.loads((tmp_path / "p" / "prediction.json").read_text())
+    z = doc["zero_shot_findings"]
+    assert set(z["scores"]) == set(z["prompts"]) == {"lv_dysfunction", "lv_dilation", "lv_hypertrophy",
+                                                        "lge_present", "rv_dysfunction", "rwma"}
+    assert all(-1.0 <= v <= 1.0 for v in z["scores"].values()) and z["model"]["architecture"] == "cmr-clip"
+    assert doc["predicted"] in doc["probabilities"]  # the diagnosis is still the classifier's
+    assert "zero-shot findings" in capsys.readouterr().out
+    # the two models swapped: each refused with what it is
+    assert main(["predict", str(study), "--model", str(run / "model.pt"), "--findings", str(run / "model.pt"),
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "findings need a cmr-clip model" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_cmr_clip_refuses_patient_level_dp_and_federation():

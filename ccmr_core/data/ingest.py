@@ -33,14 +33,14 @@ from ccmr_core.config import IngestConfig
 from ccmr_core.data.dicom_read import FileProblem, Frame, read_file
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
-from ccmr_core.data.tables import BIOMECHANICS, LABELS, TableError, read_biomechanics, read_labels
+from ccmr_core.data.tables import BIOMECHANICS, LABELS, REPORTS, TableError, read_biomechanics, read_labels
 from ccmr_core.files import atomic_path, write_atomic
 from ccmr_core.proc import worker_pool
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
 FORMAT = 1
-SKIP_NAMES = {LABELS, BIOMECHANICS, "DICOMDIR"}
+SKIP_NAMES = {LABELS, BIOMECHANICS, REPORTS, "DICOMDIR"}
 
 
 class IngestError(ValueError):

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ccmr_core.data.tables import REPORTS
 from ccmr_core.models.text import MAX_BYTES, encode
-
-REPORTS = "reports.csv"
 
 
 class ReportError(ValueError):

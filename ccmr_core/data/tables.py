@@ -21,6 +21,7 @@ from ccmr_core.measurements import MEASUREMENTS, parse_value
 
 LABELS = "labels.csv"
 BIOMECHANICS = "biomechanics.csv"
+REPORTS = "reports.csv"  # optional: the cardiologist's report per patient (ccmr_core/data/reports.py)
 SPLITS = ("train", "val", "test")
 
 
