@@ -81,6 +81,7 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
             tr = train_epoch(model, loader, opt, torch.device("cpu"), lr_at=lambda x, e=epoch: plan.lr_factor(e + x),
                              progress=progress, desc=f"epoch {epoch + 1}")
             f.write(json.dumps({"epoch": epoch + 1, "train": tr}) + "\n")
+            f.flush()
             log.info("epoch %d/%d: contrastive loss %.3f", epoch + 1, plan.epochs, tr["loss"])
     torch.save(model.state_dict(), out / "cmr_clip.pt")
     return model, {"idx": idx, "ds": WithReports(ds, ds.patient_ids, reports), "patient_ids": ds.patient_ids}

@@ -166,6 +166,11 @@ class FederatedConfig(_Section):
         "cost; 'auto' = public when the sites train with patient-level DP, else none")
     initial_model: str = Field("", description="a model.pt the coordinator supplies (e.g. trained on public ACDC / "
                                "M&Ms data) to start from; read at the coordinator, never sent as a path")
+    public_generator: Literal["project", "external"] = Field(
+        "project", description="which phantom draws the simulated public cohort: 'project' = the sites' own "
+        "generator with scanners of its own (close to the sites: it flatters DP fine-tuning), 'external' = the "
+        "external site's anatomy model, contrast and protocols (a public cohort that differs from the sites, as "
+        "ACDC / M&Ms differ from a hospital's patients)")
     public_patients: int = Field(150, ge=10, le=100_000, description="size of the simulated public cohort")
     public_epochs: int = Field(25, ge=1, le=10_000, description="epochs of the coordinator's public pretraining")
 

@@ -72,18 +72,21 @@ def public_model(cfg: ExperimentConfig, progress: bool = False) -> dict[str, tor
                      "model": {**cfg.model.model_dump(mode="json"), "alignment": cfg.alignment},
                      "train": {**cfg.train.model_dump(mode="json"), "epochs": f.public_epochs}}, "public pretraining")
     spec = {"generator": GENERATOR_VERSION, "patients": f.public_patients, "seed": cfg.data.synth.seed,
+            "public_generator": f.public_generator,
             "data": pcfg.data.model_dump(mode="json", exclude={"synth"}), "model": pcfg.model.model_dump(mode="json"),
             "train": pcfg.train.model_dump(mode="json")}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     out = default_cache_root() / "pretrained" / f"{cfg.model.name}-{key}"
     if not (out / "model.pt").is_file():
         seed = cfg.data.synth.seed + PUBLIC_SEED_OFFSET
-        cohort = default_cache_root() / "cohorts" / f"public-s{PUBLIC_SITES}-p{f.public_patients}-seed{seed}"
-        if not cohort_matches(cohort, PUBLIC_SITES, f.public_patients, seed, kind="public"):
+        kind = "public" if f.public_generator == "project" else "public-external"
+        cohort = default_cache_root() / "cohorts" / f"{kind}-s{PUBLIC_SITES}-p{f.public_patients}-seed{seed}"
+        if not cohort_matches(cohort, PUBLIC_SITES, f.public_patients, seed, kind=kind):
             generate_cohort(cohort, sites=PUBLIC_SITES, patients=f.public_patients, seed=seed, progress=progress,
-                            force=True, kind="public")
+                            force=True, kind=kind)
         print(f"pretraining {cfg.model.name} on the public cohort ({f.public_patients} synthetic patients, scanners "
-              f"of its own) at the coordinator, {f.public_epochs} epochs: no privacy cost", flush=True)
+              f"of its own, {f.public_generator} phantom) at the coordinator, {f.public_epochs} epochs: no privacy "
+              "cost", flush=True)
         t0 = time.perf_counter()
         tmp = out.parent / f".{out.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -216,3 +216,23 @@ def test_existing_folder_is_not_overwritten(tmp_path):
     generate_cohort(out, sites=1, patients=1, seed=2, workers=1, progress=False, force=True)
     assert json.loads((out / "cohort.json").read_text())["parameters"]["seed"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary folders left behind
+
+
+def test_a_public_cohort_can_come_from_another_phantom(tmp_path):
+    """federated.public_generator 'external': the public pretraining cohort is drawn by the external
+    site's phantom (anatomy, contrast, protocol), not only other scanners of the sites' generator."""
+    from ccmr_core.synth.sites import public_profiles, site_profiles
+
+    same, other = public_profiles(2, 0), public_profiles(2, 0, "external")
+    assert [p.name for p in same] == [p.name for p in other] == ["public-1", "public-2"]
+    assert {p.anatomy for p in same} == {"standard"} and {p.anatomy for p in other} == {"external"}
+    assert {p.contrast for p in other} == {"external"} and all(p.frames_range for p in other)
+    assert not {p.name for p in other} & {p.name for p in site_profiles(3, 0)}
+    with pytest.raises(ValueError, match="choose project or external"):
+        public_profiles(2, 0, "acdc")
+    desc = generate_cohort(tmp_path / "pub", sites=2, patients=4, seed=7, workers=1, progress=False,
+                           kind="public-external")
+    assert desc["parameters"]["kind"] == "public-external"
+    frames = {t["frames"] for s in ("public-1", "public-2")
+              for t in json.loads((tmp_path / "pub" / "groundtruth" / f"{s}.json").read_text())}
+    assert frames and all(25 <= f <= 30 for f in frames)  # the external protocol's frame counts

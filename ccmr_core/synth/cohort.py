@@ -269,11 +269,12 @@ def generate_cohort(
     """Write the cohort to ``out``; returns the cohort description (also in cohort.json).
 
     ``kind``: "sites" (the federation's hospitals), "external" (one independent external site,
-    ccmr_core/synth/external.py) or "public" (a stand-in for public data, with scanners of its own,
-    for pretraining at no privacy cost)."""
+    ccmr_core/synth/external.py), "public" (a stand-in for public data, with scanners of its own,
+    for pretraining at no privacy cost) or "public-external" (the same, drawn by the external
+    site's phantom: public data that differ from the sites')."""
     out = Path(out).absolute()
-    if kind not in ("sites", "external", "public"):
-        raise ValueError(f"cohort kind {kind!r}: choose sites, external or public")
+    if kind not in ("sites", "external", "public", "public-external"):
+        raise ValueError(f"cohort kind {kind!r}: choose sites, external, public or public-external")
     if kind == "external" and sites != 1:
         raise ValueError("the external cohort is one site; pass sites=1 (ccmr synth --external --sites 1)")
     if patients < sites:
@@ -287,6 +288,7 @@ def generate_cohort(
                 "choose another --out or pass --force to replace it"
             )
     profiles = {"external": lambda: [EXTERNAL_SITE], "public": lambda: public_profiles(sites, seed),
+                "public-external": lambda: public_profiles(sites, seed, "external"),
                 "sites": lambda: site_profiles(sites, seed)}[kind]()
     counts = allocate(patients, [p.weight for p in profiles])
     jobs: list[PatientJob] = []

@@ -169,11 +169,21 @@ def site_diagnoses(site: SiteProfile, n: int, rng: np.random.Generator) -> list[
     return out
 
 
-def public_profiles(n_sites: int, seed: int) -> list[SiteProfile]:
+def public_profiles(n_sites: int, seed: int, generator: str = "project") -> list[SiteProfile]:
     """Scanner profiles of a "public" cohort (the stand-in for public data such as ACDC or M&Ms):
     perturbed variants of the base scanners, named public-1, public-2, ..., none of them a
-    federation site's scanner, with a balanced class mix."""
+    federation site's scanner, with a balanced class mix. ``generator`` 'external': their hearts,
+    tissue contrast, obliquity and frame counts come from the external site's phantom instead
+    (ccmr_core/synth/external.py), so the public data differ from the sites' in more than scanners."""
+    from ccmr_core.synth.external import EXTERNAL_SITE
+
     variants = site_profiles(len(BASE_SITES) + n_sites, seed + 104729)[len(BASE_SITES):]
     balanced = {c: 1.0 / len(DEFAULT_CLASSES) for c in DEFAULT_CLASSES}
-    return [dataclasses.replace(v, name=f"public-{k + 1}", description=f"public cohort, {v.description}",
-                                class_mix=balanced) for k, v in enumerate(variants)]
+    other = {}
+    if generator == "external":
+        e = EXTERNAL_SITE
+        other = dict(anatomy=e.anatomy, contrast=e.contrast, frames_range=e.frames_range, obliquity=e.obliquity)
+    elif generator != "project":
+        raise ValueError(f"public cohort generator {generator!r}: choose project or external")
+    return [dataclasses.replace(v, name=f"public-{k + 1}", description=f"public cohort ({generator} phantom), "
+                                f"{v.description}", class_mix=balanced, **other) for k, v in enumerate(variants)]
