@@ -34,8 +34,8 @@ def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, thre
     out = work / "runs" / f"{COLUMNS[variant]}-s{seed}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    cfg = load_config(overrides=[f"train.seed={seed}", f"train.epochs={epochs}", f"train.threads={threads}",
-                                 f"train.batch_size={batch}"])
+    cfg = load_config(preset="cmr-clip", overrides=[f"train.seed={seed}", f"train.epochs={epochs}",
+                                                    f"train.threads={threads}", f"train.batch_size={batch}"])
     t0 = time.perf_counter()
     model, s = train_clip(cohort, out, cfg, "site-c", COLUMNS[variant], cache_root=work / "cache")
     truth = synthetic_truth(cohort, s["patient_ids"], s["idx"]["test"])
@@ -56,7 +56,7 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: int) -> str:
-    cfg = load_config()
+    cfg = load_config(preset="cmr-clip")
     any_m = next(iter(results.values()))[0]
     n = any_m["retrieval"]["gallery"]
     variants = list(results)
@@ -84,8 +84,8 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
 
 Machine: {machine()}. No GPU was lent to this task.
 Default synthetic cohort (seed 0) with its reports (`SITE/reports.csv`, each site's own template and habits); trained
-on site-a + site-b's studies and reports (no diagnosis label), {epochs} epochs, batch {batch}, AdamW, warm-up then
-cosine; tested on all of **site-c** ({n} patients: another scanner, case mix and report
+on site-a + site-b's studies and reports (no diagnosis label), {epochs} epochs, batch {batch}, AdamW at {cfg.train.lr:g} (preset `cmr-clip`), warm-up
+then cosine; tested on all of **site-c** ({n} patients: another scanner, case mix and report
 template). Seeds {seeds}; mean ± sd over seeds. Projection {cfg.model.proj}-d,
 temperature {cfg.model.temperature} (fixed). Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
 cosine similarity to a few positive prompts (`ccmr_core/retrieval.py`), AUC against the phantom's ground truth

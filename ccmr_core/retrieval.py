@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.metrics import roc_auc_score
 
 # Prompts per finding (positives only, as CMR-CLIP scores a finding by mean similarity to them);
@@ -96,7 +98,9 @@ def prototype_probe(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, sh
 
 
 def linear_probe(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, c: float = 1.0) -> np.ndarray:
-    """Predicted classes of a multinomial logistic regression on the frozen embeddings."""
-    clf = LogisticRegression(C=c, max_iter=5000)
+    """Predicted classes of a multinomial logistic regression on the frozen embeddings, each
+    dimension standardised on the training embeddings first (unit-norm embeddings differ by little
+    per dimension, and an unscaled L2 penalty would flatten them)."""
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
     clf.fit(train, train_y)
     return clf.predict(test)
