@@ -24,6 +24,7 @@ from ccmr_core.engine import make_optimizer, set_threads, train_epoch
 from ccmr_core.models.cmr_clip import CMRCLIP
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.models.text import encode
+from ccmr_core.report import write_report
 from ccmr_core.retrieval import (CLASS_PROMPTS, FINDING_PROMPTS, class_precision_at_k, finding_aucs, linear_probe,
                                  prototype_probe, retrieval, zero_shot_classes)
 from ccmr_core.schedule import plan_for
@@ -83,7 +84,6 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
             f.write(json.dumps({"epoch": epoch + 1, "train": tr}) + "\n")
             f.flush()
             log.info("epoch %d/%d: contrastive loss %.3f", epoch + 1, plan.epochs, tr["loss"])
-    torch.save(model.state_dict(), out / "cmr_clip.pt")
     return model, {"idx": idx, "ds": WithReports(ds, ds.patient_ids, reports), "patient_ids": ds.patient_ids}
 
 
@@ -145,6 +145,7 @@ def train_clip_run(data: str | Path, out: str | Path, cfg: ExperimentConfig, tes
                       seed=cfg.train.seed)
     metrics = {"model": "cmr-clip", **info, "test": m}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_report(out)
     return metrics
 
 

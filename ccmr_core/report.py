@@ -33,7 +33,7 @@ def _rows(run: Path) -> list[dict]:
     return read_jsonl(run / "metrics.jsonl")[0]  # a line torn by a crash is left out of the curves
 
 
-def _curves(rows: list[dict]) -> str | None:
+def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertainty-weighted)") -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,9 +43,12 @@ def _curves(rows: list[dict]) -> str | None:
         return None
     key = "round" if "round" in rows[0] else "epoch"
     x = [r[key] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    with_acc = any((r.get(k) or {}).get("accuracy") is not None for r in rows
+                   for k in ("server_validation", "federated_validation", "val"))
+    fig, ax = plt.subplots(1, 2 if with_acc else 1, figsize=(10 if with_acc else 5, 3.5), squeeze=False)
+    ax = ax[0]
     series = {
-        "train loss (all tasks, uncertainty-weighted)": [(r.get("train") or {}).get("train-loss", (r.get("train") or {}).get("loss")) for r in rows],
+        loss_name: [(r.get("train") or {}).get("train-loss", (r.get("train") or {}).get("loss")) for r in rows],
         "validation loss": [((r.get("server_validation") or r.get("federated_validation") or r.get("val")) or {}).get("loss")
                             for r in rows],
     }
@@ -55,6 +58,8 @@ def _curves(rows: list[dict]) -> str | None:
     ax[0].set_xlabel(key)
     ax[0].set_title("loss")
     ax[0].legend()
+    if not with_acc:
+        return _png(fig)
     accs = {
         "coordinator validation": [(r.get("server_validation") or {}).get("accuracy") for r in rows],
         "sites' validation (pooled)": [(r.get("federated_validation") or {}).get("accuracy") for r in rows],
@@ -286,6 +291,35 @@ def _table(metrics: dict, test: dict) -> str:
     return out
 
 
+def _clip_table(test: dict) -> str:
+    """A CMR-CLIP run's test results: retrieval both ways, zero-shot findings, probes."""
+    r = test.get("retrieval")
+    if not r:
+        return "<p>No test patients in this run.</p>"
+    n = r["gallery"]
+    out = (f"<p>Retrieval within the test site's gallery of {n} studies and their {n} reports "
+           f"(chance: R@K = K/{n}).</p><table><tr><th>direction</th><th>R@1</th><th>R@5</th><th>R@10</th>"
+           "<th>median rank</th></tr>")
+    for key, name in (("report_to_video", "report -> study"), ("video_to_report", "study -> report"), ("chance", "chance")):
+        v = r[key]
+        out += (f"<tr><td>{name}</td><td>{_f(v['R@1'])}</td><td>{_f(v['R@5'])}</td><td>{_f(v['R@10'])}</td>"
+                f"<td>{v.get('median_rank', (n + 1) / 2):.1f}</td></tr>")
+    out += "</table>"
+    out += (f"<p>Class-aware precision@5 (share of a report's 5 nearest studies with its diagnosis): "
+            f"{_f(test.get('class_precision@5'))}; zero-shot 5-class accuracy from class prompts: "
+            f"{_f(test.get('zero_shot_accuracy'))}.</p>")
+    f = test.get("findings") or {}
+    if f:
+        out += ("<table><tr><th>finding (zero-shot, from prompts)</th><th>AUC</th><th>positives / patients</th></tr>"
+                + "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{_f(v['auc'])}</td>"
+                          f"<td>{v['positives']} / {v['n']}</td></tr>" for k, v in f.items()) + "</table>")
+    shots = test.get("few_shot") or {}
+    out += ("<p>Probes on the frozen study embedding, fitted on the training sites: "
+            + ", ".join(f"{k}-shot prototypes {_f(v)}" for k, v in shots.items())
+            + f"; linear probe on every training patient {_f(test.get('linear_probe'))} accuracy.</p>")
+    return out
+
+
 def write_report(run: str | Path) -> Path:
     """Write RUN/report.html (one self-contained file: plots are embedded PNGs, no scripts, no
     links out) from the run folder's metrics.jsonl and metrics.json; returns its path."""
@@ -294,7 +328,8 @@ def write_report(run: str | Path) -> Path:
     test = metrics.get("test") or {}
     rows = _rows(run)
     sections = [
-        ("Learning curves", _curves(rows)),
+        ("Learning curves", _curves(rows, "contrastive loss (symmetric InfoNCE), training" if metrics.get("model") ==
+                                    "cmr-clip" else "train loss (all tasks, uncertainty-weighted)")),
         ("Per-site accuracy", _sites(test, metrics.get("sites") or [])),
         ("ROC curves", _roc(test)),
         ("Confusion matrix", _confusion(test)),
@@ -311,7 +346,7 @@ def write_report(run: str | Path) -> Path:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>CC-CMR run {html.escape(run.name)}</h1>
 <p>{html.escape(str(metrics.get('model', '')))} ({html.escape(kind)}); sites: {html.escape(', '.join(metrics.get('sites') or []))}</p>
-<h2>Test results</h2>{_table(metrics, test)}
+<h2>Test results</h2>{_clip_table(test) if metrics.get('model') == 'cmr-clip' else _table(metrics, test)}
 {body}
 <details><summary>metrics.json</summary><pre>{html.escape(json.dumps(metrics, indent=1))}</pre></details>
 </body></html>"""

@@ -189,6 +189,9 @@ def test_ccmr_train_cmr_clip_then_search(cohort, tmp_path, monkeypatch, capsys):
     assert 1 <= m["retrieval"]["report_to_video"]["median_rank"] <= n
     assert set(m["findings"]) == {"lv_dysfunction", "lv_dilation", "lv_hypertrophy", "lge_present", "rv_dysfunction",
                                   "rwma"}
+    page = (run / "report.html").read_text()
+    assert f"gallery of {n} studies" in page and "zero-shot" in page and "Learning curves" in page
+    assert "ECE" not in page  # no classifier sections for a model without a diagnosis head
     capsys.readouterr()
     assert main(["search", str(cohort / "site-c"), "--model", str(run / "model.pt"), "--text", "dilated LV",
                  "--top", "2", "--quiet"]) == 0
