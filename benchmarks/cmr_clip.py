@@ -35,9 +35,10 @@ def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, thre
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     cfg = load_config(preset="cmr-clip", overrides=[f"train.seed={seed}", f"train.epochs={epochs}",
-                                                    f"train.threads={threads}", f"train.batch_size={batch}"])
+                                                    f"train.threads={threads}", f"train.batch_size={batch}",
+                                                    f"data.report_column={COLUMNS[variant]}"])
     t0 = time.perf_counter()
-    model, s = train_clip(cohort, out, cfg, "site-c", COLUMNS[variant], cache_root=work / "cache")
+    model, s = train_clip(cohort, out, cfg, "site-c", cache_root=work / "cache")
     truth = synthetic_truth(cohort, s["patient_ids"], s["idx"]["test"])
     m = evaluate_clip(model, s["ds"], s["idx"], list(cfg.data.classes), truth, seed=seed)
     m["minutes"] = (time.perf_counter() - t0) / 60

@@ -56,9 +56,11 @@ def embed_prompts(model: CMRCLIP, prompts: list[str]) -> np.ndarray:
     return model.embed_text(encode(prompts)).numpy()
 
 
-def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str, column: str = "report",
+def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str, column: str | None = None,
                cache_root: Path | None = None, progress: bool = False) -> tuple[CMRCLIP, dict]:
-    """Train CMR-CLIP on every site but ``test_site``; returns the model and the split's rows."""
+    """Train CMR-CLIP on every site but ``test_site`` (``column`` of reports.csv; default
+    ``data.report_column``); returns the model and the split's rows."""
+    column = column or cfg.data.report_column
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.train.threads)
@@ -126,7 +128,7 @@ def synthetic_truth(data: str | Path, patient_ids: list[str], rows: list[int]) -
 
 
 def train_clip_run(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None,
-                   column: str = "report", progress: bool = True, cache_root: Path | None = None) -> dict:
+                   progress: bool = True, cache_root: Path | None = None) -> dict:
     """``ccmr train --model cmr-clip``: a run folder with config.yaml, metrics.jsonl, model.pt and
     (with a test site) metrics.json of the evaluation above."""
     out = Path(out)
@@ -134,7 +136,8 @@ def train_clip_run(data: str | Path, out: str | Path, cfg: ExperimentConfig, tes
         raise FileExistsError(f"{out} already holds a trained model; choose another --out")
     if test_site is None:
         raise ValueError("CMR-CLIP is evaluated on a held-out site: pass --test-site SITE")
-    model, s = train_clip(data, out, cfg, test_site, column, cache_root, progress)
+    column = cfg.data.report_column
+    model, s = train_clip(data, out, cfg, test_site, cache_root=cache_root, progress=progress)
     (out / "config.yaml").write_text(dump_config(cfg))
     classes = list(cfg.data.classes)
     info = {"sites": sorted({p.split("/", 1)[0] for p in s["patient_ids"]}), "test_site": test_site,

@@ -68,6 +68,9 @@ class DataConfig(_Section):
         "targets where a site has them; [] = none")
     ingest: IngestConfig = IngestConfig()
     synth: SynthConfig = SynthConfig()
+    report_column: str = Field("report", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="cmr-clip: the "
+                               "reports.csv column it learns from (the synthetic cohort also has "
+                               "report_without_diagnosis, whose impression leaves the diagnosis word out)")
 
     @field_validator("measurements")
     @classmethod

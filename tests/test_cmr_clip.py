@@ -180,7 +180,8 @@ def test_ccmr_train_cmr_clip_then_search(cohort, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(cohort), "--model", "cmr-clip", "--out", str(run), "--test-site", "site-c",
                  "--preset", "smoke", "--set", "train.epochs=2", "--set", "train.batch_size=4",
-                 "--set", "train.threads=1", "--quiet"]) == 0
+                 "--set", "train.threads=1", "--set", "data.report_column=report_without_diagnosis", "--quiet"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["report_column"] == "report_without_diagnosis"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["train"]["loss"]) for r in rows)
     m = json.loads((run / "metrics.json").read_text())["test"]
