@@ -4,8 +4,7 @@ import torch
 from ccmr_core.classes import DEFAULT_CLASSES
 from ccmr_core.data.dataset import CacheDataset
 from ccmr_core.data.ingest import ingest
-from ccmr_core.data.transforms import (Compose, RandomBiasField, RandomGeometry, RandomIntensity, RandomNoise,
-                                       default_augmentation)
+from ccmr_core.data.transforms import RandomBiasField, RandomGeometry, default_augmentation
 
 from .conftest import SMALL, labels_of
 

@@ -1,7 +1,6 @@
 """Update screening and robust aggregation: what the coordinator refuses to average, and why."""
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import ArrayRecord
 
