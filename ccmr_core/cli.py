@@ -136,21 +136,19 @@ def cmd_predict(args) -> int:
 
     if (args.study is None) == (args.batch is None):
         raise ValueError("give either one STUDY folder or --batch SITE (a folder of many studies)")
-    if args.batch and args.findings:
-        raise ValueError("--findings scores one STUDY; it is not available with --batch yet")
-    if args.batch:
-        rows = predict_batch(args.batch, args.model, args.out, force=args.force, mc_samples=args.mc,
-                             progress=not args.quiet)
-        ok = [r for r in rows if not r.get("error")]
-        print(f"{len(ok)} of {len(rows)} studies predicted, {sum(bool(r['refer']) for r in ok)} to be read by a "
-              f"human (refer); {len(rows) - len(ok)} could not be read (see the error column) -> "
-              f"{Path(args.out) / 'predictions.csv'}")
-        return 0
     scorer = None
     if args.findings:
         from ccmr_core.inference import FindingScorer
 
         scorer = FindingScorer(args.findings)
+    if args.batch:
+        rows = predict_batch(args.batch, args.model, args.out, force=args.force, mc_samples=args.mc,
+                             progress=not args.quiet, findings=scorer)
+        ok = [r for r in rows if not r.get("error")]
+        print(f"{len(ok)} of {len(rows)} studies predicted, {sum(bool(r['refer']) for r in ok)} to be read by a "
+              f"human (refer); {len(rows) - len(ok)} could not be read (see the error column) -> "
+              f"{Path(args.out) / 'predictions.csv'}")
+        return 0
     d = predict_study(args.study, args.model, args.out, force=args.force, mc_samples=args.mc, findings=scorer)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in sorted(d["probabilities"].items(), key=lambda kv: -kv[1]))
     u = d["epistemic_uncertainty"]
@@ -267,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mc", type=int, default=None, help="MC-dropout passes (default: the model's own setting)")
     p.add_argument("--findings", metavar="CLIP_MODEL", help="also score findings zero-shot with a cmr-clip model.pt "
-                   "(one STUDY only)")
+                   "(similarities, not probabilities)")
     p.add_argument("--force", action="store_true", help="replace an earlier prediction in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)

@@ -286,9 +286,11 @@ def predict_study(study_dir: str | Path, model_path: str | Path, out: str | Path
 
 
 def predict_batch(site: str | Path, model_path: str | Path, out: str | Path, force: bool = False,
-                  mc_samples: int | None = None, workers: int | None = None, progress: bool = True) -> list[dict]:
+                  mc_samples: int | None = None, workers: int | None = None, progress: bool = True,
+                  findings: FindingScorer | None = None) -> list[dict]:
     """Every study under SITE (any layout): OUT/predictions.csv, one row per study; a study that
-    cannot be read gets its reason in the ``error`` column and the others go on."""
+    cannot be read gets its reason in the ``error`` column and the others go on. With ``findings``
+    (a cmr-clip model), a ``finding_<name>`` column per finding (zero-shot similarity)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -311,11 +313,15 @@ def predict_batch(site: str | Path, model_path: str | Path, out: str | Path, for
                        epistemic_uncertainty=None if r["epistemic_uncertainty"] is None else
                        round(r["epistemic_uncertainty"], 6), refer=r["refer"], refer_reasons="; ".join(r["refer_reasons"]),
                        **{f"p_{c}": round(p, 4) for c, p in r["probabilities"].items()}, notes="; ".join(notes), error="")
+            if findings is not None:
+                fc = cine if findings.ingest == pred.ingest else prepare_cine(study, findings.ingest)[0]
+                row.update({f"finding_{k}": v for k, v in findings.score(fc).items()})
         except PredictError as e:
             row.update(error=str(e))
         rows.append(row)
     cols = ["patient_id", "study_uid", "predicted", "confidence", "epistemic_uncertainty", "refer", "refer_reasons",
-            *[f"p_{c}" for c in pred.classes], "notes", "error"]
+            *[f"p_{c}" for c in pred.classes], *(f"finding_{k}" for k in (findings.prompts if findings else ())),
+            "notes", "error"]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(target, cols, rows)
     return rows

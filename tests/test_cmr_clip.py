@@ -236,6 +236,13 @@ def test_predict_scores_findings_beside_the_diagnosis(trained_run, clip_run, mak
                  "--out", str(tmp_path / "q")]) == 2
     assert "findings need a cmr-clip model" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+    # a batch gets one column per finding
+    assert main(["predict", "--batch", str(study), "--model", str(run / "model.pt"), "--findings",
+                 str(clip_run / "model.pt"), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    with open(tmp_path / "b" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["error"] == ""
+    assert float(rows[0]["finding_lge_present"]) == pytest.approx(z["scores"]["lge_present"], abs=1e-4)
 
 
 def test_cmr_clip_refuses_patient_level_dp_and_federation():
