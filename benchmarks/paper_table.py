@@ -2,6 +2,7 @@
 external site, over several seeds; a label-efficiency curve; uncertainty; training throughput.
 
     python -m benchmarks.paper_table [--seeds 0 1 2 3 4] [--fractions 0.1 0.25 0.5] [--workdir DIR]
+    python -m benchmarks.paper_table --efficiency-only --efficiency-seeds 1 2   # the curve alone, its own block
 
 Data: the default synthetic cohort (3 sites, seed 0), trained on site-a + site-b (stratified
 train/validation split), tested on all of site-c; and the external site of ``ccmr synth
@@ -194,7 +195,7 @@ def summarise(work: Path, seeds: list[int], fractions: list[float], variants: li
         for st in stages:
             pps, fps = throughput(cfg, st)
             tp.append(f"| {v}{f' ({st} stage)' if st else ''} | {pps:.1f} | {fps / 1e9:.1f} | {fps / peak:.3f} |")
-    return f"""## CC-CMR vs baselines and its ablation; external sites; label efficiency (`python -m benchmarks.paper_table`)
+    return f"""## CC-CMR vs baselines and its ablation; external sites (`python -m benchmarks.paper_table`)
 
 Machine: {machine()}. No GPU was lent to this task (the `device` tool had none), so there is no CUDA row.
 Default synthetic cohort (3 sites, 231 patients, seed 0): trained on site-a + site-b ({metrics(variants[0])[0]['n']} test patients
