@@ -122,9 +122,10 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
     cohort, external = work / "cohort", work / "external"
     generate_cohort(cohort, progress=False)
     generate_cohort(external, sites=1, patients=40, seed=100, progress=False, kind="external")
-    eff = [(v, f, s) for f in fractions for s in (efficiency_seeds or seeds) for v in EFFICIENCY if v in variants]
+    eff_seeds, shown = efficiency_seeds or seeds, [v for v in EFFICIENCY if v in variants]
+    eff = [(v, f, s) for f in fractions for s in eff_seeds for v in shown]
     if efficiency_only:
-        jobs = [(v, 1.0, s) for s in (efficiency_seeds or seeds) for v in EFFICIENCY if v in variants] + eff
+        jobs = [(v, 1.0, s) for s in eff_seeds for v in shown] + eff
     else:
         jobs = [(v, 1.0, s) for s in seeds for v in variants] + eff
     for k, (v, frac, seed) in enumerate(jobs):

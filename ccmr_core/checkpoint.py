@@ -61,3 +61,12 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise ValueError(f"{path} is a cmr-clip model (studies and reports in one space, no diagnosis head): use "
                          "'ccmr search --model' with it, or a model trained with --model cc-cmr / cine-only")
     return model, blob
+
+
+def load_clip(path: str | Path, needs: str) -> tuple[nn.Module, dict]:
+    """``load_model`` for what only a CMR-CLIP model can do (``needs``: e.g. "search needs")."""
+    model, blob = load_model(path)
+    if blob["model"] != "cmr-clip":
+        raise ValueError(f"{path} is a {blob['model']} model; {needs} a cmr-clip model "
+                         "('ccmr train --preset cmr-clip')")
+    return model, blob

@@ -19,7 +19,7 @@ EPILOG = """examples:
   ccmr train --data cohort --model cc-cmr --out runs/ccmr --test-site site-c
   ccmr evaluate --model runs/ccmr/model.pt --data cohort/site-c
   ccmr predict STUDY --model runs/ccmr/model.pt --out pred/   # one patient, cine only
-  ccmr train --data cohort --model cmr-clip --out runs/clip --test-site site-c   # studies + reports
+  ccmr train --data cohort --preset cmr-clip --out runs/clip --test-site site-c  # studies + reports
   ccmr search cohort/site-c --model runs/clip/model.pt --text "dilated LV with mid-wall LGE"
 """
 
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("search", help="find a site's studies that match a description (cmr-clip model)",
-                       description="Ingest SITE with MODEL's grid (a cmr-clip model.pt from 'ccmr train --model "
+                       description="Ingest SITE with MODEL's grid (a cmr-clip model.pt from 'ccmr train --preset "
                        "cmr-clip') and list its TOP studies nearest to TEXT in the shared study-report space. Runs "
                        "at the site: nothing of SITE is written anywhere but its ingest cache.")
     p.add_argument("site", help="site folder (or cache) to search")

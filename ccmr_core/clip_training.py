@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ccmr_core.checkpoint import load_model, save_model
+from ccmr_core.checkpoint import load_clip, save_model
 from ccmr_core.config import ExperimentConfig, dump_config, validate
 from ccmr_core.data.reports import WithReports, read_reports
 from ccmr_core.data.sources import MultiSite, find_sites, prepare
@@ -56,18 +56,17 @@ def embed_prompts(model: CMRCLIP, prompts: list[str]) -> np.ndarray:
     return model.embed_text(encode(prompts)).numpy()
 
 
-def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str, column: str | None = None,
+def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str,
                cache_root: Path | None = None, progress: bool = False) -> tuple[CMRCLIP, dict]:
-    """Train CMR-CLIP on every site but ``test_site`` (``column`` of reports.csv; default
-    ``data.report_column``); returns the model and the split's rows."""
-    column = column or cfg.data.report_column
+    """Train CMR-CLIP on every site but ``test_site`` (on reports.csv's ``data.report_column``);
+    returns the model and the split's rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     caches = prepare(data, cfg, cache_root, progress)
-    reports = site_reports(data, column)
+    reports = site_reports(data, cfg.data.report_column)
     ds = MultiSite(caches, cfg)
     idx = split_indices(ds, cfg, test_site)
     aug = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
@@ -129,19 +128,18 @@ def synthetic_truth(data: str | Path, patient_ids: list[str], rows: list[int]) -
 
 def train_clip_run(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None,
                    progress: bool = True, cache_root: Path | None = None) -> dict:
-    """``ccmr train --model cmr-clip``: a run folder with config.yaml, metrics.jsonl, model.pt and
+    """``ccmr train --preset cmr-clip`` (model cmr-clip): a run folder with config.yaml, metrics.jsonl, model.pt and
     (with a test site) metrics.json of the evaluation above."""
     out = Path(out)
     if (out / "model.pt").exists():
         raise FileExistsError(f"{out} already holds a trained model; choose another --out")
     if test_site is None:
         raise ValueError("CMR-CLIP is evaluated on a held-out site: pass --test-site SITE")
-    column = cfg.data.report_column
     model, s = train_clip(data, out, cfg, test_site, cache_root=cache_root, progress=progress)
     (out / "config.yaml").write_text(dump_config(cfg))
     classes = list(cfg.data.classes)
     info = {"sites": sorted({p.split("/", 1)[0] for p in s["patient_ids"]}), "test_site": test_site,
-            "n_train": len(s["idx"]["train"]), "n_test": len(s["idx"]["test"]), "report_column": column}
+            "n_train": len(s["idx"]["train"]), "n_test": len(s["idx"]["test"]), "report_column": cfg.data.report_column}
     save_model(out / "model.pt", model.state_dict(), name="cmr-clip", kwargs=model_kwargs(cfg, 1), classes=classes,
                ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info)
     m = evaluate_clip(model, s["ds"], s["idx"], classes, synthetic_truth(data, s["patient_ids"], s["idx"]["test"]),
@@ -156,12 +154,9 @@ def search(model_path: str | Path, site: str | Path, text: str, top: int = 5, ca
            progress: bool = False) -> list[tuple[str, float]]:
     """The ``top`` studies of ``site`` nearest to ``text`` (patient id, cosine similarity), run
     at the site: the studies are ingested with the model's grid and never leave it."""
-    model, blob = load_model(model_path)
-    if blob["model"] != "cmr-clip":
-        raise ValueError(f"{model_path} is a {blob['model']} model; search needs a cmr-clip model "
-                         "('ccmr train --model cmr-clip')")
     if not text.strip():
         raise ValueError("--text is empty; describe the studies to find, e.g. 'dilated LV with mid-wall LGE'")
+    model, blob = load_clip(model_path, "search needs")
     cfg = validate(blob["config"], f"{model_path} (embedded config)")
     caches = prepare(site, cfg, cache_root, progress)
     ds = MultiSite(caches, cfg)

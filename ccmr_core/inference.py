@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccmr_core.checkpoint import load_classifier, load_model
+from ccmr_core.checkpoint import load_classifier, load_clip
 from ccmr_core.config import IngestConfig, validate
 from ccmr_core.data.dicom_read import FileProblem, Frame
 from ccmr_core.data.ingest import list_files, read_files
@@ -180,17 +180,18 @@ class FindingScorer:
 
     def __init__(self, model_path: str | Path):
         path = Path(model_path)
-        self.model, blob = load_model(path)
-        if blob["model"] != "cmr-clip":
-            raise PredictError(f"--findings {path} is a {blob['model']} model; findings need a cmr-clip model "
-                               "('ccmr train --model cmr-clip')")
+        self.model, blob = load_clip(path, "--findings: findings need")
         self.ingest = validate(blob["config"], f"{path} (embedded config)").data.ingest
         self.prompts = FINDING_PROMPTS
         with torch.no_grad():
             self.prompt_emb = {f: self.model.embed_text(encode(p)) for f, p in FINDING_PROMPTS.items()}
         self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": "cmr-clip"}
 
-    def score(self, cine: np.ndarray) -> dict:
+    def score(self, study: Study, cine: np.ndarray, grid: IngestConfig) -> dict:
+        """Each finding's score for ``study``; ``cine`` is it prepared on ``grid`` (the classifier's),
+        reused when the CLIP model has the same grid."""
+        if grid != self.ingest:
+            cine = prepare_cine(study, self.ingest)[0]
         with torch.no_grad():
             v = self.model.embed_video(torch.from_numpy(cine).float()[None])[0]
         return {f: round(float((e @ v).mean()), 4) for f, e in self.prompt_emb.items()}
@@ -275,8 +276,7 @@ def predict_study(study_dir: str | Path, model_path: str | Path, out: str | Path
            "saliency": {"file": "saliency.png", "method": "absolute gradient of the predicted class's logit "
                         "with respect to the cine input, 3x3 smoothed", "end_systole_frame": end_systole(cine)}}
     if findings is not None:
-        fc = cine if findings.ingest == pred.ingest else prepare_cine(study, findings.ingest)[0]
-        doc["zero_shot_findings"] = {"scores": findings.score(fc), "prompts": findings.prompts,
+        doc["zero_shot_findings"] = {"scores": findings.score(study, cine, pred.ingest), "prompts": findings.prompts,
                                      "meaning": "mean cosine similarity of the study with the finding's descriptions "
                                      "(not a probability; higher = more alike)", "model": findings.identity}
     out.mkdir(parents=True, exist_ok=True)
@@ -314,8 +314,7 @@ def predict_batch(site: str | Path, model_path: str | Path, out: str | Path, for
                        round(r["epistemic_uncertainty"], 6), refer=r["refer"], refer_reasons="; ".join(r["refer_reasons"]),
                        **{f"p_{c}": round(p, 4) for c, p in r["probabilities"].items()}, notes="; ".join(notes), error="")
             if findings is not None:
-                fc = cine if findings.ingest == pred.ingest else prepare_cine(study, findings.ingest)[0]
-                row.update({f"finding_{k}": v for k, v in findings.score(fc).items()})
+                row.update({f"finding_{k}": v for k, v in findings.score(study, cine, pred.ingest).items()})
         except PredictError as e:
             row.update(error=str(e))
         rows.append(row)

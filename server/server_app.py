@@ -109,8 +109,8 @@ def open_run(rc) -> Run:
     """The config, the run folder, the sites and (simulation) their cohort, the validation set."""
     cfg = from_run_config(rc)
     if cfg.model.name == "cmr-clip":
-        raise ValueError("model 'cmr-clip' is trained centrally in this version ('ccmr train --model cmr-clip "
-                         "COHORT'); its federated rounds (a report-aware evaluation at each site) are not built yet")
+        raise ValueError("model 'cmr-clip' is trained centrally in this version ('ccmr train --preset cmr-clip "
+                         "--data COHORT'); its federated rounds (a report-aware evaluation at each site) are not built yet")
     set_threads(cfg.train.threads)
     resume = str(rc.get("resume", "") or "")
     out = run_dir(resume or str(rc.get("out-dir", "") or ""), cfg.model.name)

@@ -53,7 +53,7 @@ class PatientJob:
     diagnosis: str
     seed: int
     with_masks: bool
-    kind: str = "sites"  # which cohort: "sites", "external" or "public" (its sites' reporting habits)
+    kind: str = "sites"  # which cohort (generate_cohort's kind): its sites' reporting habits
 
     @property
     def patient_id(self) -> str:
@@ -202,8 +202,7 @@ def generate_patient(job: PatientJob) -> dict:
     wall = heart.wall_ed
     segments = aha_segments(heart)
     text_rng = np.random.default_rng([job.seed, job.site_index, job.index, 31])  # its own stream: images unchanged
-    text, blind = write_report({"diagnosis": job.diagnosis, "has_lge": lge is not None, "rv_scale": heart.rv_scale,
-                                "segments": segments}, report, heart, habits_for(job.site_index, job.kind), text_rng)
+    text, blind = write_report(heart, segments, report, habits_for(job.site_index, job.kind), text_rng)
     return {
         "site": site.name,
         "patient_id": job.patient_id,

@@ -51,7 +51,7 @@ def habits_for(site_index: int, kind: str) -> Habits:
     public cohort write narrative reports with their own sentence losses."""
     if kind == "external":
         return Habits("narrative", 0.15, 5)
-    if kind == "public":
+    if kind.startswith("public"):  # "public" and "public-external"
         return Habits("structured", 0.10, 5)
     return HABITS[SITE_STYLES[site_index % len(SITE_STYLES)]]
 
@@ -121,13 +121,14 @@ def _transmural_words(t: float) -> str:
     return _grade(t, [(0.26, "under 25%"), (0.51, "26-50%"), (0.76, "51-75%")], "over 75%")
 
 
-def write_report(truth: dict, stated: dict, heart: Heart, habits: Habits, rng: np.random.Generator) -> tuple[str, str]:
-    """(report, report without the diagnosis word) for one patient."""
+def write_report(heart: Heart, segs: dict[str, tuple[float, float]], stated: dict, habits: Habits,
+                 rng: np.random.Generator) -> tuple[str, str]:
+    """(report, report without the diagnosis word) for one patient: ``segs`` from ``aha_segments``,
+    ``stated`` the report measurements of labels.csv."""
     terse = habits.style == "terse"
     vol = (lambda v: None if v is None else int(round(v / habits.round_to) * habits.round_to))
     edv, ef = vol(stated.get("lvedv_ml")), stated.get("lvef")
     rvedv, rvef, wall = vol(stated.get("rvedv_ml")), stated.get("rvef"), stated.get("max_wall_mm")
-    segs = truth.get("segments") or {}
     hypo = [k for k, (m, _) in segs.items() if AKINETIC <= m < HYPOKINETIC]
     akin = [k for k, (m, _) in segs.items() if m < AKINETIC]
     sentences: list[str] = []
@@ -172,7 +173,7 @@ def write_report(truth: dict, stated: dict, heart: Heart, habits: Habits, rng: n
             sentences.append(f"RWMA: {text}." if terse else f"Regional wall motion: {text}.")
 
     # right ventricle
-    rv_size = "dilated" if truth["rv_scale"] > 1.3 else "normal size"
+    rv_size = "dilated" if heart.rv_scale > 1.3 else "normal size"
     rv_func = _function(rvef, normal=45)
     if terse:
         parts = [f"RVEDV {rvedv}ml" if rvedv is not None else None, f"RVEF {rvef:.0f}%" if rvef is not None else None]
@@ -185,7 +186,7 @@ def write_report(truth: dict, stated: dict, heart: Heart, habits: Habits, rng: n
         sentences.append(f"{rv}{extra}{f_text}.")
 
     # LGE
-    if not truth["has_lge"]:
+    if not heart.has_lge:
         sentences.append("No contrast given." if terse else "Contrast was not given.")
     elif not heart.scars:
         sentences.append("DE: none." if terse else "No late gadolinium enhancement.")
@@ -206,15 +207,15 @@ def write_report(truth: dict, stated: dict, heart: Heart, habits: Habits, rng: n
                                  "Patchy late gadolinium enhancement at the RV insertion points.")
 
     sentences = [s for s in sentences if s and rng.uniform() >= habits.drop]
-    impression, blind = _impressions(truth, heart, size, func, wall_w, rv_size, rv_func, hypo + akin)
+    impression, blind = _impressions(heart, size, func, wall_w, rv_size, rv_func, hypo + akin)
     lead = {"structured": ("FINDINGS: ", " IMPRESSION: "), "terse": ("", " Imp: "),
             "narrative": ("", " Conclusion: ")}[habits.style]
     body = lead[0] + " ".join(sentences)
     return body + lead[1] + impression, body + lead[1] + blind
 
 
-def _impressions(truth, heart, size, func, wall_w, rv_size, rv_func, rwma) -> tuple[str, str]:
-    dx = truth["diagnosis"]
+def _impressions(heart, size, func, wall_w, rv_size, rv_func, rwma) -> tuple[str, str]:
+    dx = heart.diagnosis
     terr = _territory(heart.scars[0].centre) if dx == "MINF" and heart.scars else None
     with_dx = {"NOR": "Normal cardiac MRI.", "DCM": "Dilated cardiomyopathy.",
                "MINF": f"Prior myocardial infarction in the {terr} territory." if terr else "Prior myocardial infarction.",
