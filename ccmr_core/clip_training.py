@@ -27,6 +27,7 @@ from ccmr_core.models.text import encode
 from ccmr_core.report import write_report
 from ccmr_core.retrieval import (CLASS_PROMPTS, FINDING_PROMPTS, class_precision_at_k, finding_aucs, linear_probe,
                                  prototype_probe, retrieval, zero_shot_classes)
+from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.schedule import plan_for
 from ccmr_core.training import split_indices
 
@@ -39,21 +40,40 @@ def site_reports(data: str | Path, column: str = "report") -> dict[str, str]:
 
 
 @torch.no_grad()
+def embeddings(model: CMRCLIP, ds, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Of ``ds`` in order: study and report embeddings, labels and whether each has a report."""
+    model.eval()
+    out: dict[str, list] = {"video": [], "text": [], "label": [], "has_report": []}
+    for b in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        out["video"].append(model.embed_video(b["cine"]))
+        out["text"].append(model.embed_text(b["report"]))
+        out["label"].append(b["label"])
+        out["has_report"].append(b["has_report"])
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
 def embed(model: CMRCLIP, ds, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(video embeddings, report embeddings, labels) of ``ds`` in order."""
-    model.eval()
-    v, t, y = [], [], []
-    for b in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        v.append(model.embed_video(b["cine"]))
-        t.append(model.embed_text(b["report"]))
-        y.append(b["label"])
-    return torch.cat(v).numpy(), torch.cat(t).numpy(), torch.cat(y).numpy()
+    e = embeddings(model, ds, batch_size)
+    return e["video"], e["text"], e["label"]
 
 
 @torch.no_grad()
 def embed_prompts(model: CMRCLIP, prompts: list[str]) -> np.ndarray:
     model.eval()
     return model.embed_text(encode(prompts)).numpy()
+
+
+def gallery_stats(model: CMRCLIP, ds, classes: list[str]) -> RetrievalStats:
+    """Retrieval statistics of one gallery (``ds``: a site's studies of one split, with reports);
+    patients without a report are left out. What a site sends about a CMR-CLIP model."""
+    if not len(ds):
+        return RetrievalStats()
+    e = embeddings(model, ds)
+    has = e["has_report"].astype(bool)
+    class_emb = [embed_prompts(model, CLASS_PROMPTS[c]) for c in classes] if all(c in CLASS_PROMPTS for c in classes) \
+        else []
+    return RetrievalStats.from_embeddings(e["video"][has], e["text"][has], e["label"][has], class_emb, model.temperature)
 
 
 def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str,

@@ -33,7 +33,8 @@ def _rows(run: Path) -> list[dict]:
     return read_jsonl(run / "metrics.jsonl")[0]  # a line torn by a crash is left out of the curves
 
 
-def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertainty-weighted)") -> str | None:
+def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertainty-weighted)",
+            val_name: str = "validation loss") -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +50,7 @@ def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertain
     ax = ax[0]
     series = {
         loss_name: [(r.get("train") or {}).get("train-loss", (r.get("train") or {}).get("loss")) for r in rows],
-        "validation loss": [((r.get("server_validation") or r.get("federated_validation") or r.get("val")) or {}).get("loss")
+        val_name: [((r.get("server_validation") or r.get("federated_validation") or r.get("val")) or {}).get("loss")
                             for r in rows],
     }
     for name, ys in series.items():
@@ -295,15 +296,18 @@ def _clip_table(test: dict) -> str:
     """A CMR-CLIP run's test results: retrieval both ways, zero-shot findings, probes."""
     r = test.get("retrieval")
     if not r:
-        return "<p>No test patients in this run.</p>"
+        return "<p>No test patients in this run (no site held any out, or none had two or more).</p>"
     n = r["gallery"]
-    out = (f"<p>Retrieval within the test site's gallery of {n} studies and their {n} reports "
-           f"(chance: R@K = K/{n}).</p><table><tr><th>direction</th><th>R@1</th><th>R@5</th><th>R@10</th>"
-           "<th>median rank</th></tr>")
+    pooled = r.get("pooled_over_sites")  # a federated run: each site's own gallery, pooled as counts
+    rank = "median_rank" if "median_rank" in r["video_to_report"] else "mean_rank"
+    where = (f"each site's own test gallery ({pooled} sites, {n:.1f} studies on average), pooled"
+             if pooled else f"the test site's gallery of {n} studies and their {n} reports")
+    out = (f"<p>Retrieval within {where} (chance: R@K = K / gallery).</p><table><tr><th>direction</th><th>R@1</th>"
+           f"<th>R@5</th><th>R@10</th><th>{rank.replace('_', ' ')}</th></tr>")
     for key, name in (("report_to_video", "report -> study"), ("video_to_report", "study -> report"), ("chance", "chance")):
         v = r[key]
         out += (f"<tr><td>{name}</td><td>{_f(v['R@1'])}</td><td>{_f(v['R@5'])}</td><td>{_f(v['R@10'])}</td>"
-                f"<td>{v.get('median_rank', (n + 1) / 2):.1f}</td></tr>")
+                f"<td>{v.get(rank, (n + 1) / 2):.1f}</td></tr>")  # chance: the middle of the gallery
     out += "</table>"
     out += (f"<p>Class-aware precision@5 (share of a report's 5 nearest studies with its diagnosis): "
             f"{_f(test.get('class_precision@5'))}; zero-shot 5-class accuracy from class prompts: "
@@ -328,8 +332,9 @@ def write_report(run: str | Path) -> Path:
     test = metrics.get("test") or {}
     rows = _rows(run)
     sections = [
-        ("Learning curves", _curves(rows, "contrastive loss (symmetric InfoNCE), training" if metrics.get("model") ==
-                                    "cmr-clip" else "train loss (all tasks, uncertainty-weighted)")),
+        ("Learning curves", _curves(rows, "contrastive loss (symmetric InfoNCE), training batches",
+                                    "validation loss (over each site's validation gallery)")
+         if metrics.get("model") == "cmr-clip" else _curves(rows)),
         ("Per-site accuracy", _sites(test, metrics.get("sites") or [])),
         ("ROC curves", _roc(test)),
         ("Confusion matrix", _confusion(test)),

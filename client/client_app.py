@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader, Subset
 from ccmr_core.console import warn
 from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
+from ccmr_core.clip_training import gallery_stats
 from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model, model_kwargs
+from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
 from client.egress import failed, guard, refuse
@@ -111,7 +113,9 @@ def train(msg: Message, context: Context) -> Message:
             train_only_heads(model)
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
-        loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True)
+        # in-batch contrastive models (CMR-CLIP) learn nothing from a last batch of one patient
+        loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True,
+                            drop_last=_contrastive(model) and len(idx) > cfg.train.batch_size)
         opt = make_optimizer(model, cfg.train)
         continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)
         dp = None
@@ -169,6 +173,10 @@ def train(msg: Message, context: Context) -> Message:
                  int(c[proto.ROUND]), privacy, record=not secure)
 
 
+def _contrastive(model) -> bool:
+    return "report" in model.inputs
+
+
 def _thresholds(c) -> dict | None:
     """The referral thresholds the coordinator asks the site to count against (final test)."""
     if proto.REFER_CONFIDENCE not in c:
@@ -192,6 +200,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     mc = int(c.get(proto.MC_SAMPLES, 0))
     model = _model(cfg, kwargs, msg.content["arrays"], device)
     n_cls = len(cfg.data.classes)
+    if _contrastive(model):
+        return _evaluate_retrieval(msg, cfg, c, sites, n_sites, model, split, rnd, context)
     total = EvalStats.from_outputs(np.zeros((0, n_cls)), np.zeros(0, dtype=int), np.zeros(0))
     site_correct, site_n = np.zeros(n_sites), np.zeros(n_sites)
     floor = min_eval_patients(context.node_config)
@@ -217,3 +227,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics.update({proto.STATS + k: v for k, v in total.to_flat().items()})
     reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c[proto.RUN_KEY]), rnd)
+
+
+def _evaluate_retrieval(msg: Message, cfg, c, sites, n_sites: int, model, split: str, rnd, context: Context) -> Message:
+    """CMR-CLIP: each site retrieves within its own gallery of the split and sends counts and sums
+    (ccmr_core/retrieval_stats.py); patients per site as for the classifiers."""
+    total = RetrievalStats()
+    site_n = np.zeros(n_sites)
+    floor = min_eval_patients(context.node_config)
+    for site in sites:
+        idx = site.split[split]
+        if len(idx) < max(floor, 2):  # a gallery of one cannot be ranked; the site's minimum applies too
+            print(f"[{site.name}] retrieval on the {split} split: {len(idx)} patient(s), fewer than "
+                  f"{max(floor, 2)}; no statistics sent for it", flush=True)
+            continue
+        stats = gallery_stats(model.cpu(), Subset(site.eval, idx), list(cfg.data.classes))
+        total = total + stats
+        site_n[site.index] = stats.n
+    metrics = {proto.NUM_EXAMPLES: float(total.n), proto.UNIT_WEIGHT: 1.0, proto.SITE_N: site_n.tolist()}
+    metrics.update({proto.RETRIEVAL_STATS + k: v for k, v in total.to_flat().items()})
+    reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "evaluate",
+                 str(c[proto.RUN_KEY]), rnd)

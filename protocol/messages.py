@@ -11,6 +11,7 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ccmr_core.metrics import flat_sizes
+from ccmr_core.retrieval_stats import flat_sizes as retrieval_sizes
 
 # --- the request's "config" record (coordinator -> site) --------------------------------------------
 ROUND = "global-round"  # the run's round number (resumed runs continue counting); absent at the final tests
@@ -38,6 +39,7 @@ SITE_DECLINED = "site-declined"  # per site: 1.0 where the privacy budget stoppe
 SITE_CORRECT = "site-correct"  # per site: correctly classified patients
 SITE_N = "site-n"  # per site: patients evaluated
 STATS = "stats-"  # prefix of the mergeable evaluation statistics (ccmr_core.metrics.EvalStats.to_flat)
+RETRIEVAL_STATS = "retrieval-"  # CMR-CLIP: prefix of the mergeable retrieval statistics (ccmr_core.retrieval_stats)
 SECAGG_CLIPPED = "secagg-clipped"  # SecAgg+: coordinates cut to the clipping range
 
 
@@ -45,7 +47,8 @@ def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
     """The egress allow-list: metric key -> its largest allowed length (1 = a scalar)."""
     return {NUM_EXAMPLES: 1, UNIT_WEIGHT: 1, TRAIN_LOSS: 1, DELTA: 1, TRAIN_SECONDS: 1, REFUSED: 1,
             SITE_EPSILON: n_sites, SITE_DECLINED: n_sites, SITE_CORRECT: n_sites, SITE_N: n_sites,
-            SECAGG_CLIPPED: 1, **{STATS + k: n for k, n in flat_sizes(n_classes).items()}}
+            SECAGG_CLIPPED: 1, **{STATS + k: n for k, n in flat_sizes(n_classes).items()},
+            **{RETRIEVAL_STATS + k: n for k, n in retrieval_sizes().items()}}
 
 
 def refused_metrics() -> MetricRecord:

@@ -9,6 +9,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from ccmr_core.console import warn
 from ccmr_core.metrics import EvalStats, flat_stats_problem, metrics_from_stats
+from ccmr_core.retrieval_stats import RetrievalStats, flat_problem
 from protocol import messages as proto
 
 log = logging.getLogger("ccmr.server")
@@ -83,3 +84,42 @@ def evaluate_aggr_fn(classes: list[str]):
 
     return fn
 
+
+
+def pooled_retrieval(replies: list[RecordDict]) -> tuple[RetrievalStats, np.ndarray]:
+    """CMR-CLIP: the sum of the sites' retrieval statistics and the patients per site; a reply whose
+    numbers cannot be one evaluation's (ccmr_core.retrieval_stats.flat_problem) is left out."""
+    total, n = RetrievalStats(), None
+    for r in replies:
+        if proto.is_refused(r):
+            continue
+        m = proto.reply_metrics(r)
+        flat = {k[len(proto.RETRIEVAL_STATS):]: v for k, v in m.items() if k.startswith(proto.RETRIEVAL_STATS)}
+        why = flat_problem(flat)
+        site_n = np.asarray(m.get(proto.SITE_N, []), dtype=float)
+        if why is None and not (np.isfinite(site_n).all() and site_n.sum() == flat["n"][0]):
+            why = "its per-site counts do not add up to its total"
+        if why:
+            warn(log, f"retrieval statistics of a SuperNode left out: {why}")
+            continue
+        total = total + RetrievalStats.from_flat(flat)
+        n = site_n if n is None else n + site_n
+    return total, (np.zeros(0) if n is None else n)
+
+
+def retrieval_summary(replies: list[RecordDict]) -> dict:
+    """The pooled retrieval metrics with the patients each site contributed."""
+    total, n = pooled_retrieval(replies)
+    return {**total.summary(), "site_n": [int(x) for x in n]}
+
+
+def retrieval_aggr_fn(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """A round's evaluation of a CMR-CLIP model at the sites, as the flat numbers a run log keeps."""
+    s = retrieval_summary(replies)
+    if not s["n"]:
+        return MetricRecord({"patients": 0.0})
+    r = s["retrieval"]
+    return MetricRecord({"loss": s["loss"], "patients": float(s["n"]),
+                         "report-to-study-R@5": r["report_to_video"]["R@5"],
+                         "study-to-report-R@5": r["video_to_report"]["R@5"], "chance-R@5": r["chance"]["R@5"],
+                         "zero-shot-accuracy": s["zero_shot_accuracy"]})

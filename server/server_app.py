@@ -21,10 +21,11 @@ from ccmr_core.files import read_jsonl
 from ccmr_core.engine import evaluate, set_threads
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.referral import thresholds_from_stats
-from ccmr_core.schedule import finetunes_head
+from ccmr_core.schedule import finetunes_head, starts_pretrained
 from ccmr_core.synth.biomechanics import SIGNALS
 from protocol import messages as proto
-from server.aggregation import aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, summarize_stats
+from server.aggregation import (aggregate_train_metrics, evaluate_aggr_fn, pooled_stats, retrieval_aggr_fn,
+                                retrieval_summary, summarize_stats)
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
 from server.recorder import MessageAudit, RunRecorder
@@ -108,9 +109,10 @@ def main(grid: Grid, context: Context) -> None:
 def open_run(rc) -> Run:
     """The config, the run folder, the sites and (simulation) their cohort, the validation set."""
     cfg = from_run_config(rc)
-    if cfg.model.name == "cmr-clip":
-        raise ValueError("model 'cmr-clip' is trained centrally in this version ('ccmr train --preset cmr-clip "
-                         "--data COHORT'); its federated rounds (a report-aware evaluation at each site) are not built yet")
+    if _is_clip(cfg) and (starts_pretrained(cfg) or finetunes_head(cfg)):
+        raise ValueError("model 'cmr-clip' trains whole from random weights in a federation: federated.pretrain / "
+                         "federated.initial_model start from a classifier and privacy.finetune 'head' trains a "
+                         "classifier's heads; set federated.pretrain: none and privacy.finetune: auto")
     set_threads(cfg.train.threads)
     resume = str(rc.get("resume", "") or "")
     out = run_dir(resume or str(rc.get("out-dir", "") or ""), cfg.model.name)
@@ -121,10 +123,15 @@ def open_run(rc) -> Run:
     else:  # simulation: the synthetic cohort, generated once
         cohort = str(ensure_cohort(cfg, str(rc.get("data-dir", "") or "")))
         site_names = [name for name, _, _ in find_sites(cohort)]
-    val = validation_set(cfg)
+    # the coordinator's labelled validation patients judge a classifier; CMR-CLIP is judged at the sites
+    val = None if _is_clip(cfg) else validation_set(cfg)
     kwargs = model_kwargs(cfg, val.bio_channels if val is not None else len(SIGNALS))
     return Run(cfg, out, site_names, cohort, bool(deployed), bool(resume), val, kwargs,
                RunRecorder(out, cfg, kwargs, site_names))
+
+
+def _is_clip(cfg) -> bool:
+    return cfg.model.name == "cmr-clip"
 
 
 def initial_model(run: Run) -> tuple[torch.nn.Module, int, str | None]:
@@ -174,7 +181,7 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
     common = dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                   min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
                   weighted_by_key=weight_key, train_metrics_aggr_fn=aggregate_train_metrics,
-                  evaluate_metrics_aggr_fn=evaluate_aggr_fn(run.classes))
+                  evaluate_metrics_aggr_fn=retrieval_aggr_fn if _is_clip(cfg) else evaluate_aggr_fn(run.classes))
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
     grid = FastPollGrid(grid)
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
@@ -239,7 +246,10 @@ def _evaluate_at_sites(run: Run, grid: Grid, state: dict, split: str, **extra) -
 
 def calibrate(run: Run, grid: Grid, state: dict) -> tuple[dict, float, dict | None]:
     """The model at the end of the schedule, calibrated (temperature) and given referral thresholds
-    on the sites' pooled validation statistics (counts and sums only)."""
+    on the sites' pooled validation statistics (counts and sums only). CMR-CLIP has no classifier
+    to calibrate: its state is returned as it is."""
+    if _is_clip(run.cfg):
+        return state, 1.0, None
     n_cls = len(run.classes)
     val_stats = pooled_stats(_evaluate_at_sites(run, grid, state, "val"), n_cls)[0]
     if not val_stats.n:
@@ -259,6 +269,11 @@ def test(run: Run, grid: Grid, model, state: dict, refer: dict | None) -> dict:
     """Every site's held-out patients (pooled statistics, with the referral counted against the
     stored thresholds) and the coordinator's own validation patients."""
     cfg = run.cfg
+    if _is_clip(cfg):  # retrieval within each site's test gallery, pooled as counts
+        test = retrieval_summary(_evaluate_at_sites(run, grid, state, "test"))
+        return {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
+                "sites": run.site_names, "report_column": cfg.data.report_column, "test": test,
+                "privacy": _last_privacy(run.out)}
     counts = {proto.REFER_CONFIDENCE: refer["confidence"], proto.REFER_UNCERTAINTY: refer["uncertainty"]
               if refer["uncertainty"] is not None else -1.0} if refer else {}
     replies = _evaluate_at_sites(run, grid, state, "test", **{proto.MC_SAMPLES: cfg.model.mc_samples}, **counts)
@@ -280,6 +295,9 @@ def _last_privacy(out) -> dict | None:
 
 def _print_table(r: dict, out) -> None:
     t = r["test"]
+    if r["model"] == "cmr-clip":
+        _print_retrieval(t, r["sites"], out)
+        return
     print("\n=== test set (held-out patients of every site, pooled) ===", flush=True)
     if not t.get("n"):
         print("no test patients", flush=True)
@@ -299,3 +317,24 @@ def _print_table(r: dict, out) -> None:
         print(f"  privacy ({r['privacy']['mode']}-level): epsilon {eps} at delta {r['privacy']['delta']:g}")
     print(f"run folder: {out} (model.pt, metrics.json, metrics.jsonl, report.html)", flush=True)
 
+
+
+def _print_retrieval(t: dict, sites: list[str], out) -> None:
+    print("\n=== test set (held-out patients of every site; each site retrieves within its own gallery) ===",
+          flush=True)
+    if not t.get("n"):
+        print("no test patients", flush=True)
+        return
+    r = t["retrieval"]
+    print(f"{t['n']} studies and reports in {t['galleries']} galleries (mean {r['gallery']:.1f} per site); "
+          f"contrastive loss {t['loss']:.3f}")
+    print(f"{'direction':<17} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'mean rank':>10}")
+    for key, name in (("report_to_video", "report -> study"), ("video_to_report", "study -> report"), ("chance", "chance")):
+        v = r[key]
+        rank = f"{v['mean_rank']:>10.1f}" if "mean_rank" in v else f"{'':>10}"
+        print(f"{name:<17} {v['R@1']:>6.3f} {v['R@5']:>6.3f} {v['R@10']:>6.3f} {rank}")
+    print(f"class-aware precision@5 {t['class_precision@5']:.3f}; zero-shot 5-class accuracy {t['zero_shot_accuracy']:.3f}")
+    for s, n in zip(sites, t.get("site_n", [])):
+        print(f"  {s}: {n} test patients")
+    print(f"run folder: {out} (model.pt, metrics.json, metrics.jsonl, report.html); zero-shot findings, probes and "
+          "search: ccmr predict --findings / ccmr search with model.pt", flush=True)

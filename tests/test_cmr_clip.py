@@ -245,12 +245,119 @@ def test_predict_scores_findings_beside_the_diagnosis(trained_run, clip_run, mak
     assert float(rows[0]["finding_lge_present"]) == pytest.approx(z["scores"]["lge_present"], abs=1e-4)
 
 
-def test_cmr_clip_refuses_patient_level_dp_and_federation():
+def test_cmr_clip_refuses_patient_level_dp_and_a_classifier_start():
     from ccmr_core.config import ConfigError, load_config
     from server.server_app import open_run
 
     with pytest.raises(ConfigError, match="cannot be combined with model.name 'cmr-clip'"):
         load_config(overrides=["model.name=cmr-clip", "privacy.mode=sample"])
     load_config(overrides=["model.name=cmr-clip", "privacy.mode=site"])  # site-level DP is allowed
-    with pytest.raises(ValueError, match="cmr-clip' is trained centrally in this version"):
-        open_run({"model": "cmr-clip"})
+    for yaml in ("federated: {pretrain: public}", "privacy: {finetune: head}"):
+        with pytest.raises(ValueError, match="set federated.pretrain: none and privacy.finetune: auto"):
+            open_run({"model": "cmr-clip", "config-yaml": yaml})
+
+
+def _gallery(n, d=8, seed=0, noise=0.3):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n, d))
+    t = v + noise * rng.normal(size=(n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True), t / np.linalg.norm(t, axis=1, keepdims=True)
+
+
+def test_site_retrieval_statistics_pool_to_the_central_figures():
+    from ccmr_core.retrieval_stats import KS, RetrievalStats
+
+    v, t = _gallery(12)
+    y = np.arange(12) % 3
+    protos = [v[y == c][:2] for c in range(3)]
+    s = RetrievalStats.from_embeddings(v, t, y, protos, temperature=0.1)
+    central = retrieval(v @ t.T, ks=KS)
+    got = s.summary()
+    for way in ("video_to_report", "report_to_video"):
+        for k in KS:
+            assert got["retrieval"][way][f"R@{k}"] == pytest.approx(central[way][f"R@{k}"])
+        assert got["retrieval"][way]["mean_rank"] == pytest.approx(central[way]["mean_rank"])
+    assert got["class_precision@5"] == pytest.approx(class_precision_at_k(v @ t.T, y, 5))
+    want = clip_loss(torch.tensor(v), torch.tensor(t), 0.1).sum().item()
+    assert s.loss_sum == pytest.approx(want, rel=1e-6)  # the training loss, over the whole gallery
+    # two sites: counts add, each keeps its own gallery and chance
+    v2, t2 = _gallery(4, seed=1)
+    s2 = RetrievalStats.from_embeddings(v2, t2, np.zeros(4, int), protos, 0.1)
+    both = RetrievalStats.from_flat({k: np.add(a, b).tolist() for (k, a), b in zip(s.to_flat().items(),
+                                                                                  s2.to_flat().values())})
+    assert both.summary()["n"] == 16 and both.summary()["galleries"] == 2
+    assert both.summary()["retrieval"]["chance"]["R@5"] == pytest.approx((12 * 5 / 12 + 4 * 4 / 4) / 16)  # each query: K / its gallery
+    assert both.v2t_hits.tolist() == (s.v2t_hits + s2.v2t_hits).tolist()
+
+
+def test_the_coordinator_leaves_out_retrieval_counts_no_gallery_produces():
+    from flwr.app import MetricRecord, RecordDict
+
+    from ccmr_core.retrieval_stats import RetrievalStats, flat_problem
+    from protocol import messages as proto
+    from server.aggregation import retrieval_summary
+
+    v, t = _gallery(6)
+    honest = RetrievalStats.from_embeddings(v, t, np.zeros(6, int), [], 0.1).to_flat()
+    assert flat_problem(honest) is None
+
+    def reply(flat, site_n):
+        m = {proto.NUM_EXAMPLES: flat["n"][0], proto.SITE_N: site_n,
+             **{proto.RETRIEVAL_STATS + k: x for k, x in flat.items()}}
+        return RecordDict({"metrics": MetricRecord(m)})
+
+    inflated = {**honest, "t2v_hits": [6.0, 6.0, 60.0]}  # more hits than queries
+    assert "exceeds" in flat_problem(inflated)
+    assert "below the number of queries" in flat_problem({**honest, "v2t_rank_sum": [1.0]})
+    assert "expected 3" in flat_problem({**honest, "v2t_hits": [1.0]})
+    out = retrieval_summary([reply(honest, [6.0, 0.0]), reply(inflated, [0.0, 6.0]), reply(honest, [0.0, 5.0])])
+    assert out["n"] == 6 and out["site_n"] == [6, 0]  # the hostile and the inconsistent replies left out
+
+
+def test_federated_cmr_clip_rounds_evaluate_retrieval_at_each_site(tmp_path, monkeypatch, capsys):
+    """`flwr run .` with model cmr-clip: reports stay at the sites, which train the contrastive
+    model and answer evaluations with allow-listed retrieval counts over their own galleries."""
+    from ccmr_core.checkpoint import load_clip
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+    from tests.conftest import write_toy_site
+    from tests.inprocess import run_inprocess
+    from tests.test_federation import _run_config
+
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
+    cohort = tmp_path / "toy"
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("site-a", "site-b", "site-c")):
+        site = write_toy_site(cohort, name, {"NOR": 6, "DCM": 6}, seed=k)  # 2 test, 1 val per class
+        with open(site / "reports.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["patient_id", "report"])
+            for pid in sorted(p.stem for p in (site / "studies").glob("*.npz")):
+                ef = rng.integers(55, 70) if "-NOR-" in pid else rng.integers(10, 30)
+                w.writerow([pid, f"LVEF {ef}%. " + ("Normal LV size." if "-NOR-" in pid else "Severely dilated LV.")])
+    cfgfile = tmp_path / "clip.yaml"
+    cfgfile.write_text("data: {classes: [NOR, DCM], measurements: []}\ntrain: {batch_size: 3}\n"
+                       "federated: {rounds: 2, local_epochs: 2, validation_patients: 0}\n")
+    out = tmp_path / "run"
+    grid = run_inprocess(server_app, client_app, 3, _run_config(
+        preset="smoke", model="cmr-clip", config=str(cfgfile), **{"out-dir": str(out), "data-dir": str(cohort)}))
+    printed = capsys.readouterr().out
+    assert "report->study R@5" in printed and "each site retrieves within its own gallery" in printed
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    fed = rows[-1]["federated_validation"]
+    assert fed["patients"] == 6 and fed["chance-R@5"] == 1.0 and np.isfinite(fed["loss"])  # galleries of 2
+    assert all(np.isfinite(r["train"]["train-loss"]) for r in rows)
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert test["n"] == 12 and test["galleries"] == 3 and test["site_n"] == [4, 4, 4]
+    assert test["retrieval"]["chance"]["R@1"] == 0.25 and 1 <= test["retrieval"]["report_to_video"]["mean_rank"] <= 4
+    assert 0 <= test["zero_shot_accuracy"] <= 1 and test["class_precision@5"] == 0.5  # 4 studies, 2 per class
+    _, blob = load_clip(out / "model.pt", "this test needs")
+    assert blob["model"] == "cmr-clip" and blob["info"]["federated"]
+    assert "own test gallery (3 sites" in (out / "report.html").read_text()
+    # what left the sites: retrieval statistics only (no arrays, no text) in every evaluation reply
+    evals = [r for r in grid.received if r.has_content() and not r.content.array_records]
+    assert len(evals) == 3 * 3  # two rounds and the final test, three sites each
+    for r in evals:
+        keys = set(r.content["metrics"].keys())
+        assert "refused" not in keys and any(k.startswith("retrieval-") for k in keys)
+        assert not any(k.startswith("stats-") for k in keys)
