@@ -1,6 +1,6 @@
 """CMR-CLIP, trained centrally on the default cohort's reports, tested on a held-out site.
 
-    python -m benchmarks.cmr_clip [--seeds 0 1 2] [--epochs 40] [--workdir DIR] [--threads N]
+    python -m benchmarks.cmr_clip [--seeds 0 1 2] [--epochs 40] [--workdir DIR] [--threads N] [--federated]
 
 Trains on site-a + site-b (studies and reports; no diagnosis label), tests on all of site-c:
 retrieval both ways within site-c's gallery, class-aware precision@5, zero-shot findings from
@@ -20,33 +20,139 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.common import machine, update_block
 from ccmr_core.clip_training import evaluate_clip, synthetic_truth, train_clip
 from ccmr_core.config import load_config
+from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.synth.reports import FINDINGS
 
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis"}
+FEDERATED = "no diagnosis word, federated (2 sites)"
+TRAIN_SITES = ("site-a", "site-b")
+
+
+def _evaluate(model, cohort: Path, cfg, cache: Path, seed: int, scores_only: bool = False) -> dict:
+    """The evaluation of every run, central or federated: site-c held out, probes on the training
+    sites; with each test patient's zero-shot finding scores and truth (``per_patient``) for the
+    paired comparisons (``scores_only``: those alone)."""
+    from ccmr_core.clip_training import embed, embed_prompts, site_reports
+    from ccmr_core.data.reports import WithReports
+    from ccmr_core.data.sources import MultiSite, prepare
+    from ccmr_core.retrieval import FINDING_PROMPTS, prompt_scores
+    from ccmr_core.training import split_indices
+    from torch.utils.data import Subset
+
+    ds = MultiSite(prepare(cohort, cfg, cache), cfg)
+    idx = split_indices(ds, cfg, "site-c")
+    truth = synthetic_truth(cohort, ds.patient_ids, idx["test"])
+    wr = WithReports(ds, ds.patient_ids, site_reports(cohort, cfg.data.report_column))
+    video = embed(model, Subset(wr, idx["test"]))[0]
+    per = {"patients": [ds.patient_ids[i] for i in idx["test"]], "truth": truth,
+           "scores": {f: prompt_scores(video, embed_prompts(model, p)).tolist() for f, p in FINDING_PROMPTS.items()}}
+    if scores_only:
+        return per
+    return {**evaluate_clip(model, wr, idx, list(cfg.data.classes), truth, seed=seed), "per_patient": per}
+
+
+def run_federated(work: Path, cohort: Path, seed: int, epochs: int, threads: int, batch: int, local: int) -> dict:
+    """CMR-CLIP trained by a federation of the training sites (``epochs`` = rounds x ``local``)."""
+    import os
+
+    from benchmarks.federated import run_config
+    from ccmr_core.checkpoint import load_clip
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+    from tests.inprocess import run_inprocess
+
+    out = work / "runs" / f"federated-{COLUMNS['no diagnosis word']}-s{seed}"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    view = work / "cohort-training-sites"  # site-c is not in the federation
+    view.mkdir(parents=True, exist_ok=True)
+    for name in TRAIN_SITES:
+        if not (view / name).exists():
+            (view / name).symlink_to((cohort / name).resolve(), target_is_directory=True)
+    t = load_config().train
+    central_val = t.val_fraction / (1 - t.test_fraction)  # the share the central runs validate on
+    yaml = work / "runs" / f"federated-s{seed}.yaml"
+    yaml.parent.mkdir(parents=True, exist_ok=True)
+    yaml.write_text(f"data: {{report_column: {COLUMNS['no diagnosis word']}}}\n"
+                    f"train: {{val_fraction: {central_val:.4f}, test_fraction: 0.0, batch_size: {batch}, "
+                    f"threads: {threads}}}\n"
+                    f"federated: {{rounds: {epochs // local}, local_epochs: {local}, validation_patients: 0}}\n")
+    os.environ["CCMR_CACHE"] = str(work / "cache-federated")  # the sites' own ingest caches
+    t0 = time.perf_counter()
+    run = out / "run"
+    if not (run / "model.pt").is_file():
+        run_inprocess(server_app, client_app, len(TRAIN_SITES), run_config(
+            preset="cmr-clip", config=str(yaml), **{"out-dir": str(run), "data-dir": str(view), "train-seed": seed,
+                                                    "keep-superlink": True}))
+    model, _ = load_clip(run / "model.pt", "this benchmark needs")
+    cfg = load_config(preset="cmr-clip", overrides=[f"train.seed={seed}",
+                                                    f"data.report_column={COLUMNS['no diagnosis word']}"])
+    return _finish(out, _evaluate(model, cohort, cfg, work / "cache", seed), t0, f"federated, seed {seed}")
+
+
+def _finish(out: Path, m: dict, t0: float, label: str) -> dict:
+    """A run's metrics with its minutes, written to its folder and summarised on the console."""
+    m["minutes"] = (time.perf_counter() - t0) / 60
+    (out / "metrics.json").write_text(json.dumps(m, indent=1))
+    r = m["retrieval"]["report_to_video"]
+    print(f"{label}: report->video R@1 {r['R@1']:.2f} R@10 {r['R@10']:.2f}, linear probe {m['linear_probe']:.3f} "
+          f"({m['minutes']:.1f} min)", flush=True)
+    return m
 
 
 def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, threads: int, batch: int) -> dict:
     out = work / "runs" / f"{COLUMNS[variant]}-s{seed}"
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
     cfg = load_config(preset="cmr-clip", overrides=[f"train.seed={seed}", f"train.epochs={epochs}",
                                                     f"train.threads={threads}", f"train.batch_size={batch}",
                                                     f"data.report_column={COLUMNS[variant]}"])
+    if (out / "metrics.json").is_file():
+        m = json.loads((out / "metrics.json").read_text())
+        state = next((p for p in (out / "model.pt", out / "cmr_clip.pt") if p.is_file()), None)
+        if "per_patient" not in m and state is not None:  # a run of an older version: add its scores
+            model = build_model("cmr-clip", **model_kwargs(cfg, 1))
+            model.load_state_dict(torch.load(state, weights_only=True))
+            m["per_patient"] = _evaluate(model, cohort, cfg, work / "cache", seed, scores_only=True)
+            (out / "metrics.json").write_text(json.dumps(m, indent=1))
+        return m
     t0 = time.perf_counter()
-    model, s = train_clip(cohort, out, cfg, "site-c", cache_root=work / "cache")
-    truth = synthetic_truth(cohort, s["patient_ids"], s["idx"]["test"])
-    m = evaluate_clip(model, s["ds"], s["idx"], list(cfg.data.classes), truth, seed=seed)
-    m["minutes"] = (time.perf_counter() - t0) / 60
-    (out / "metrics.json").write_text(json.dumps(m, indent=1))
-    r = m["retrieval"]["report_to_video"]
-    print(f"{variant}, seed {seed}: report->video R@1 {r['R@1']:.2f} R@10 {r['R@10']:.2f}, linear probe "
-          f"{m['linear_probe']:.3f} ({m['minutes']:.1f} min)", flush=True)
-    return m
+    model, _ = train_clip(cohort, out, cfg, "site-c", cache_root=work / "cache")
+    torch.save(model.state_dict(), out / "model.pt")  # for paired comparisons added later
+    return _finish(out, _evaluate(model, cohort, cfg, work / "cache", seed), t0, f"{variant}, seed {seed}")
+
+
+def auc_difference(a: list[dict], b: list[dict], finding: str) -> tuple[float, float, float] | None:
+    """Zero-shot AUC of run ``a`` minus run ``b`` for ``finding``, averaged over the seeds both have
+    per-patient scores for, with a 95% percentile bootstrap over the test patients (paired: the
+    same resampled patients for both runs and every seed, positives and negatives resampled
+    separately so every draw has both; scipy)."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    pairs = [(x["per_patient"], y["per_patient"]) for x, y in zip(a, b) if "per_patient" in x and "per_patient" in y]
+    if not pairs:
+        return None
+    truth = pairs[0][0]["truth"][finding]
+    known = np.array([v is not None for v in truth])
+    y = np.array([bool(v) for v in truth])[known]
+    sa = np.array([p[0]["scores"][finding] for p in pairs])[:, known]
+    sb = np.array([p[1]["scores"][finding] for p in pairs])[:, known]
+
+    def diff(pos, neg):  # resampled positives and negatives (a stratified bootstrap: both classes in every draw)
+        rows = np.concatenate([np.asarray(pos, dtype=int), np.asarray(neg, dtype=int)])
+        return float(np.mean([roc_auc_score(y[rows], u[rows]) - roc_auc_score(y[rows], v[rows]) for u, v in zip(sa, sb)]))
+
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if not len(pos) or not len(neg):
+        return None
+    res = bootstrap((pos, neg), diff, vectorized=False, n_resamples=2000, method="percentile", confidence_level=0.95,
+                    random_state=0)
+    return diff(pos, neg), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -56,7 +162,7 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
     return fmt.format(v.mean()) + (f" ± {fmt.format(v.std(ddof=1))}" if len(v) > 1 else "")
 
 
-def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: int) -> str:
+def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: int, local: int = 2) -> str:
     cfg = load_config(preset="cmr-clip")
     any_m = next(iter(results.values()))[0]
     n = any_m["retrieval"]["gallery"]
@@ -81,6 +187,19 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
         row(f"{k}-shot prototype accuracy (20 draws)", lambda m, k=k: m["few_shot"][k], "{:.3f}")
     row("linear probe accuracy (all training patients)", lambda m: m["linear_probe"], "{:.3f}")
     row("minutes per run", lambda m: m["minutes"], "{:.1f}")
+    central = "no diagnosis word"
+    if FEDERATED in results and central in results:
+        rows.append("| **federated minus central** (same report column; zero-shot AUC, paired 95% CI over site-c's "
+                    "patients) | " + " | ".join("" for _ in variants) + " |")
+        for f in FINDINGS:
+            d = auc_difference(results[FEDERATED], results[central], f)
+            rows.append(f"| {f.replace('_', ' ')} | " + " | ".join(
+                (f"{d[0]:+.3f} ({d[1]:+.3f} to {d[2]:+.3f})" if d else "-") if v == FEDERATED else ""
+                for v in variants) + " |")
+    fed_text = (f"\nFederated column: site-a and site-b train it in a federation (FedProx, {epochs // local} rounds x "
+                f"{local} local epochs = the central runs' {epochs} epochs, the same batch and learning rate; each site "
+                "keeps its studies and reports, validates on its own patients and sends retrieval counts), then the "
+                "final model is evaluated like the central ones; site-c never joins." if FEDERATED in results else "")
     return f"""## CMR-CLIP: video-report pretraining on the synthetic reports (`python -m benchmarks.cmr_clip`)
 
 Machine: {machine()}. No GPU was lent to this task.
@@ -92,7 +211,7 @@ temperature {cfg.model.temperature} (fixed). Retrieval within site-c's gallery o
 cosine similarity to a few positive prompts (`ccmr_core/retrieval.py`), AUC against the phantom's ground truth
 (LV dysfunction EF < 50%, LV dilation EDV > 150 mL, hypertrophy max wall >= 15 mm, LGE present among patients
 given contrast, RV dysfunction RVEF < 45%, regional wall-motion abnormality); in brackets positives of patients.
-Probes: fitted on the training sites' frozen study embeddings, tested on site-c.
+Probes: fitted on the training sites' frozen study embeddings, tested on site-c.{fed_text}
 
 {head}
 {chr(10).join(rows)}
@@ -108,6 +227,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--runs-only", action="store_true")
+    ap.add_argument("--federated", action="store_true", help="add the federated column (site-a + site-b)")
+    ap.add_argument("--local-epochs", type=int, default=2, help="federated: local epochs per round")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-clip-"))
     print(f"work folder {work} (rerun with --workdir to resume)", flush=True)
@@ -115,9 +236,12 @@ def main() -> None:
     generate_cohort(cohort, progress=False)
     results = {v: [run_one(work, cohort, v, s, args.epochs, args.threads, args.batch) for s in args.seeds]
                for v in args.variants}
+    if args.federated:
+        results[FEDERATED] = [run_federated(work, cohort, s, args.epochs, args.threads, args.batch, args.local_epochs)
+                              for s in args.seeds]
     if args.runs_only:
         return
-    text = table(results, args.seeds, args.epochs, args.batch)
+    text = table(results, args.seeds, args.epochs, args.batch, args.local_epochs)
     update_block("cmrclip", text)
     print(text)
 
