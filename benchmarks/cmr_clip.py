@@ -31,6 +31,13 @@ from ccmr_core.synth.reports import FINDINGS
 
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis"}
 FEDERATED = "no diagnosis word, federated (2 sites)"
+
+
+def federated_label(batch: int, local: int, default_batch: int) -> str:
+    """The column of a federated recipe (the default recipe: the central runs' batch, 2 local epochs)."""
+    if batch == default_batch and local == 2:
+        return FEDERATED
+    return FEDERATED[:-1] + f", site batch {batch}, {local} local epochs)"
 TRAIN_SITES = ("site-a", "site-b")
 
 
@@ -57,8 +64,10 @@ def _evaluate(model, cohort: Path, cfg, cache: Path, seed: int, scores_only: boo
     return {**evaluate_clip(model, wr, idx, list(cfg.data.classes), truth, seed=seed), "per_patient": per}
 
 
-def run_federated(work: Path, cohort: Path, seed: int, epochs: int, threads: int, batch: int, local: int) -> dict:
-    """CMR-CLIP trained by a federation of the training sites (``epochs`` = rounds x ``local``)."""
+def run_federated(work: Path, cohort: Path, seed: int, epochs: int, threads: int, batch: int, local: int,
+                  tag: str = "") -> dict:
+    """CMR-CLIP trained by a federation of the training sites (``epochs`` = rounds x ``local``;
+    ``batch``: patients per batch at a site; ``tag``: the run folder's suffix of a non-default recipe)."""
     import os
 
     from benchmarks.federated import run_config
@@ -67,7 +76,7 @@ def run_federated(work: Path, cohort: Path, seed: int, epochs: int, threads: int
     from server.server_app import app as server_app
     from tests.inprocess import run_inprocess
 
-    out = work / "runs" / f"federated-{COLUMNS['no diagnosis word']}-s{seed}"
+    out = work / "runs" / f"federated-{COLUMNS['no diagnosis word']}{tag}-s{seed}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     view = work / "cohort-training-sites"  # site-c is not in the federation
@@ -77,7 +86,7 @@ def run_federated(work: Path, cohort: Path, seed: int, epochs: int, threads: int
             (view / name).symlink_to((cohort / name).resolve(), target_is_directory=True)
     t = load_config().train
     central_val = t.val_fraction / (1 - t.test_fraction)  # the share the central runs validate on
-    yaml = work / "runs" / f"federated-s{seed}.yaml"
+    yaml = work / "runs" / f"federated{tag}-s{seed}.yaml"
     yaml.parent.mkdir(parents=True, exist_ok=True)
     yaml.write_text(f"data: {{report_column: {COLUMNS['no diagnosis word']}}}\n"
                     f"train: {{val_fraction: {central_val:.4f}, test_fraction: 0.0, batch_size: {batch}, "
@@ -188,18 +197,20 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
     row("linear probe accuracy (all training patients)", lambda m: m["linear_probe"], "{:.3f}")
     row("minutes per run", lambda m: m["minutes"], "{:.1f}")
     central = "no diagnosis word"
-    if FEDERATED in results and central in results:
-        rows.append("| **federated minus central** (same report column; zero-shot AUC, paired 95% CI over site-c's "
-                    "patients) | " + " | ".join("" for _ in variants) + " |")
+    for fed in [v for v in variants if v.startswith(FEDERATED[:-1]) and central in results]:
+        rows.append(f"| **{fed.split(', ', 1)[1]} minus central** (same report column; zero-shot AUC, paired 95% CI "
+                    "over site-c's patients) | " + " | ".join("" for _ in variants) + " |")
         for f in FINDINGS:
-            d = auc_difference(results[FEDERATED], results[central], f)
+            d = auc_difference(results[fed], results[central], f)
             rows.append(f"| {f.replace('_', ' ')} | " + " | ".join(
-                (f"{d[0]:+.3f} ({d[1]:+.3f} to {d[2]:+.3f})" if d else "-") if v == FEDERATED else ""
+                (f"{d[0]:+.3f} ({d[1]:+.3f} to {d[2]:+.3f})" if d else "-") if v == fed else ""
                 for v in variants) + " |")
     fed_text = (f"\nFederated column: site-a and site-b train it in a federation (FedProx, {epochs // local} rounds x "
                 f"{local} local epochs = the central runs' {epochs} epochs, the same batch and learning rate; each site "
                 "keeps its studies and reports, validates on its own patients and sends retrieval counts), then the "
-                "final model is evaluated like the central ones; site-c never joins." if FEDERATED in results else "")
+                "final model is evaluated like the central ones; site-c never joins. Other federated columns change "
+                "only the sites' batch or local epochs, as named." if any(v.startswith(FEDERATED[:-1]) for v in results)
+                else "")
     return f"""## CMR-CLIP: video-report pretraining on the synthetic reports (`python -m benchmarks.cmr_clip`)
 
 Machine: {machine()}. No GPU was lent to this task.
@@ -229,6 +240,8 @@ def main() -> None:
     ap.add_argument("--runs-only", action="store_true")
     ap.add_argument("--federated", action="store_true", help="add the federated column (site-a + site-b)")
     ap.add_argument("--local-epochs", type=int, default=2, help="federated: local epochs per round")
+    ap.add_argument("--federated-batch", type=int, nargs="+", default=None,
+                    help="federated: patients per batch at a site, one column each (default: --batch)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-clip-"))
     print(f"work folder {work} (rerun with --workdir to resume)", flush=True)
@@ -237,7 +250,10 @@ def main() -> None:
     results = {v: [run_one(work, cohort, v, s, args.epochs, args.threads, args.batch) for s in args.seeds]
                for v in args.variants}
     if args.federated:
-        results[FEDERATED] = [run_federated(work, cohort, s, args.epochs, args.threads, args.batch, args.local_epochs)
+        for b in args.federated_batch or [args.batch]:
+            label = federated_label(b, args.local_epochs, args.batch)
+            tag = "" if label == FEDERATED else f"-b{b}-E{args.local_epochs}"
+            results[label] = [run_federated(work, cohort, s, args.epochs, args.threads, b, args.local_epochs, tag)
                               for s in args.seeds]
     if args.runs_only:
         return

@@ -2,6 +2,7 @@
 the pooled data and against each site alone, on the same test patients, over several seeds.
 
     python -m benchmarks.federated [--seeds 0 1 2] [--dp-eps 1 3 8] [--workdir DIR]
+    python -m benchmarks.federated --dp-only --public-generator external [--seeds 0]
 
 Every federated run drives the real ServerApp and ClientApp in one process (tests/inprocess.py,
 no Ray) with the README main job's settings, so the comparison measures learning, not the
@@ -11,6 +12,9 @@ patients for as many epochs as the federation's rounds x local epochs, with the 
 site-local trains each site alone and tests it on its own patients. DP rows start from the
 coordinator's public pretraining (a synthetic public cohort with scanners of its own) and the
 sites fine-tune the heads, with patient-level DP-SGD at the target epsilon or without noise.
+``--public-generator external`` draws that public cohort from the external phantom (another
+anatomy model, contrast and protocols) instead of the sites' own generator; ``--dp-only`` runs the
+DP rows alone into a block of their own (``federated-dp-external`` / ``federated-dp-project``).
 
 Statistics: every row's final model is evaluated per patient on the pooled test patients (a
 simulation may look; a federation never sends those outputs), correctness is averaged over the
@@ -138,6 +142,9 @@ def main() -> None:
     ap.add_argument("--dp-eps", type=float, nargs="*", default=[1.0, 3.0, 8.0])
     ap.add_argument("--no-fedavg", action="store_true", help="leave out the FedAvg row (FedProx rows only)")
     ap.add_argument("--dp-seeds", type=int, nargs="*", default=None, help="seeds of the DP rows (default: --seeds)")
+    ap.add_argument("--public-generator", choices=["project", "external"], default="project",
+                    help="the phantom of the coordinator's public cohort (DP rows)")
+    ap.add_argument("--dp-only", action="store_true", help="only the DP rows, into a block of their own")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -169,7 +176,12 @@ def main() -> None:
         acc = np.mean([correct[n] for n in names])
         print(f"{row}: accuracy {acc:.3f} ({secs / 60:.1f} min)", flush=True)
 
+    gen = args.public_generator
+    tag = "" if gen == "project" else f"-{gen}"  # run folders per public cohort
     for seed in args.seeds:
+        if args.dp_only:
+            dp_rows(args, work, cohort, ds, test, record, recipe, seed, gen, tag)
+            continue
         cfg = load_config(overrides=[f"train.seed={seed}", f"train.epochs={epochs}"])
         out = work / f"central-e{epochs}-s{seed}"  # cached per number of epochs and seed
         union = {k: sorted(i for sp in splits for i in sp[k]) for k in ("train", "val", "test")}
@@ -192,42 +204,55 @@ def main() -> None:
             out = work / f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}-s{seed}"
             federated(cohort, out, **{"train-seed": seed}, **over)
             record(f"federated, {row}", per_patient(out / "model.pt", ds, test), [out])
-        if not args.dp_eps or (args.dp_seeds is not None and seed not in args.dp_seeds):
-            continue
-        # DP recipe: the coordinator's public pretraining, then the sites fine-tune the heads
-        dp_cfg = load_config(overrides=[f"train.seed={seed}", "model.alignment=slice", "privacy.mode=sample"])
-        pre = work / f"public-s{seed}" / "model.pt"
-        if not pre.is_file():
-            t0 = time.perf_counter()
-            m = build_model(dp_cfg.model.name, **model_kwargs(dp_cfg, 4))
-            m.load_state_dict(public_model(dp_cfg))
-            from ccmr_core.checkpoint import save_model
-
-            pre.parent.mkdir(parents=True, exist_ok=True)
-            save_model(pre, m.state_dict(), name=dp_cfg.model.name, kwargs=model_kwargs(dp_cfg, 4),
-                       classes=list(dp_cfg.data.classes), ingest=dp_cfg.data.ingest.model_dump(mode="json"),
-                       config=dp_cfg.model_dump(mode="json"))
-            (pre.parent / "seconds.json").write_text(json.dumps(time.perf_counter() - t0))
-        record("public pretraining alone (no site data)", per_patient(pre, ds, test), [pre.parent])
-        out = work / f"head-nodp-{recipe}-s{seed}"
-        federated(cohort, out, **{"train-seed": seed, "alignment": "slice"}, config=str(_yaml(work, "head")))
-        record("public pretraining + sites fine-tune the heads, no DP", per_patient(out / "model.pt", ds, test),
-               [out])
-        for eps in args.dp_eps:
-            out = work / f"dp-{eps:g}-{recipe}-s{seed}"
-            r, _ = federated(cohort, out, **{"train-seed": seed, "alignment": "slice", "dp": "sample",
-                                             "target-epsilon": eps})
-            record(f"public pretraining + heads with patient-level DP-SGD, epsilon {eps:g}",
-                   per_patient(out / "model.pt", ds, test), [out], max(r["privacy"]["epsilon"].values()))
+        if args.dp_eps and (args.dp_seeds is None or seed in args.dp_seeds):
+            dp_rows(args, work, cohort, ds, test, record, recipe, seed, gen, tag)
+    if args.dp_only:
+        text = _table(args, names, results, seconds, eps_spent, f, None, None, None)
+        update_block(f"federated-dp-{gen}", text)
+        print(text)
+        return
     fl, bare, bytes_ratio = overhead(cohort, work)
     text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio)
     update_block("federated", text)
     print(text)
 
 
-def _yaml(work: Path, kind: str) -> Path:
+def dp_rows(args, work: Path, cohort: Path, ds, test: list[int], record, recipe: str, seed: int, gen: str,
+            tag: str) -> None:
+    """The DP recipe's rows for one seed: the coordinator's public pretraining alone, then the sites
+    fine-tune the heads without DP and with patient-level DP-SGD at each epsilon."""
+    dp_cfg = load_config(overrides=[f"train.seed={seed}", "model.alignment=slice", "privacy.mode=sample",
+                                    f"federated.public_generator={gen}"])
+    pre = work / f"public{tag}-s{seed}" / "model.pt"
+    if not pre.is_file():
+        t0 = time.perf_counter()
+        m = build_model(dp_cfg.model.name, **model_kwargs(dp_cfg, 4))
+        m.load_state_dict(public_model(dp_cfg))
+        from ccmr_core.checkpoint import save_model
+
+        pre.parent.mkdir(parents=True, exist_ok=True)
+        save_model(pre, m.state_dict(), name=dp_cfg.model.name, kwargs=model_kwargs(dp_cfg, 4),
+                   classes=list(dp_cfg.data.classes), ingest=dp_cfg.data.ingest.model_dump(mode="json"),
+                   config=dp_cfg.model_dump(mode="json"))
+        (pre.parent / "seconds.json").write_text(json.dumps(time.perf_counter() - t0))
+    record("public pretraining alone (no site data)", per_patient(pre, ds, test), [pre.parent])
+    out = work / f"head-nodp{tag}-{recipe}-s{seed}"
+    federated(cohort, out, **{"train-seed": seed, "alignment": "slice"},
+              config=str(_yaml(work, f"head{tag}", "federated: {pretrain: public, public_generator: %s}\n"
+                                                  "privacy: {finetune: head}\n" % gen)))
+    record("public pretraining + sites fine-tune the heads, no DP", per_patient(out / "model.pt", ds, test), [out])
+    for eps in args.dp_eps:
+        out = work / f"dp{tag}-{eps:g}-{recipe}-s{seed}"
+        r, _ = federated(cohort, out, **{"train-seed": seed, "alignment": "slice", "dp": "sample",
+                                         "target-epsilon": eps},
+                         config=str(_yaml(work, f"dp{tag}", "federated: {public_generator: %s}\n" % gen)))
+        record(f"public pretraining + heads with patient-level DP-SGD, epsilon {eps:g}",
+               per_patient(out / "model.pt", ds, test), [out], max(r["privacy"]["epsilon"].values()))
+
+
+def _yaml(work: Path, kind: str, text: str) -> Path:
     p = work / f"{kind}.yaml"
-    p.write_text("federated: {pretrain: public}\nprivacy: {finetune: head}\n")
+    p.write_text(text)
     return p
 
 
@@ -249,6 +274,18 @@ def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -
         dlo, dhi = _ci(d)
         return f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})"
 
+    overhead_text = "" if fl is None else f"""Framework overhead (train-only FedAvg rounds of one local epoch, after the first): Flower apps {fl:.2f} s per round vs
+the same local training without Flower {bare:.2f} s: **ratio {fl / bare:.2f}**. Bytes per site per round (Flower
+protobuf message of a train reply) / fp32 parameter bytes: **{bytes_ratio:.3f}**.
+"""
+    public = ("from the same generator as the sites, so it flatters DP: real public data (ACDC, M&Ms) differ more "
+              "from a hospital's patients" if args.public_generator == "project" else
+              "from the external phantom (`federated.public_generator: external`: another anatomy model, contrast "
+              "and acquisition protocols than the sites'), so the sites' data have something to add to it")
+    title = ("Federated learning and DP on non-IID sites" if not args.dp_only else
+             f"DP fine-tuning from a public cohort of the {args.public_generator} phantom")
+    cmd = "python -m benchmarks.federated" + (f" --dp-only --public-generator {args.public_generator}"
+                                              if args.dp_only else "")
     lines = []
     for row in results:
         seeds = sorted(results[row])
@@ -260,7 +297,7 @@ def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "
                      f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} | "
                      f"{paired(row, central)} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
-    return f"""## Federated learning and DP on non-IID sites (`python -m benchmarks.federated`)
+    return f"""## {title} (`{cmd}`)
 
 Machine: {machine()}.
 Default synthetic cohort (3 sites with different scanners and class mixes, 231 patients); CC-CMR; the README main
@@ -270,17 +307,13 @@ patients in every row: each site's held-out test patients, pooled ({len(names)} 
 seed). Accuracy mean ± sd over the row's seeds; 95% CI: percentile bootstrap over patients of the seed-averaged
 correctness; differences are paired (same patients, the seeds both rows have). DP: patient-level DP-SGD (Opacus, RDP,
 clipping norm 1, delta 1e-5; epsilon = the most any site spent) on the heads of a model the coordinator pretrained
-on a synthetic public cohort (150 patients, scanners of its own). That public cohort comes from the same generator as
-the sites, so it flatters DP: real public data (ACDC, M&Ms) differ more from a hospital's patients.
+on a synthetic public cohort (150 patients, scanners of its own). That public cohort comes {public}.
 
 | training | seeds | accuracy | 95% CI | minus centralised (95% CI) | minus the same run without DP (95% CI) | epsilon | minutes per run |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
-Framework overhead (train-only FedAvg rounds of one local epoch, after the first): Flower apps {fl:.2f} s per round vs
-the same local training without Flower {bare:.2f} s: **ratio {fl / bare:.2f}**. Bytes per site per round (Flower
-protobuf message of a train reply) / fp32 parameter bytes: **{bytes_ratio:.3f}**.
-"""
+{overhead_text}"""
 
 
 if __name__ == "__main__":
