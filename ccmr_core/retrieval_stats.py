@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import logsumexp
 
-from ccmr_core.retrieval import ranks, zero_shot_classes
+from ccmr_core.retrieval import class_precision_at_k, ranks, zero_shot_classes
 
 KS = (1, 5, 10)
 PRECISION_K = 5
@@ -58,15 +58,13 @@ class RetrievalStats:
         v2t, t2v = ranks(sim), ranks(sim.T)
         logits = sim / temperature
         loss = (logsumexp(logits, 1) + logsumexp(logits, 0)) / 2 - np.diag(logits)  # losses.clip_loss per patient
-        k = min(PRECISION_K, n)
-        top = np.argsort(-sim.T, axis=1)[:, :k]
         zs = zero_shot_classes(video, class_emb).argmax(1) if class_emb else np.full(n, -1)
         return cls(n=float(n), galleries=1.0, loss_sum=float(loss.sum()),
                    v2t_hits=np.array([(v2t <= q).sum() for q in KS], dtype=float),
                    t2v_hits=np.array([(t2v <= q).sum() for q in KS], dtype=float),
                    chance_hits=np.array([float(min(q, n)) for q in KS]),
                    v2t_rank_sum=float(v2t.sum()), t2v_rank_sum=float(t2v.sum()),
-                   class_precision_sum=float((labels[top] == labels[:, None]).mean(1).sum()),
+                   class_precision_sum=class_precision_at_k(sim, labels, min(PRECISION_K, n)) * n,
                    zero_shot_correct=float((zs == labels).sum()))
 
     def __add__(self, o: "RetrievalStats") -> "RetrievalStats":

@@ -20,7 +20,7 @@ from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.clip_training import gallery_stats
 from ccmr_core.metrics import EvalStats
-from ccmr_core.models.registry import build_model, model_kwargs
+from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
 from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
@@ -115,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
         idx = site.split["train"]
         # in-batch contrastive models (CMR-CLIP) learn nothing from a last batch of one patient
         loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True,
-                            drop_last=_contrastive(model) and len(idx) > cfg.train.batch_size)
+                            drop_last=reads_reports(cfg.model.name) and len(idx) > cfg.train.batch_size)
         opt = make_optimizer(model, cfg.train)
         continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)
         dp = None
@@ -173,10 +173,6 @@ def train(msg: Message, context: Context) -> Message:
                  int(c[proto.ROUND]), privacy, record=not secure)
 
 
-def _contrastive(model) -> bool:
-    return "report" in model.inputs
-
-
 def _thresholds(c) -> dict | None:
     """The referral thresholds the coordinator asks the site to count against (final test)."""
     if proto.REFER_CONFIDENCE not in c:
@@ -200,7 +196,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     mc = int(c.get(proto.MC_SAMPLES, 0))
     model = _model(cfg, kwargs, msg.content["arrays"], device)
     n_cls = len(cfg.data.classes)
-    if _contrastive(model):
+    if reads_reports(cfg.model.name):
         return _evaluate_retrieval(msg, cfg, c, sites, n_sites, model, split, rnd, context)
     total = EvalStats.from_outputs(np.zeros((0, n_cls)), np.zeros(0, dtype=int), np.zeros(0))
     site_correct, site_n = np.zeros(n_sites), np.zeros(n_sites)

@@ -25,7 +25,7 @@ from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
 from ccmr_core.files import atomic_path, write_atomic
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
-from ccmr_core.models.registry import MODELS
+from ccmr_core.models.registry import reads_reports
 from ccmr_core.privacy import BudgetExhausted, Ledger
 
 
@@ -58,10 +58,10 @@ def hosted_sites(node_config: dict, cohort_dir: str) -> list[tuple[int, str, Pat
 def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> list[Site]:
     """The hosted sites' datasets and splits, kept for the life of the process; a model that reads
     reports (CMR-CLIP) gets each study's report from the site's own reports.csv."""
-    reads_reports = "report" in MODELS[cfg.model.name].inputs
+    with_reports = reads_reports(cfg.model.name)
     key = (json.dumps(node_config, sort_keys=True, default=str), cohort_dir,
            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.split_seed,
-           cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.augment, reads_reports)
+           cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.augment, with_reports)
     if key in _SITES:
         return _SITES[key]
     out = []
@@ -77,7 +77,7 @@ def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> lis
         evald = CacheDataset(cache, cfg.data.classes, **kw)
         split = stratified_split(evald.labels, cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.split_seed,
                                  evald.splits)
-        if reads_reports:  # read where the studies are; the text stays at the site like the images
+        if with_reports:  # read where the studies are; the text stays at the site like the images
             reports = read_reports(path, cfg.data.report_column)
             train, evald = (WithReports(d, d.patient_ids, reports) for d in (train, evald))
         out.append(Site(index, name, cache, train, evald, split))

@@ -19,7 +19,7 @@ from ccmr_core.config import ExperimentConfig, from_run_config
 from ccmr_core.data.sources import find_sites
 from ccmr_core.files import read_jsonl
 from ccmr_core.engine import evaluate, set_threads
-from ccmr_core.models.registry import build_model, model_kwargs
+from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
 from ccmr_core.referral import thresholds_from_stats
 from ccmr_core.schedule import finetunes_head, starts_pretrained
 from ccmr_core.synth.biomechanics import SIGNALS
@@ -109,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
 def open_run(rc) -> Run:
     """The config, the run folder, the sites and (simulation) their cohort, the validation set."""
     cfg = from_run_config(rc)
-    if _is_clip(cfg) and (starts_pretrained(cfg) or finetunes_head(cfg)):
+    if reads_reports(cfg.model.name) and (starts_pretrained(cfg) or finetunes_head(cfg)):
         raise ValueError("model 'cmr-clip' trains whole from random weights in a federation: federated.pretrain / "
                          "federated.initial_model start from a classifier and privacy.finetune 'head' trains a "
                          "classifier's heads; set federated.pretrain: none and privacy.finetune: auto")
@@ -124,14 +124,10 @@ def open_run(rc) -> Run:
         cohort = str(ensure_cohort(cfg, str(rc.get("data-dir", "") or "")))
         site_names = [name for name, _, _ in find_sites(cohort)]
     # the coordinator's labelled validation patients judge a classifier; CMR-CLIP is judged at the sites
-    val = None if _is_clip(cfg) else validation_set(cfg)
+    val = None if reads_reports(cfg.model.name) else validation_set(cfg)
     kwargs = model_kwargs(cfg, val.bio_channels if val is not None else len(SIGNALS))
     return Run(cfg, out, site_names, cohort, bool(deployed), bool(resume), val, kwargs,
                RunRecorder(out, cfg, kwargs, site_names))
-
-
-def _is_clip(cfg) -> bool:
-    return cfg.model.name == "cmr-clip"
 
 
 def initial_model(run: Run) -> tuple[torch.nn.Module, int, str | None]:
@@ -181,7 +177,8 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
     common = dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                   min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
                   weighted_by_key=weight_key, train_metrics_aggr_fn=aggregate_train_metrics,
-                  evaluate_metrics_aggr_fn=retrieval_aggr_fn if _is_clip(cfg) else evaluate_aggr_fn(run.classes))
+                  evaluate_metrics_aggr_fn=(retrieval_aggr_fn if reads_reports(cfg.model.name)
+                                            else evaluate_aggr_fn(run.classes)))
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
     grid = FastPollGrid(grid)
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
@@ -248,7 +245,7 @@ def calibrate(run: Run, grid: Grid, state: dict) -> tuple[dict, float, dict | No
     """The model at the end of the schedule, calibrated (temperature) and given referral thresholds
     on the sites' pooled validation statistics (counts and sums only). CMR-CLIP has no classifier
     to calibrate: its state is returned as it is."""
-    if _is_clip(run.cfg):
+    if reads_reports(run.cfg.model.name):
         return state, 1.0, None
     n_cls = len(run.classes)
     val_stats = pooled_stats(_evaluate_at_sites(run, grid, state, "val"), n_cls)[0]
@@ -269,7 +266,7 @@ def test(run: Run, grid: Grid, model, state: dict, refer: dict | None) -> dict:
     """Every site's held-out patients (pooled statistics, with the referral counted against the
     stored thresholds) and the coordinator's own validation patients."""
     cfg = run.cfg
-    if _is_clip(cfg):  # retrieval within each site's test gallery, pooled as counts
+    if reads_reports(cfg.model.name):  # retrieval within each site's test gallery, pooled as counts
         test = retrieval_summary(_evaluate_at_sites(run, grid, state, "test"))
         return {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
                 "sites": run.site_names, "report_column": cfg.data.report_column, "test": test,

@@ -14,6 +14,12 @@ MODELS: dict[str, type[nn.Module]] = {m.name: m for m in (CCCMR, CineOnly, DualP
 MODEL_NAMES = tuple(MODELS)
 
 
+def reads_reports(name: str) -> bool:
+    """Whether model ``name`` learns from reports (CMR-CLIP): its sites join reports.csv to their
+    studies, train on in-batch negatives and are evaluated by retrieval, not by a diagnosis head."""
+    return "report" in MODELS[name].inputs
+
+
 def model_kwargs(cfg, bio_channels: int = 4) -> dict:
     """Everything a model of ``cfg`` is built from (stored in model.pt to rebuild it)."""
     m = cfg.model
