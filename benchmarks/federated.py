@@ -128,8 +128,8 @@ def overhead(cohort: Path, work: Path, rounds: int = 3) -> tuple[float, float, f
         times.append(time.perf_counter() - t)
     bare = float(np.mean(times[1:]))
     n_param_bytes = sum(v.numel() * 4 for v in g.values())
-    sizes = [message_to_proto(r).ByteSize() for r in (grid.received if grid else [])
-             if r.has_content() and r.content.array_records]
+    sizes = [message_to_proto(r).ByteSize() for r in (grid.wire if grid else [])  # the replies as they travelled
+             if r.metadata.reply_to_message_id and r.has_content() and r.content.array_records]
     res = (float(fl), bare, float(np.mean(sizes) / n_param_bytes) if sizes else float("nan"))
     (out / "overhead.json").write_text(json.dumps(res))
     return res

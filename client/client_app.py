@@ -29,9 +29,8 @@ from client.policy import max_epsilon, min_eval_patients, violations
 from client.local import RUN_KEY, average_states, check_lifetime_budget, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 from protocol import messages as proto
+from protocol.packing import PackingError, pack, unpack
 
-# secure_aggregation_mod steps in only for the train rounds of a run with secure aggregation
-app = ClientApp(mods=[secure_aggregation_mod])
 # Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
 # logger has its own and also propagates, so every line would be printed twice.
 logging.getLogger("flwr").propagate = False
@@ -61,6 +60,25 @@ def contained(kind: str):
         return run
 
     return wrap
+
+
+def packing_mod(msg: Message, context: Context, call_next) -> Message:
+    """The site's edge of protocol/packing: the request's models unpacked before anything reads
+    them, the reply's packed after the egress guard passed it (the same content, re-encoded)."""
+    if msg.has_content():
+        try:
+            msg.content = unpack(msg.content)
+        except PackingError as e:
+            return failed(msg, _site_names(msg, context), "unpack", e)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content = pack(reply.content)
+    return reply
+
+
+# outermost: packing_mod; secure_aggregation_mod steps in only for the train rounds of a run with
+# secure aggregation
+app = ClientApp(mods=[packing_mod, secure_aggregation_mod])
 
 
 def _setup(msg: Message, context: Context):

@@ -60,6 +60,9 @@ MAX_FAB_BYTES = 256 * 2**20  # a FAB larger than this is not unpacked to compute
 # content never comes, and one worker must not wait for it that long
 CONTENT_WAIT_S = 60.0
 RUNTIME_RETRY_S = 60.0  # how long a call to the SuperNode's Runtime API is retried
+# The SuperNode hands a message out before its content has arrived from the SuperLink; Flower then
+# asks again after 1, 2, 4, 8 s. The SuperNode is on this machine: ask every 0.05 s, at most 0.5 s apart
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5
 
 
 def pull_task_input(client: RuntimeHttpClient, max_time: float = CONTENT_WAIT_S):
@@ -77,7 +80,7 @@ def pull_task_input(client: RuntimeHttpClient, max_time: float = CONTENT_WAIT_S)
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_time=max_time)
+        return_type=Message, max_time=max_time, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the content
     return message, context, run, fab
 

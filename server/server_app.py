@@ -29,6 +29,7 @@ from server.aggregation import (aggregate_train_metrics, evaluate_aggr_fn, poole
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
 from server.recorder import MessageAudit, RunRecorder
+from server.packing_grid import PackingGrid
 from server.robust_rounds import FastPollGrid, RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
 from server.strategy import ClientSideClippingDP, ServerSideClippingDP, make_strategy
@@ -180,9 +181,9 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
                   evaluate_metrics_aggr_fn=(retrieval_aggr_fn if reads_reports(cfg.model.name)
                                             else evaluate_aggr_fn(run.classes)))
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
-    grid = FastPollGrid(grid)
+    grid = FastPollGrid(PackingGrid(grid))
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
-                          audit=audit)
+                          audit=audit, evaluate_every=fed.evaluate_every, final_round=fed.rounds - done)
     strategy = inner
     if cfg.privacy.mode == "site":
         # the coordinator clips each site's update, or, under secure aggregation where it sees only

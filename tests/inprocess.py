@@ -1,7 +1,10 @@
 """Drive the real ServerApp and ClientApp objects in one process, without Ray (tests, benchmarks).
 
 A tiny Grid subclass delivers each message to the ClientApp synchronously and behaves like a
-SuperNode on exceptions (an error reply). Uses two Flower internals, hence the pinned flwr."""
+SuperNode on exceptions (an error reply). Uses two Flower internals, hence the pinned flwr.
+
+``sent`` / ``received``: every message and reply, decoded (protocol/packing.unpack), as the two
+ends read them; ``wire``: both, as they travelled (models packed)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,15 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from protocol.packing import unpack
+
+
+def _decoded(msg: Message) -> Message:
+    out = copy.deepcopy(msg)
+    if out.has_content():
+        out.content = unpack(out.content)
+    return out
 
 
 class InProcessGrid(Grid):
@@ -26,6 +38,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id=1)
         self.sent: list[Message] = []
         self.received: list[Message] = []
+        self.wire: list[Message] = []
 
     def set_run(self, run):
         self._run = run
@@ -45,13 +58,15 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = mid = str(uuid4())
             # what was sent, as it was when sent (the strategy reuses and changes its config record)
-            self.sent.append(copy.deepcopy(msg))
+            self.wire.append(copy.deepcopy(msg))
+            self.sent.append(_decoded(msg))
             try:  # a copy, as over the wire: a ClientApp (or mod) may change what it received
                 rep = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # noqa: BLE001 - behave like a SuperNode: an error reply
                 rep = Message(Error(code=0, reason=repr(e)), reply_to=msg)
             self._replies[mid] = rep
-            self.received.append(rep)
+            self.wire.append(copy.deepcopy(rep))
+            self.received.append(_decoded(rep))
             ids.append(mid)
         return ids
 

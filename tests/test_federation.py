@@ -260,17 +260,22 @@ def test_site_level_dp_clips_updates_and_reports_epsilon(env, cohort):
 
 
 def _poisoning(client_app, poisons, captured):
-    """The real ClientApp, except that the train replies of some partitions are replaced."""
+    """The real ClientApp, except that the train replies of some partitions are replaced (packed
+    for the wire again, as a hostile site running the project's code would send them)."""
     from flwr.app import ArrayRecord, MessageType
+
+    from protocol.packing import pack, unpack
 
     def call(msg, ctx):
         rep = client_app(msg, ctx)
         pid = ctx.node_config["partition-id"]
         if msg.metadata.message_type == MessageType.TRAIN and rep.has_content():
-            sent = msg.content["arrays"].to_torch_state_dict()
-            mine = rep.content["arrays"].to_torch_state_dict()
+            sent = unpack(msg.content)["arrays"].to_torch_state_dict()
+            content = unpack(rep.content)
+            mine = content["arrays"].to_torch_state_dict()
             if pid in poisons:
-                rep.content["arrays"] = ArrayRecord(poisons[pid](sent, mine))
+                content["arrays"] = ArrayRecord(poisons[pid](sent, mine))
+                rep.content = pack(content)
             else:
                 captured.append(mine)
         return rep
