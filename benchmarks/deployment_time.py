@@ -1,15 +1,16 @@
 """Round time of the same federated run in deployment (TLS, site keys, one process per
 SuperNode, on 127.0.0.1) and in simulation (`flwr run .`, Ray), with the in-process Grid as the
-no-framework floor, side by side on one machine; and where a round's time goes.
+no-framework floor, side by side on one machine; and, in the deployment, a round without the
+evaluation phase and a SecAgg+ round.
 
-    python -m benchmarks.deployment_time [--rounds 4]
+    python -m benchmarks.deployment_time [--rounds 5]
 
 The run: smoke preset (small grid and model), 3 sites of a 24-patient synthetic cohort, no
 coordinator validation set. Round time = the difference of consecutive round end times in the
-run's metrics.jsonl, rounds after the first (which includes start-up and each site's ingest).
-Sites' compute = the sum over sites of their local training time in that round (what the train
-replies report); the rest is Flower's messaging, polling and process start-up, and the
-federated evaluation phase.
+run's metrics.jsonl, rounds after the first (which includes start-up and each site's ingest); in
+the one-phase rows (`evaluate-every` beyond the run) also before the last, which validates the
+final model. Sites' compute = the sum over sites of their local training time in that round (what
+the train replies report); the rest is Flower's messaging and polling, and the evaluation phase.
 """
 
 from __future__ import annotations
@@ -33,25 +34,39 @@ from ccmr_core.synth.cohort import generate_cohort
 from tests.loopback import LoopbackFederation, free_port
 
 
-def _rounds(run: Path) -> tuple[float, float]:
+def _rounds(run: Path, one_phase: bool = False) -> tuple[float, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     ends = [r["seconds"] for r in rows]
-    wall = np.diff(ends)  # rounds 2..R
-    compute = [(r.get("train") or {}).get("train-seconds", 0.0) for r in rows[1:]]
+    last = len(rows) - 1 if one_phase else len(rows)  # a one-phase run still validates its last round
+    wall = np.diff(ends)[:last - 1]  # rounds 2..
+    compute = [(r.get("train") or {}).get("train-seconds", 0.0) for r in rows[1:last]]
     return float(np.mean(wall)), float(np.mean(compute))
 
 
-def deployment(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
+DEPLOYED = {  # row name -> (ccmr-server run --set options, one message phase per round)
+    "deployment: SuperLink + 3 SuperNodes, TLS, site keys, 127.0.0.1": ((), False),
+    "the same, sites validate only the final model (`evaluate-every` > rounds): one phase per round":
+        (("evaluate-every=1000",), True),
+    "the same with SecAgg+ (`secure-aggregation=true`), one phase per round":
+        (("evaluate-every=1000", "secure-aggregation=true"), True),
+}
+
+
+def deployment(cohort: Path, work: Path, rounds: int) -> list[tuple[str, float, Path, bool]]:
+    """Each of DEPLOYED in turn, in one federation (the sites' workers stay up between runs)."""
     sites = {f"hospital-{s[-1]}": cohort / s for s in ("site-a", "site-b", "site-c")}
+    out = []
     with LoopbackFederation(work / "dep", sites, site_args=("--min-eval-patients", "1")) as lf:  # tiny smoke splits
         lf.wait_online(3)
-        t = time.perf_counter()
-        r = lf.run("--preset", "smoke", "--rounds", str(rounds), "--set", "validation-patients=0", "--no-follow",
-                   "--out", str(work / "dep-run"), timeout=1800)
-        wall = time.perf_counter() - t
-        if r.returncode:
-            raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
-    return wall, work / "dep-run"
+        for i, (name, (sets, one_phase)) in enumerate(DEPLOYED.items()):
+            run = work / f"dep-run-{i}"
+            t = time.perf_counter()
+            r = lf.run("--preset", "smoke", "--rounds", str(rounds), "--set", "validation-patients=0", "--no-follow",
+                       *[a for kv in sets for a in ("--set", kv)], "--out", str(run), timeout=1800)
+            if r.returncode:
+                raise RuntimeError(r.stdout[-2000:] + r.stderr[-2000:])
+            out.append((name, time.perf_counter() - t, run, one_phase))
+    return out
 
 
 def simulation(cohort: Path, work: Path, rounds: int) -> tuple[float, Path]:
@@ -98,42 +113,49 @@ def import_seconds(parallel: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ccmr-dep-", dir="/tmp"))
     cohort = work / "cohort"
     generate_cohort(cohort, sites=3, patients=24, seed=0, progress=False)
     rows, base = [], None
-    for name, fn in (("in-process Grid (no framework transport; floor)", inprocess),
-                     ("simulation: `flwr run .`, Ray, 3 SuperNodes", simulation),
-                     ("deployment: SuperLink + 3 SuperNodes, TLS, site keys, 127.0.0.1", deployment)):
-        wall, run = fn(cohort, work, args.rounds)
-        per_round, compute = _rounds(run)
+
+    def row(name, wall, run, one_phase=False):
+        nonlocal base
+        per_round, compute = _rounds(run, one_phase)
         base = base or per_round
         rows.append(f"| {name} | {wall:.0f} s | {per_round:.1f} s | {per_round / base:.1f}x | {compute:.1f} s | "
                     f"{per_round - compute:.1f} s |")
         print(rows[-1], flush=True)
+
+    for name, fn in (("in-process Grid (no framework transport; floor)", inprocess),
+                     ("simulation: `flwr run .`, Ray, 3 SuperNodes", simulation)):
+        row(name, *fn(cohort, work, args.rounds))
+    for name, wall, run, one_phase in deployment(cohort, work, args.rounds):
+        row(name, wall, run, one_phase)
     one, three = import_seconds(1), import_seconds(3)
     text = f"""## Deployment vs simulation: round time of the same run (`python -m benchmarks.deployment_time`)
 
 Machine: {machine()}.
 Same run in each row: smoke preset, 3 sites (24 synthetic patients), {args.rounds} rounds of train + federated
-evaluation, final test; round time from the run's metrics.jsonl, rounds after the first.
+evaluation, final test; round time from the run's metrics.jsonl, rounds after the first (one-phase rows:
+and before the last, which validates the final model).
 
 | runtime | whole run | per round | vs floor | sites' training compute per round | rest of the round |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Where the deployment's time goes. Each hospital answers with one long-lived worker of its own
-installed code (client/worker.py): no process per message, imports once, datasets kept in memory.
-A fresh process per message, as before, would import the ClientApp (torch, opacus, flwr, the app)
-for {one:.1f} s alone and {three:.1f} s with three at once on these 2 cores (measured here). The
-coordinator asks for replies every 0.2 s. The rest of the round was not separated into its parts
-here. Known parts: Flower 1.41's SuperNode polls the SuperLink every 3 s when idle and waits in 0.5 s
-steps for a reply to send (hard-coded; not patched), twice a round (train, then evaluate), and the
-three sites share 2 cores. Levers not yet pulled: evaluation riding on the train reply (one
-message phase per round), `fraction-evaluate=0` (only the final test), importing opacus only when
-DP is on.
+How a deployed round is made fast. Each hospital answers with one long-lived worker of its own
+installed code (client/worker.py): no process per message, imports once, datasets kept in memory (a
+fresh process per message would import the ClientApp for {one:.1f} s alone, {three:.1f} s with three at once on
+these 2 cores, measured here). A model travels packed, as two arrays (protocol/packing.py), not as
+one Flower object per tensor (142 objects for this model, each its own request, and each request
+that comes before its object has arrived retried after 1, 2, 4, 8 s). The coordinator asks for
+replies every 0.2 s; a site's worker asks its SuperNode for a message's content every 0.05-0.5 s.
+What is left is Flower 1.41's own, hard-coded and not patched: an idle SuperNode asks the SuperLink
+for work every 3 s, waits in 0.5 s steps for a reply to send, and the coordinator's Grid retries a
+reply's content after 1 s when it asks before the site has finished sending; twice per round when
+the sites validate every round (train, then evaluate), once with `evaluate-every`.
 """
     update_block("deployment", text)
     print(text)

@@ -149,6 +149,8 @@ class FederatedConfig(_Section):
                                  "from round to round, kept at the site, instead of restarting it every round")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    evaluate_every: int = Field(1, ge=1, le=100_000, description="the sites validate the global model every this "
+                                "many rounds (and after the last); a round without it is one message phase, not two")
     min_sites: int = Field(1, ge=1, le=10_000, description="sites that must reply before a round closes")
     validation_patients: int = Field(45, ge=0, le=100_000,
                                      description="coordinator-held synthetic validation set (0 = none)")
@@ -393,6 +395,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "fraction-train": "federated.fraction_train",
     "min-sites": "federated.min_sites",
     "fraction-evaluate": "federated.fraction_evaluate",
+    "evaluate-every": "federated.evaluate_every",
     "aggregator": "federated.aggregator",
     "batch-size": "train.batch_size",
     "lr": "train.lr",

@@ -40,14 +40,17 @@ class CoordinatorRounds:
     """Mixin placed before a Flower strategy: what the coordinator adds to each of its rounds.
 
     ``round_offset``: rounds done before (a resumed run keeps counting); ``screening``: the checks an
-    update passes before it is averaged; ``audit``: where the messages are written down (None: not).
-    After each round ``last_round()`` gives its aggregated train and evaluation metrics, with this
-    round's rejected updates."""
+    update passes before it is averaged; ``audit``: where the messages are written down (None: not);
+    ``evaluate_every``: the sites validate the global model only in rounds that are a multiple of it
+    and in ``final_round`` (the other rounds are one message phase). After each round
+    ``last_round()`` gives its aggregated train and evaluation metrics, with this round's rejected
+    updates."""
 
     def __init__(self, *, round_offset: int = 0, screening: Screening | None = None,
-                 audit: MessageAudit | None = None, **kw):
+                 audit: MessageAudit | None = None, evaluate_every: int = 1, final_round: int | None = None, **kw):
         super().__init__(**kw)
         self.round_offset = round_offset
+        self.evaluate_every, self.final_round = evaluate_every, final_round
         self.screening = screening or Screening()
         self.audit = audit
         self.sent: ArrayRecord | None = None  # the global model sent in this round
@@ -74,7 +77,10 @@ class CoordinatorRounds:
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config[proto.ROUND] = self.round_offset + server_round
+        rnd = self.round_offset + server_round
+        if rnd % self.evaluate_every and server_round != self.final_round:
+            return []  # no evaluation phase this round
+        config[proto.ROUND] = rnd
         msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._audit(server_round, "sent", "evaluate", msgs)
         return msgs

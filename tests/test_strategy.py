@@ -117,3 +117,17 @@ def test_a_robust_aggregator_bounds_one_site_that_passes_screening(aggregator, c
     assert one_round(mean).tolist() == pytest.approx([6.0, -2.0])  # the outlier moves the mean
     robust = one_round(s)
     assert robust.dtype == np.float32 and robust.tolist() == pytest.approx([3.0, 2.0])
+
+
+def test_the_sites_validate_every_n_rounds_and_after_the_last_other_rounds_are_one_phase():
+    common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    sent = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    # a run resumed after 2 rounds, 7 more to go (rounds 3..9), validating every 3rd round
+    s = make_strategy(_fed(evaluate_every=3), common, round_offset=2, evaluate_every=3, final_round=7)
+    phases = {2 + r: len(list(s.configure_evaluate(r, sent, ConfigRecord({}), TwoNodes()))) for r in range(1, 8)}
+    assert phases == {3: 2, 4: 0, 5: 0, 6: 2, 7: 0, 8: 0, 9: 2}
+    # a round without the phase pools nothing: the round's line has no federated validation
+    assert s.aggregate_evaluate(5, []) is None and s.last_round()[1] is None
+    # the default: every round
+    every = make_strategy(_fed(), common)
+    assert all(len(list(every.configure_evaluate(r, sent, ConfigRecord({}), TwoNodes()))) == 2 for r in (1, 2, 3))
