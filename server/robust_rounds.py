@@ -16,8 +16,18 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import Message, MessageType
+from flwr.app import Error, Message, MessageType, Metadata
+from flwr.app.message import make_message
+from flwr.common.constant import ErrorCode
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # pylint: disable=E0611
 from flwr.serverapp import Grid
+from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from ccmr_core.console import warn
 from protocol import messages as proto
@@ -57,24 +67,62 @@ class GridWrapper(Grid):
 class FastPollGrid(GridWrapper):
     """Replies are asked for every ``poll_s`` seconds. Flower's deployed grid (HttpGrid) sleeps 3 s
     between pulls, so a reply that arrives just after a pull waits up to 3 s, in each of a round's
-    message phases; the simulation's in-memory grid polls at 0.1 s."""
+    message phases; the simulation's in-memory grid polls at 0.1 s.
+
+    On the deployed grid a reply's content is also asked for again every 0.05-0.5 s while it is
+    still on its way: a SuperNode posts its reply before it uploads the content, and Flower's
+    HttpGrid asks again only after 1, 2, 4, 8 s (``pull_replies``, the innermost Grid only)."""
 
     def __init__(self, grid: Grid, poll_s: float = 0.2):
         super().__init__(grid)
         self.poll_s = poll_s
+
+    def pull_messages(self, message_ids):
+        if isinstance(self.grid, HttpGrid):
+            return pull_replies(self.grid, message_ids)
+        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages, *, timeout=None):
         pending = set(self.grid.push_messages(messages))
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
         while pending:
-            got = list(self.grid.pull_messages(pending))
+            got = list(self.pull_messages(pending))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (timeout is not None and time.monotonic() >= end):
                 break
             time.sleep(self.poll_s)
         return replies
+
+
+REPLY_CONTENT_WAIT_S = 600.0  # how long a posted reply's content may take to upload
+
+
+def pull_replies(grid: HttpGrid, message_ids) -> list[Message]:
+    """Flower 1.41's HttpGrid.pull_messages with a short retry for content still on its way; a
+    reply whose content never comes becomes an error reply, as there."""
+    run_id = grid.run.run_id
+    client = grid._runtime_client  # noqa: SLF001 - flwr is pinned (<1.42)
+    res = client.PullMessages(PullAppMessagesRequest(message_ids=list(message_ids)))
+    out: list[Message] = []
+    for msg_proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
+        try:
+            msg = pull_and_inflate_object_from_tree(
+                tree, make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id),
+                make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, grid.node, run_id),
+                return_type=Message, max_time=REPLY_CONTENT_WAIT_S, initial_backoff=0.05, backoff_cap=0.5)
+        except ObjectPullError as e:
+            m = msg_proto.metadata
+            out.append(make_message(
+                metadata=Metadata(run_id=run_id, message_id="", src_node_id=m.src_node_id, dst_node_id=grid.node.node_id,
+                                  message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
+                                  reply_to_message_id=m.reply_to_message_id, created_at=time.time()),
+                error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"the reply's content did not arrive: {e}")))
+            continue
+        msg.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the content
+        out.append(msg)
+    return out
 
 
 def is_train_round(msgs: list[Message]) -> bool:

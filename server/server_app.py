@@ -181,7 +181,7 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
                   evaluate_metrics_aggr_fn=(retrieval_aggr_fn if reads_reports(cfg.model.name)
                                             else evaluate_aggr_fn(run.classes)))
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
-    grid = FastPollGrid(PackingGrid(grid))
+    grid = PackingGrid(FastPollGrid(grid))  # FastPollGrid talks to Flower's Grid itself
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
                           audit=audit, evaluate_every=fed.evaluate_every, final_round=fed.rounds - done)
     strategy = inner
