@@ -20,7 +20,8 @@ from ccmr_core.retrieval import class_precision_at_k, ranks, zero_shot_classes
 KS = (1, 5, 10)
 PRECISION_K = 5
 _SIZES = {"n": 1, "galleries": 1, "loss_sum": 1, "v2t_hits": len(KS), "t2v_hits": len(KS), "chance_hits": len(KS),
-          "v2t_rank_sum": 1, "t2v_rank_sum": 1, "class_precision_sum": 1, "zero_shot_correct": 1}
+          "v2t_rank_sum": 1, "t2v_rank_sum": 1, "class_precision_sum": 1, "zero_shot_correct": 1,
+          "zero_shot_n": 1}
 _NOT_COUNTS = ("loss_sum", "chance_hits", "class_precision_sum")
 
 
@@ -45,6 +46,7 @@ class RetrievalStats:
     t2v_rank_sum: float = 0.0
     class_precision_sum: float = 0.0  # per report: share of its 5 nearest studies with its diagnosis
     zero_shot_correct: float = 0.0  # studies whose class prompt scores highest is their diagnosis
+    zero_shot_n: float = 0.0  # studies scored zero-shot (none where a class of the label set has no prompts)
 
     @classmethod
     def from_embeddings(cls, video: np.ndarray, text: np.ndarray, labels: np.ndarray, class_emb: list[np.ndarray],
@@ -65,7 +67,7 @@ class RetrievalStats:
                    chance_hits=np.array([float(min(q, n)) for q in KS]),
                    v2t_rank_sum=float(v2t.sum()), t2v_rank_sum=float(t2v.sum()),
                    class_precision_sum=class_precision_at_k(sim, labels, min(PRECISION_K, n)) * n,
-                   zero_shot_correct=float((zs == labels).sum()))
+                   zero_shot_correct=float((zs == labels).sum()), zero_shot_n=float(n if class_emb else 0))
 
     def __add__(self, o: "RetrievalStats") -> "RetrievalStats":
         return RetrievalStats(**{k: getattr(self, k) + getattr(o, k) for k in _SIZES})
@@ -94,7 +96,7 @@ class RetrievalStats:
                               "report_to_video": way(self.t2v_hits, self.t2v_rank_sum),
                               "chance": {f"R@{q}": float(c / n) for q, c in zip(KS, self.chance_hits)}},
                 f"class_precision@{PRECISION_K}": float(self.class_precision_sum / n),
-                "zero_shot_accuracy": float(self.zero_shot_correct / n)}
+                "zero_shot_accuracy": float(self.zero_shot_correct / self.zero_shot_n) if self.zero_shot_n else None}
 
 
 def flat_problem(d: dict) -> str | None:
@@ -119,6 +121,6 @@ def flat_problem(d: dict) -> str | None:
     for k in ("v2t_rank_sum", "t2v_rank_sum"):
         if a[k][0] < n:
             return f"{k} is below the number of queries (every rank is at least 1)"
-    if a["class_precision_sum"][0] > n or a["zero_shot_correct"][0] > n:
-        return "a per-patient count exceeds the number of patients"
+    if a["class_precision_sum"][0] > n or a["zero_shot_n"][0] > n or a["zero_shot_correct"][0] > a["zero_shot_n"][0]:
+        return "a per-patient count exceeds the number of patients (or zero-shot hits the studies scored)"
     return None

@@ -119,7 +119,8 @@ def retrieval_aggr_fn(replies: list[RecordDict], weight_key: str) -> MetricRecor
     if not s["n"]:
         return MetricRecord({"patients": 0.0})
     r = s["retrieval"]
+    zs = s["zero_shot_accuracy"]  # None where the label set has classes without prompts
     return MetricRecord({"loss": s["loss"], "patients": float(s["n"]),
                          "report-to-study-R@5": r["report_to_video"]["R@5"],
                          "study-to-report-R@5": r["video_to_report"]["R@5"], "chance-R@5": r["chance"]["R@5"],
-                         "zero-shot-accuracy": s["zero_shot_accuracy"]})
+                         **({"zero-shot-accuracy": zs} if zs is not None else {})})

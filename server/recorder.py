@@ -103,9 +103,10 @@ class RunRecorder:
             parts.append(f"(warning: secure aggregation clipped {int(train['secagg-clipped'])} update coordinates; "
                          "raise secure_aggregation.clipping_range)")
         if federated and "report-to-study-R@5" in federated:  # CMR-CLIP: retrieval within each site's gallery
+            zs = federated.get("zero-shot-accuracy")
             parts.append(f"sites' validation: contrastive loss {federated['loss']:.3f}, report->study R@5 "
-                         f"{federated['report-to-study-R@5']:.2f} (chance {federated['chance-R@5']:.2f}), zero-shot "
-                         f"accuracy {federated['zero-shot-accuracy']:.2f}")
+                         f"{federated['report-to-study-R@5']:.2f} (chance {federated['chance-R@5']:.2f})"
+                         + (f", zero-shot accuracy {zs:.2f}" if zs is not None else ""))
         elif federated and "accuracy" in federated:
             parts.append(f"sites' validation accuracy {federated['accuracy']:.3f} (AUC {federated['macro-auc']:.3f})")
             accs = ", ".join(f"{s} {a:.2f}" for s, a in zip(self.sites, federated.get("site-accuracy", []))

@@ -331,7 +331,9 @@ def _print_retrieval(t: dict, sites: list[str], out) -> None:
         v = r[key]
         rank = f"{v['mean_rank']:>10.1f}" if "mean_rank" in v else f"{'':>10}"
         print(f"{name:<17} {v['R@1']:>6.3f} {v['R@5']:>6.3f} {v['R@10']:>6.3f} {rank}")
-    print(f"class-aware precision@5 {t['class_precision@5']:.3f}; zero-shot 5-class accuracy {t['zero_shot_accuracy']:.3f}")
+    zs = t["zero_shot_accuracy"]
+    print(f"class-aware precision@5 {t['class_precision@5']:.3f}; zero-shot 5-class accuracy "
+          + (f"{zs:.3f}" if zs is not None else "n/a (a class of this label set has no prompts)"))
     for s, n in zip(sites, t.get("site_n", [])):
         print(f"  {s}: {n} test patients")
     print(f"run folder: {out} (model.pt, metrics.json, metrics.jsonl, report.html); zero-shot findings, probes and "

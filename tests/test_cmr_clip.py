@@ -300,6 +300,9 @@ def test_the_coordinator_leaves_out_retrieval_counts_no_gallery_produces():
     v, t = _gallery(6)
     honest = RetrievalStats.from_embeddings(v, t, np.zeros(6, int), [], 0.1).to_flat()
     assert flat_problem(honest) is None
+    # no class prompts for this label set: zero-shot accuracy is not available, not 0
+    assert honest["zero_shot_n"] == [0.0] and RetrievalStats.from_flat(honest).summary()["zero_shot_accuracy"] is None
+    assert "zero-shot hits" in flat_problem({**honest, "zero_shot_correct": [1.0]})
 
     def reply(flat, site_n):
         m = {proto.NUM_EXAMPLES: flat["n"][0], proto.SITE_N: site_n,
