@@ -221,19 +221,14 @@ def cmd_run(args) -> int:
     if not args.no_follow:
         subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=fed.env(), cwd=fed.root)
     deadline = time.time() + args.timeout
-    status = ""
-    wait = 1.0
-    while time.time() < deadline:
-        runs = fed.flwr_json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
-        status = runs[0].get("status", "") if runs else ""
-        if status.startswith("finished"):
-            break
-        # each poll is a `flwr ls` process (about 1.4 s of imports): back off to every 15 s on a long
-        # run instead of taking a core from the training on a small coordinator
-        time.sleep(wait)
-        wait = min(wait * 1.5, 15.0)
+    status = details = ""
+    with fed.control_api() as control:  # in this process: no process per poll
+        while time.time() < deadline:
+            status, details = fedlib.run_status(control, int(run_id))
+            if status.startswith("finished"):
+                break
+            time.sleep(1.0)
     if status != "finished:completed":
-        details = runs[0].get("status-details", "") if runs else ""
         print(f"error: run {run_id} ended as {status or 'unknown (timed out)'} {details}".rstrip(), file=sys.stderr)
         return 1
     print(f"run {run_id} completed; results in {out} (metrics.json, report.html, model.pt)")
