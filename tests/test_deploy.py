@@ -362,3 +362,27 @@ def test_a_site_makes_its_own_key_and_only_the_public_half_travels(tmp_path):
     with pytest.raises(fedlib.FederationError, match="not an OpenSSH public key"):
         fedlib.add_site(fed, "hospital-b", public_key=tmp_path / "junk.pub")
     assert "hospital-b" not in fed.registry()["sites"]
+
+
+def test_the_run_follower_reads_a_failed_run_and_an_unknown_one_from_the_control_api():
+    """`ccmr-server run` exits non-zero unless the run finished as completed: the status it reads
+    through the Control API client (no `flwr ls` process) is Flower's "status:sub_status"."""
+    from flwr.common.serde import run_to_proto
+    from flwr.proto.control_pb2 import ListRunsResponse  # pylint: disable=E0611
+    from flwr.supercore.run import Run, RunStatus
+
+    class Control:
+        def __init__(self, runs):
+            self.runs = runs
+
+        def ListRuns(self, req):  # noqa: N802 - Flower's API
+            return ListRunsResponse(run_dict={k: run_to_proto(r) for k, r in self.runs.items() if k == req.run_id})
+
+    failed = Run.create_empty(7)
+    failed.status = RunStatus(status="finished", sub_status="failed", details="ServerApp raised")
+    running = Run.create_empty(8)
+    running.status = RunStatus(status="running", sub_status="", details="")
+    control = Control({7: failed, 8: running})
+    assert fedlib.run_status(control, 7) == ("finished:failed", "ServerApp raised")
+    assert fedlib.run_status(control, 8) == ("running", "")
+    assert fedlib.run_status(control, 9) == ("", "")
