@@ -37,11 +37,7 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
 )
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -52,6 +48,7 @@ from ccmr_core.codehash import code_hash
 from ccmr_core.proc import Stopped
 from client.egress import FAILED
 from client.policy import APP_ROOT, FAB_CODE_KEY
+from protocol.transfer import pull_message
 
 log = logging.getLogger("ccmr.client")
 MAX_FAB_BYTES = 256 * 2**20  # a FAB larger than this is not unpacked to compute its hash
@@ -60,9 +57,6 @@ MAX_FAB_BYTES = 256 * 2**20  # a FAB larger than this is not unpacked to compute
 # content never comes, and one worker must not wait for it that long
 CONTENT_WAIT_S = 60.0
 RUNTIME_RETRY_S = 60.0  # how long a call to the SuperNode's Runtime API is retried
-# The SuperNode hands a message out before its content has arrived from the SuperLink; Flower then
-# asks again after 1, 2, 4, 8 s. The SuperNode is on this machine: ask every 0.05 s, at most 0.5 s apart
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5
 
 
 def pull_task_input(client: RuntimeHttpClient, max_time: float = CONTENT_WAIT_S):
@@ -75,13 +69,9 @@ def pull_task_input(client: RuntimeHttpClient, max_time: float = CONTENT_WAIT_S)
     pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
         raise RuntimeError("the SuperNode handed out a task without a message")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_time=max_time, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the content
+    # the SuperNode hands a message out before its content has arrived: protocol/transfer retries soon
+    message = pull_message(client, pulled.message_object_trees[0], Node(node_id=context.node_id), context.run_id,
+                           max_time)
     return message, context, run, fab
 
 

@@ -22,15 +22,12 @@ from flwr.common.constant import ErrorCode
 from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from ccmr_core.console import warn
 from protocol import messages as proto
+from protocol.transfer import pull_message
 
 log = logging.getLogger("ccmr.server")
 
@@ -69,9 +66,9 @@ class FastPollGrid(GridWrapper):
     between pulls, so a reply that arrives just after a pull waits up to 3 s, in each of a round's
     message phases; the simulation's in-memory grid polls at 0.1 s.
 
-    On the deployed grid a reply's content is also asked for again every 0.05-0.5 s while it is
-    still on its way: a SuperNode posts its reply before it uploads the content, and Flower's
-    HttpGrid asks again only after 1, 2, 4, 8 s (``pull_replies``, the innermost Grid only)."""
+    On the deployed grid a reply's content is also asked for again soon while it is still on its
+    way (``pull_replies``, the innermost Grid only): a SuperNode posts its reply before it uploads
+    the content."""
 
     def __init__(self, grid: Grid, poll_s: float = 0.2):
         super().__init__(grid)
@@ -100,18 +97,15 @@ REPLY_CONTENT_WAIT_S = 600.0  # how long a posted reply's content may take to up
 
 
 def pull_replies(grid: HttpGrid, message_ids) -> list[Message]:
-    """Flower 1.41's HttpGrid.pull_messages with a short retry for content still on its way; a
-    reply whose content never comes becomes an error reply, as there."""
+    """Flower 1.41's HttpGrid.pull_messages with protocol/transfer's short retry for content still on
+    its way; a reply whose content never comes becomes an error reply, as there."""
     run_id = grid.run.run_id
     client = grid._runtime_client  # noqa: SLF001 - flwr is pinned (<1.42)
     res = client.PullMessages(PullAppMessagesRequest(message_ids=list(message_ids)))
     out: list[Message] = []
     for msg_proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
         try:
-            msg = pull_and_inflate_object_from_tree(
-                tree, make_pull_object_fn_protobuf(client.PullObject, grid.node, run_id),
-                make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, grid.node, run_id),
-                return_type=Message, max_time=REPLY_CONTENT_WAIT_S, initial_backoff=0.05, backoff_cap=0.5)
+            out.append(pull_message(client, tree, grid.node, run_id, REPLY_CONTENT_WAIT_S))
         except ObjectPullError as e:
             m = msg_proto.metadata
             out.append(make_message(
@@ -119,9 +113,6 @@ def pull_replies(grid: HttpGrid, message_ids) -> list[Message]:
                                   message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
                                   reply_to_message_id=m.reply_to_message_id, created_at=time.time()),
                 error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"the reply's content did not arrive: {e}")))
-            continue
-        msg.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the content
-        out.append(msg)
     return out
 
 
