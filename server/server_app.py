@@ -183,7 +183,7 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
     grid = PackingGrid(FastPollGrid(grid))  # FastPollGrid talks to Flower's Grid itself
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
-                          audit=audit, evaluate_every=fed.evaluate_every, final_round=fed.rounds - done)
+                          audit=audit, final_round=fed.rounds - done)
     strategy = inner
     if cfg.privacy.mode == "site":
         # the coordinator clips each site's update, or, under secure aggregation where it sees only

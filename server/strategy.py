@@ -180,9 +180,11 @@ def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (), **rounds):
     coordinator keeps a momentum or steps with a learning rate other than 1 (``plain_keys``: the
     model's buffers, averaged without it); else by ``fed.aggregator``: Flower's FedMedian or
     FedTrimmedAvg, or for the mean FedProx / FedAvg. ``common``: Flower's strategy arguments;
-    ``rounds``: CoordinatorRounds' (round_offset, audit; screening defaults to ``fed``'s limits)."""
+    ``rounds``: CoordinatorRounds' (round_offset, audit, final_round; screening and evaluate_every
+    default to ``fed``'s)."""
     mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
     rounds.setdefault("screening", Screening(fed.max_update_ratio, fed.max_site_weight))
+    rounds.setdefault("evaluate_every", fed.evaluate_every)
     kw = {**common, **rounds}
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
         return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,

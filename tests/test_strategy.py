@@ -123,7 +123,7 @@ def test_the_sites_validate_every_n_rounds_and_after_the_last_other_rounds_are_o
     common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
     sent = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
     # a run resumed after 2 rounds, 7 more to go (rounds 3..9), validating every 3rd round
-    s = make_strategy(_fed(evaluate_every=3), common, round_offset=2, evaluate_every=3, final_round=7)
+    s = make_strategy(_fed(evaluate_every=3), common, round_offset=2, final_round=7)
     phases = {2 + r: len(list(s.configure_evaluate(r, sent, ConfigRecord({}), TwoNodes()))) for r in range(1, 8)}
     assert phases == {3: 2, 4: 0, 5: 0, 6: 2, 7: 0, 8: 0, 9: 2}
     # a round without the phase pools nothing: the round's line has no federated validation
