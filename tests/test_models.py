@@ -127,6 +127,17 @@ def test_patients_without_lge_have_no_lge_terms():
             assert float(parts[k][1]) == 0.0 and float(parts[k][0]) > 0.0, (stage, k)
 
 
+def test_the_student_distils_only_where_the_diagnosis_is_known():
+    """A hidden diagnosis (label-efficiency runs) must not come back as the teacher's pseudo-label:
+    the patient keeps its LGE alignment but has no distillation term."""
+    m = build_model("cc-cmr", 5, S, **KW)
+    m.set_stage("student")
+    b = {**batch(), "has_label": torch.tensor([True, True, False])}  # patients 0 and 2 have LGE
+    _, parts = m.losses(m(**model_inputs(m, b, training=True)), b)
+    assert float(parts["distill"][0]) > 0.0 and float(parts["distill"][2]) == 0.0
+    assert float(parts["align"][2]) > 0.0
+
+
 def test_measurement_terms_follow_what_each_report_states():
     pred = torch.zeros(3, 3)
     target = torch.tensor([[1.0, 2.0, 50.0], [9.0, 9.0, 9.0], [1.0, 0.0, 0.0]])
