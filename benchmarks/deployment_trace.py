@@ -19,10 +19,7 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import tempfile
-import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,6 +65,8 @@ class TracedFederation(LoopbackFederation):
     """A LoopbackFederation whose processes carry the tracing sitecustomize and whose output lines
     are time-stamped as they arrive."""
 
+    stamp_lines = True
+
     def __init__(self, work: Path, sites: dict, **kw):
         super().__init__(work, sites, **kw)
         self.traces = self.work / "traces"
@@ -77,21 +76,6 @@ class TracedFederation(LoopbackFederation):
         (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
         self.env.update(PYTHONPATH=f"{hook}:{self.env['PYTHONPATH']}", CCMR_TRACE_DIR=str(self.traces),
                         PYTHONUNBUFFERED="1")
-
-    def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
-        f = open(self.work / f"{name}.log", "w", buffering=1)
-        self._logs.append(f)
-        p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             cwd=self.work, start_new_session=True, text=True)
-
-        def pump():
-            for line in p.stdout:
-                f.write(f"{time.time():.3f} {name}: {line}")
-
-        threading.Thread(target=pump, daemon=True).start()
-        self.procs.append(p)
-        self.named[name] = p
-        return p
 
 
 def summary(traces: Path) -> list[str]:

@@ -85,7 +85,6 @@ def evaluate_aggr_fn(classes: list[str]):
     return fn
 
 
-
 def pooled_retrieval(replies: list[RecordDict]) -> tuple[RetrievalStats, np.ndarray]:
     """CMR-CLIP: the sum of the sites' retrieval statistics and the patients per site; a reply whose
     numbers cannot be one evaluation's (ccmr_core.retrieval_stats.flat_problem) is left out."""

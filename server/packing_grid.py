@@ -37,8 +37,7 @@ def unpacked(reply: Message) -> Message:
         reply.content = unpack(reply.content)
     except PackingError as e:
         warn(log, f"SuperNode {reply.metadata.src_node_id}: reply left out, {e}")
-        reply.__dict__["_content"] = None  # Flower has no setter from content to error
-        reply.error = Error(code=ErrorCode.UNKNOWN, reason=f"malformed reply: {e}"[:500])
+        return Message(metadata=reply.metadata, error=Error(code=ErrorCode.UNKNOWN, reason=f"malformed reply: {e}"[:500]))
     return reply
 
 

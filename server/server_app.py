@@ -75,6 +75,11 @@ class Run:
     def classes(self) -> list[str]:
         return list(self.cfg.data.classes)
 
+    @property
+    def val_loader(self) -> DataLoader | None:
+        """The coordinator's validation patients in batches (None: it has none)."""
+        return DataLoader(self.val, batch_size=self.cfg.train.batch_size) if self.val is not None else None
+
     def request(self, **extra) -> ConfigRecord:
         """The config record every request carries (protocol/messages.py)."""
         bio = self.kwargs["bio_channels"]
@@ -205,7 +210,7 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
     patients and records the round. Returns the last global model and the rounds completed."""
     cfg = run.cfg
     remaining = cfg.federated.rounds - done
-    val_loader = DataLoader(run.val, batch_size=cfg.train.batch_size) if run.val is not None else None
+    val_loader = run.val_loader
     latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
 
     def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -279,8 +284,7 @@ def test(run: Run, grid: Grid, model, state: dict, refer: dict | None) -> dict:
     server_val = None
     if run.val is not None:
         model.load_state_dict(state)
-        server_val = evaluate(model, DataLoader(run.val, batch_size=cfg.train.batch_size), torch.device("cpu"),
-                              run.classes, mc_samples=cfg.model.mc_samples)
+        server_val = evaluate(model, run.val_loader, torch.device("cpu"), run.classes, mc_samples=cfg.model.mc_samples)
     return {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
             "sites": run.site_names, "test": test, "server_validation": server_val,
             "privacy": _last_privacy(run.out)}

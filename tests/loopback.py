@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def descendants(pid: int) -> list[int]:
 
 
 class LoopbackFederation:
+    stamp_lines = False  # time-stamp every output line as it arrives (benchmarks/deployment_trace.py)
+
     def __init__(self, work: Path, sites: dict[str, Path | None], start_timeout: float = 120, start_sites: bool = True,
                  site_args: tuple[str, ...] = (), args_of: dict[str, tuple[str, ...]] | None = None):
         """``sites``: name -> data folder, each registered; with ``start_sites`` each also gets a
@@ -80,11 +83,18 @@ class LoopbackFederation:
                               text=True, timeout=timeout, cwd=self.work)
 
     def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
-        f = open(self.work / f"{name}.log", "w")
+        """Start ``cmd`` with its output in WORK/NAME.log (with ``stamp_lines``: each line prefixed
+        with the time it arrived and ``name``, for merging logs into one timeline)."""
+        f = open(self.work / f"{name}.log", "w", buffering=1)
         self._logs.append(f)
         # its own process group, so a test can crash it with everything it started (kill)
-        p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=f, stderr=subprocess.STDOUT, cwd=self.work,
-                             start_new_session=True)
+        p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=subprocess.PIPE if self.stamp_lines else f,
+                             stderr=subprocess.STDOUT, cwd=self.work, start_new_session=True, text=True)
+        if self.stamp_lines:
+            def pump():
+                for line in p.stdout:
+                    f.write(f"{time.time():.3f} {name}: {line}")
+            threading.Thread(target=pump, daemon=True).start()
         self.procs.append(p)
         self.named[name] = p
         return p

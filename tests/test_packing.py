@@ -120,3 +120,5 @@ def test_the_coordinator_packs_what_it_sends_and_turns_a_malformed_reply_into_an
     ok, refused = grid.pull_messages(["0"])
     assert list(ok.content["arrays"].keys()) == list(rec.keys())
     assert refused.has_error() and not refused.has_content() and "describes 12 bytes" in refused.error.reason
+    assert refused.metadata.src_node_id == bad.metadata.src_node_id == 5  # still the site's reply to that message
+    assert refused.metadata.reply_to_message_id == bad.metadata.reply_to_message_id
