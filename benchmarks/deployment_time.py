@@ -8,8 +8,8 @@ evaluation phase and a SecAgg+ round.
 The run: smoke preset (small grid and model), 3 sites of a 24-patient synthetic cohort, no
 coordinator validation set. Round time = the difference of consecutive round end times in the
 run's metrics.jsonl, rounds after the first (which includes start-up and each site's ingest); in
-the one-phase rows (`evaluate-every` beyond the run) also before the last, which validates the
-final model. Sites' compute = the sum over sites of their local training time in that round (what
+the one-phase rows (`evaluate-every` beyond the run, or `validate-in=train-reply`) also before
+the last, which validates the final model in a phase of its own. Sites' compute = the sum over sites of their local training time in that round (what
 the train replies report); the rest is Flower's messaging and polling, and the evaluation phase.
 """
 
@@ -47,6 +47,8 @@ DEPLOYED = {  # row name -> (ccmr-server run --set options, one message phase pe
     "deployment: SuperLink + 3 SuperNodes, TLS, site keys, 127.0.0.1": ((), False),
     "the same, sites validate only the final model (`evaluate-every` > rounds): one phase per round":
         (("evaluate-every=1000",), True),
+    "the same, every round validated on the next round's train reply (`validate-in=train-reply`): one phase per round":
+        (("validate-in=train-reply",), True),
     "the same with SecAgg+ (`secure-aggregation=true`), one phase per round":
         (("evaluate-every=1000", "secure-aggregation=true"), True),
 }
@@ -155,7 +157,9 @@ replies every 0.2 s; a site's worker asks its SuperNode for a message's content 
 What is left is Flower 1.41's own, hard-coded and not patched: an idle SuperNode asks the SuperLink
 for work every 3 s, waits in 0.5 s steps for a reply to send, and the coordinator's Grid retries a
 reply's content after 1 s when it asks before the site has finished sending; twice per round when
-the sites validate every round (train, then evaluate), once with `evaluate-every`.
+the sites validate every round in an evaluate phase (train, then evaluate), once with
+`evaluate-every` or with `validate-in=train-reply` (each site validates the model it receives before
+training on it and sends the result with its update: every round validated, one phase).
 """
     update_block("deployment", text)
     print(text)

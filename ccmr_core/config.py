@@ -151,6 +151,10 @@ class FederatedConfig(_Section):
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, le=100_000, description="the sites validate the global model every this "
                                 "many rounds (and after the last); a round without it is one message phase, not two")
+    validate_in: Literal["evaluate-phase", "train-reply"] = Field(
+        "evaluate-phase", description="how the sites validate each round's global model: in an evaluate message "
+        "phase after training ('evaluate-phase'), or before training on it in the next round, sent with the update "
+        "('train-reply': one message phase per round; the last round's model still gets a phase of its own)")
     min_sites: int = Field(1, ge=1, le=10_000, description="sites that must reply before a round closes")
     validation_patients: int = Field(45, ge=0, le=100_000,
                                      description="coordinator-held synthetic validation set (0 = none)")
@@ -225,6 +229,11 @@ class ExperimentConfig(_Section):
                 f"federated.server_momentum / server_lr (FedAvgM) cannot be combined with federated.aggregator "
                 f"'{self.federated.aggregator}': the momentum is kept for the mean of the updates; use aggregator "
                 "'mean', or server_momentum 0 and server_lr 1 for a robust aggregator")
+        if self.federated.validate_in == "train-reply" and self.federated.evaluate_every != 1:
+            raise ValueError(
+                f"federated.validate_in 'train-reply' validates every round on the train replies; it cannot be "
+                f"combined with federated.evaluate_every {self.federated.evaluate_every}: leave evaluate_every at 1, "
+                "or use validate_in 'evaluate-phase'")
         if self.secure_aggregation.enabled and self.federated.aggregator != "mean":
             raise ValueError(
                 f"secure_aggregation.enabled cannot be combined with federated.aggregator "
@@ -396,6 +405,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "min-sites": "federated.min_sites",
     "fraction-evaluate": "federated.fraction_evaluate",
     "evaluate-every": "federated.evaluate_every",
+    "validate-in": "federated.validate_in",
     "aggregator": "federated.aggregator",
     "batch-size": "train.batch_size",
     "lr": "train.lr",

@@ -114,6 +114,11 @@ def train(msg: Message, context: Context) -> Message:
     run_key = str(c[proto.RUN_KEY])
     rnd = int(c[proto.ROUND])
     local = cfg.federated.local_epochs
+    validation = {}
+    if c.get(proto.VALIDATE):  # the model received, on this site's validation patients, before training on it
+        received = _model(cfg, kwargs, msg.content["arrays"], device)
+        validation = {proto.VALIDATION + k: v for k, v in
+                      _evaluation(cfg, c, sites, n_sites, received, "val", 0, context).items()}
     states, weights, losses = [], [], []
     train_seconds = 0.0
     eps = np.zeros(n_sites)
@@ -172,6 +177,7 @@ def train(msg: Message, context: Context) -> Message:
         proto.SITE_DECLINED: declined.tolist(),
         proto.DELTA: float(cfg.privacy.delta),
         proto.TRAIN_SECONDS: train_seconds,
+        **validation,
     }
     if states:
         state = average_states(states, weights)
@@ -211,11 +217,20 @@ def evaluate(msg: Message, context: Context) -> Message:
         return refuse(msg, [s.name for s in sites], "evaluate", str(c[proto.RUN_KEY]), rnd, "; ".join(bad))
     device = resolve_device(cfg.train.device)
     split = str(c.get(proto.SPLIT, "val"))
-    mc = int(c.get(proto.MC_SAMPLES, 0))
     model = _model(cfg, kwargs, msg.content["arrays"], device)
-    n_cls = len(cfg.data.classes)
+    metrics = _evaluation(cfg, c, sites, n_sites, model, split, int(c.get(proto.MC_SAMPLES, 0)), context)
+    reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "evaluate",
+                 str(c[proto.RUN_KEY]), rnd)
+
+
+def _evaluation(cfg, c, sites, n_sites: int, model, split: str, mc: int, context: Context) -> dict:
+    """An evaluate reply's metrics: pooled statistics of ``model`` on the hosted sites' ``split``
+    (``mc``: MC-dropout passes), with the patients and correct answers per site."""
     if reads_reports(cfg.model.name):
-        return _evaluate_retrieval(msg, cfg, c, sites, n_sites, model, split, rnd, context)
+        return _retrieval(cfg, sites, n_sites, model, split, context)
+    device = next(model.parameters()).device
+    n_cls = len(cfg.data.classes)
     total = EvalStats.from_outputs(np.zeros((0, n_cls)), np.zeros(0, dtype=int), np.zeros(0))
     site_correct, site_n = np.zeros(n_sites), np.zeros(n_sites)
     floor = min_eval_patients(context.node_config)
@@ -239,11 +254,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {proto.NUM_EXAMPLES: float(total.n), proto.UNIT_WEIGHT: 1.0, proto.SITE_CORRECT: site_correct.tolist(),
                proto.SITE_N: site_n.tolist()}
     metrics.update({proto.STATS + k: v for k, v in total.to_flat().items()})
-    reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    return guard(reply, msg, [s.name for s in sites], n_cls, n_sites, "evaluate", str(c[proto.RUN_KEY]), rnd)
+    return metrics
 
 
-def _evaluate_retrieval(msg: Message, cfg, c, sites, n_sites: int, model, split: str, rnd, context: Context) -> Message:
+def _retrieval(cfg, sites, n_sites: int, model, split: str, context: Context) -> dict:
     """CMR-CLIP: each site retrieves within its own gallery of the split and sends counts and sums
     (ccmr_core/retrieval_stats.py); patients per site as for the classifiers."""
     total = RetrievalStats()
@@ -260,6 +274,4 @@ def _evaluate_retrieval(msg: Message, cfg, c, sites, n_sites: int, model, split:
         site_n[site.index] = stats.n
     metrics = {proto.NUM_EXAMPLES: float(total.n), proto.UNIT_WEIGHT: 1.0, proto.SITE_N: site_n.tolist()}
     metrics.update({proto.RETRIEVAL_STATS + k: v for k, v in total.to_flat().items()})
-    reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "evaluate",
-                 str(c[proto.RUN_KEY]), rnd)
+    return metrics

@@ -26,6 +26,7 @@ REFER_UNCERTAINTY = "refer-uncertainty"  # (-1: no uncertainty threshold)
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 CLIPPING_NORM = "clipping_norm"  # set by Flower's client-side clipping DP wrapper
 SECAGG_WEIGHT_KEY = "secagg-weight-key"  # SecAgg+: which reply metric weighs the masked update
+VALIDATE = "validate-received"  # train: first validate the model received (val split), send that with the update
 
 # --- the reply's "metrics" record (site -> coordinator) -------------------------------------------
 NUM_EXAMPLES = "num-examples"  # patients trained on / evaluated (0: the site did not train)
@@ -41,14 +42,33 @@ SITE_N = "site-n"  # per site: patients evaluated
 STATS = "stats-"  # prefix of the mergeable evaluation statistics (ccmr_core.metrics.EvalStats.to_flat)
 RETRIEVAL_STATS = "retrieval-"  # CMR-CLIP: prefix of the mergeable retrieval statistics (ccmr_core.retrieval_stats)
 SECAGG_CLIPPED = "secagg-clipped"  # SecAgg+: coordinates cut to the clipping range
+VALIDATION = "val-"  # train reply (VALIDATE): prefix of an evaluate reply's metrics about the model received
+
+
+def _evaluation_sizes(n_classes: int, n_sites: int) -> dict[str, int]:
+    """The metrics of an evaluate reply: metric key -> its largest allowed length."""
+    return {NUM_EXAMPLES: 1, UNIT_WEIGHT: 1, SITE_CORRECT: n_sites, SITE_N: n_sites,
+            **{STATS + k: n for k, n in flat_sizes(n_classes).items()},
+            **{RETRIEVAL_STATS + k: n for k, n in retrieval_sizes().items()}}
 
 
 def allowed_metrics(n_classes: int, n_sites: int) -> dict[str, int]:
     """The egress allow-list: metric key -> its largest allowed length (1 = a scalar)."""
-    return {NUM_EXAMPLES: 1, UNIT_WEIGHT: 1, TRAIN_LOSS: 1, DELTA: 1, TRAIN_SECONDS: 1, REFUSED: 1,
-            SITE_EPSILON: n_sites, SITE_DECLINED: n_sites, SITE_CORRECT: n_sites, SITE_N: n_sites,
-            SECAGG_CLIPPED: 1, **{STATS + k: n for k, n in flat_sizes(n_classes).items()},
-            **{RETRIEVAL_STATS + k: n for k, n in retrieval_sizes().items()}}
+    evaluation = _evaluation_sizes(n_classes, n_sites)
+    return {TRAIN_LOSS: 1, DELTA: 1, TRAIN_SECONDS: 1, REFUSED: 1, SITE_EPSILON: n_sites, SITE_DECLINED: n_sites,
+            SECAGG_CLIPPED: 1, **evaluation, **{VALIDATION + k: n for k, n in evaluation.items()}}
+
+
+def split_validation(content: RecordDict) -> tuple[RecordDict, RecordDict | None]:
+    """A train reply -> (the reply without the validation it carries, that validation as the content
+    of an evaluate reply; None when it carries none)."""
+    name, metrics = next(iter(content.metric_records.items()), (None, None))
+    if metrics is None or not any(k.startswith(VALIDATION) for k in metrics):
+        return content, None
+    rest = {k: v for k, v in metrics.items() if not k.startswith(VALIDATION)}
+    val = {k[len(VALIDATION):]: v for k, v in metrics.items() if k.startswith(VALIDATION)}
+    kept = RecordDict({k: (MetricRecord(rest) if k == name else r) for k, r in content.items()})
+    return kept, RecordDict({"metrics": MetricRecord(val)})
 
 
 def refused_metrics() -> MetricRecord:

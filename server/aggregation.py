@@ -42,11 +42,13 @@ def pooled_stats(replies: list[RecordDict], n_classes: int) -> tuple[EvalStats, 
             continue
         m = proto.reply_metrics(r)
         flat = {k[len(proto.STATS):]: v for k, v in m.items() if k.startswith(proto.STATS)}
-        why = flat_stats_problem(flat, n_classes)
+        why = flat_stats_problem(flat, n_classes) if flat else "it carries no evaluation statistics"
         site_n, site_c = np.asarray(m.get(proto.SITE_N, []), dtype=float), np.asarray(m.get(proto.SITE_CORRECT, []), dtype=float)
         if why is None and not (site_n.shape == site_c.shape and np.isfinite(site_n).all() and
                                 (site_c >= 0).all() and (site_c <= site_n).all() and site_n.sum() == flat["n"][0]):
             why = "its per-site counts do not add up to its total"
+        if why is None and n is not None and site_n.shape != n.shape:
+            why = f"it counts {site_n.size} sites, the replies before it {n.size}"
         if why:
             msg = f"evaluation statistics of a SuperNode left out: {why}"
             warn(log, msg)

@@ -52,6 +52,7 @@ class RunRecorder:
         self.kwargs = model_kwargs
         self.sites = site_names
         self.t0 = time.perf_counter()
+        self._pending: dict | None = None  # a round's line waiting for the sites' validation
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", dump_config(cfg))
 
@@ -86,14 +87,37 @@ class RunRecorder:
 
     # --- every round --------------------------------------------------------------------------
     def record_round(self, rnd: int, state: dict, train: dict | None, federated: dict | None,
-                     server: dict | None, privacy: dict | None) -> str:
+                     server: dict | None, privacy: dict | None, validation_follows: bool = False) -> str:
+        """Checkpoint round ``rnd`` and write its metrics line; with ``validation_follows`` the line
+        waits for the sites' validation of this round's model (``complete_round``, when the next
+        round's train replies bring it; a crash before then leaves the line without it)."""
         row = {"round": rnd, "seconds": round(time.perf_counter() - self.t0, 2), "train": train,
                "federated_validation": federated, "server_validation": server, "privacy": privacy}
+        self.flush()  # the round before, complete or not, goes first: metrics.jsonl stays in order
         # the checkpoint first (with its row): a crash in between is repaired on resume
         with atomic_path(self.out / CHECKPOINT) as tmp:
             torch.save({"round": rnd, "state": state, "row": _clean(row)}, tmp)
-        append_jsonl(self.out / "metrics.jsonl", [_clean(row)])
+        if validation_follows:
+            self._pending = row
+        else:
+            append_jsonl(self.out / "metrics.jsonl", [_clean(row)])
         return self._line(rnd, train, federated, server, privacy)
+
+    def complete_round(self, rnd: int, federated: dict) -> str | None:
+        """The sites' validation of round ``rnd``'s model, written into that round's waiting line;
+        None when no line waits for it (e.g. the round before a resume)."""
+        row, self._pending = self._pending, None
+        if row is None or row["round"] != rnd:
+            self._pending = row
+            return None
+        append_jsonl(self.out / "metrics.jsonl", [_clean({**row, "federated_validation": federated})])
+        return self._line(rnd, None, federated, None, None)
+
+    def flush(self) -> None:
+        """Write a line still waiting for its validation as it is (the run ended without it)."""
+        if self._pending is not None:
+            append_jsonl(self.out / "metrics.jsonl", [_clean(self._pending)])
+            self._pending = None
 
     def _line(self, rnd, train, federated, server, privacy) -> str:
         parts = [f"round {rnd}:"]

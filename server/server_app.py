@@ -211,6 +211,7 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
     cfg = run.cfg
     remaining = cfg.federated.rounds - done
     val_loader = run.val_loader
+    fed_validates = cfg.federated.fraction_evaluate > 0
     latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
 
     def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -228,7 +229,13 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
         rnd = done + server_round
         train, fed = inner.last_round()
         privacy = _site_epsilon(cfg, train, rnd, run.site_names)
-        print(run.recorder.record_round(rnd, state, train, fed, server, privacy), flush=True)
+        if inner.previous_validation is not None:  # validate_in train-reply: the round before's model
+            line = run.recorder.complete_round(rnd - 1, dict(inner.previous_validation))
+            if line:
+                print(line, flush=True)
+        follows = inner.validate_on_train and fed is None and rnd < cfg.federated.rounds and fed_validates
+        print(run.recorder.record_round(rnd, state, train, fed, server, privacy, validation_follows=follows),
+              flush=True)
         return MetricRecord(server) if server else None
 
     if remaining <= 0:
@@ -236,6 +243,7 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
                             timeout=cfg.federated.round_timeout_s, train_config=run.request(),
                             evaluate_config=run.request(**{proto.SPLIT: "val"}), evaluate_fn=round_end)
+    run.recorder.flush()
     return latest["state"], remaining if result else 0
 
 

@@ -42,15 +42,21 @@ class CoordinatorRounds:
     ``round_offset``: rounds done before (a resumed run keeps counting); ``screening``: the checks an
     update passes before it is averaged; ``audit``: where the messages are written down (None: not);
     ``evaluate_every``: the sites validate the global model only in rounds that are a multiple of it
-    and in ``final_round`` (the other rounds are one message phase). After each round
+    and in ``final_round`` (the other rounds are one message phase). ``validate_on_train``: instead,
+    from the second round on, each train request asks the sites to validate the model it carries
+    (the previous round's) before training on it, and the validation rides on the train reply: one
+    message phase per round, an evaluate phase only in ``final_round``. After each round
     ``last_round()`` gives its aggregated train and evaluation metrics, with this round's rejected
-    updates."""
+    updates, and ``previous_validation`` the validation carried by this round's train replies."""
 
     def __init__(self, *, round_offset: int = 0, screening: Screening | None = None,
-                 audit: MessageAudit | None = None, evaluate_every: int = 1, final_round: int | None = None, **kw):
+                 audit: MessageAudit | None = None, evaluate_every: int = 1, final_round: int | None = None,
+                 validate_on_train: bool = False, **kw):
         super().__init__(**kw)
         self.round_offset = round_offset
         self.evaluate_every, self.final_round = evaluate_every, final_round
+        self.validate_on_train = validate_on_train
+        self.previous_validation: MetricRecord | None = None
         self.screening = screening or Screening()
         self.audit = audit
         self.sent: ArrayRecord | None = None  # the global model sent in this round
@@ -71,6 +77,10 @@ class CoordinatorRounds:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[proto.ROUND] = self.round_offset + server_round
+        if self.validate_on_train and server_round > 1 and self.fraction_evaluate > 0:
+            config[proto.VALIDATE] = True  # arrays = the model of the round before
+        else:
+            config.pop(proto.VALIDATE, None)
         self.sent = arrays
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         self._audit(server_round, "sent", "train", msgs)
@@ -78,7 +88,7 @@ class CoordinatorRounds:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = self.round_offset + server_round
-        if rnd % self.evaluate_every and server_round != self.final_round:
+        if (self.validate_on_train or rnd % self.evaluate_every) and server_round != self.final_round:
             return []  # no evaluation phase this round
         config[proto.ROUND] = rnd
         msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
@@ -88,6 +98,12 @@ class CoordinatorRounds:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         self._audit(server_round, "received", "train", replies)
+        carried = []
+        for r in replies:
+            if r.has_content() and not proto.is_refused(r.content):
+                r.content, validation = proto.split_validation(r.content)
+                carried += [validation] if validation is not None else []
+        self.previous_validation = self.evaluate_metrics_aggr_fn(carried, self.weighted_by_key) if carried else None
         replies, rejected = self.screening.apply(replies, self.sent, self.weighted_by_key)
         self.rejected = [{"round": self.round_offset + server_round, "node": rj.node_id, "reason": rj.reason}
                          for rj in rejected]
@@ -180,11 +196,12 @@ def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (), **rounds):
     coordinator keeps a momentum or steps with a learning rate other than 1 (``plain_keys``: the
     model's buffers, averaged without it); else by ``fed.aggregator``: Flower's FedMedian or
     FedTrimmedAvg, or for the mean FedProx / FedAvg. ``common``: Flower's strategy arguments;
-    ``rounds``: CoordinatorRounds' (round_offset, audit, final_round; screening and evaluate_every
-    default to ``fed``'s)."""
+    ``rounds``: CoordinatorRounds' (round_offset, audit, final_round; screening, evaluate_every and
+    validate_on_train default to ``fed``'s)."""
     mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
     rounds.setdefault("screening", Screening(fed.max_update_ratio, fed.max_site_weight))
     rounds.setdefault("evaluate_every", fed.evaluate_every)
+    rounds.setdefault("validate_on_train", fed.validate_in == "train-reply")
     kw = {**common, **rounds}
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
         return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,

@@ -75,6 +75,30 @@ def test_simulated_federation_writes_the_run_folder(env, cohort, capsys):
                 assert n <= 25 * 5 or k.startswith("stats-"), k  # fixed-size statistics only
 
 
+def test_validation_on_the_train_reply_records_what_an_evaluate_phase_would(env, cohort, capsys):
+    """validate-in train-reply: round 1's model is validated at the start of round 2 (one message
+    phase per round); the run log holds the same validation as with an evaluate phase per round."""
+    from flwr.app import MessageType
+
+    server_app, client_app = _apps()
+    rows, rounds_evaluated = {}, {}
+    for mode in ("evaluate-phase", "train-reply"):
+        out = env / f"validate-{mode}"
+        grid = run_inprocess(server_app, client_app, 3, _run_config(preset="smoke", **{
+            "out-dir": str(out), "data-dir": str(cohort), "validate-in": mode}))
+        rows[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        rounds_evaluated[mode] = sorted({int(m.content["config"]["global-round"]) for m in grid.sent
+                                         if m.metadata.message_type == MessageType.EVALUATE
+                                         and "global-round" in m.content["config"]})
+    assert rounds_evaluated == {"evaluate-phase": [1, 2], "train-reply": [2]}
+    assert [r["round"] for r in rows["train-reply"]] == [1, 2]
+    for phase, ride in zip(rows["evaluate-phase"], rows["train-reply"]):
+        a, b = phase["federated_validation"], ride["federated_validation"]
+        assert b["patients"] == a["patients"] > 0 and b["accuracy"] == a["accuracy"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert "round 1: sites' validation accuracy" in capsys.readouterr().out
+
+
 def test_federated_averaging_over_non_iid_sites_learns_patients_it_has_not_seen(tmp_path, monkeypatch, capsys):
     """Three sites with opposite class mixes (one mostly NOR, one mostly DCM, one balanced); each
     site's held-out test patients were never trained on. The federated model must classify them."""

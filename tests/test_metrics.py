@@ -135,3 +135,10 @@ def test_a_site_cannot_steer_pooled_metrics_with_counts_no_patients_produce():
     assert total.n == 40 and n.tolist() == [40.0]  # the forged reply is left out
     total, _, _ = pooled_stats([reply(flat, 40), reply(flat, 39)], 5)  # per-site counts off by one
     assert total.n == 40
+    # a reply with no statistics at all, or counting another number of sites, is left out too
+    # (before: a KeyError / a broadcasting error that stopped the coordinator)
+    bare = RecordDict({"metrics": MetricRecord({"site-n": [0.0], "site-correct": [0.0]})})
+    two_sites = RecordDict({"metrics": MetricRecord({**{f"stats-{k}": v for k, v in flat.items()},
+                                                     "site-n": [40.0, 0.0], "site-correct": [0.0, 0.0]})})
+    total, _, n = pooled_stats([reply(flat, 40), bare, two_sites], 5)
+    assert total.n == 40 and n.tolist() == [40.0]

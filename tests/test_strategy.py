@@ -131,3 +131,43 @@ def test_the_sites_validate_every_n_rounds_and_after_the_last_other_rounds_are_o
     # the default: every round
     every = make_strategy(_fed(), common)
     assert all(len(list(every.configure_evaluate(r, sent, ConfigRecord({}), TwoNodes()))) == 2 for r in (1, 2, 3))
+
+
+def test_validation_riding_on_the_train_reply_is_pooled_apart_from_the_update():
+    """validate_in train-reply: from the second round on the train request asks for the received
+    model's validation; it comes back in the train reply, is pooled as an evaluate phase's would be
+    and taken out before the average; only the final round has an evaluate phase."""
+    from server.aggregation import evaluate_aggr_fn
+
+    common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2,
+                  evaluate_metrics_aggr_fn=evaluate_aggr_fn(["A", "B"]))
+    s = make_strategy(_fed(validate_in="train-reply"), common, final_round=3)
+    sent = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    config = ConfigRecord({})
+    assert "validate-received" not in list(s.configure_train(1, sent, config, TwoNodes()))[0].content["config"]
+    msgs = list(s.configure_train(2, sent, config, TwoNodes()))
+    assert all(m.content["config"]["validate-received"] for m in msgs)
+    # each of the 2 sites: 2 validation patients, 1 right; the update 1.0 / 3.0 over 10 training patients each
+    from ccmr_core.metrics import EvalStats
+
+    stats = EvalStats.from_outputs(np.array([[0.9, 0.1], [0.8, 0.2]]), np.array([0, 1]), np.ones(2)).to_flat()
+    val = {"val-num-examples": 2.0, "val-unit-weight": 1.0, "val-site-correct": [1.0, 0.0],
+           "val-site-n": [2.0, 0.0], **{f"val-stats-{k}": v for k, v in stats.items()}}
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(2, v, dtype=np.float32))}),
+                                   "metrics": MetricRecord({"num-examples": 10.0, **val})}), reply_to=m)
+               for m, v in zip(msgs, (1.0, 3.0))]
+    arrays, train = s.aggregate_train(2, replies)
+    assert arrays["w"].numpy().tolist() == [2.0, 2.0]
+    assert not any(k.startswith("val-") for k in train)  # the validation is not a train metric
+    assert s.previous_validation["patients"] == 4.0 and s.previous_validation["accuracy"] == 0.5
+    phases = [len(list(s.configure_evaluate(r, sent, ConfigRecord({}), TwoNodes()))) for r in (1, 2, 3)]
+    assert phases == [0, 0, 2]
+    # a train reply without validation (round 1, or a site that sent none) clears it
+    s.aggregate_train(1, [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))}),
+                                              "metrics": MetricRecord({"num-examples": 10.0})}), reply_to=msgs[0])])
+    assert s.previous_validation is None
+
+
+def test_validation_on_the_train_reply_with_evaluate_every_is_refused_naming_both_keys():
+    with pytest.raises(ValueError, match="validate_in 'train-reply'.*evaluate_every 3"):
+        _fed(validate_in="train-reply", evaluate_every=3)
