@@ -2,7 +2,7 @@
 TLS, 127.0.0.1, smoke preset) with every process's output time-stamped and each of Flower's object
 transfers timed, for reading, not for a BENCHMARKS block.
 
-    python -m benchmarks.deployment_trace [--rounds 3] [--out DIR]
+    python -m benchmarks.deployment_trace [--rounds 3] [--out DIR] [--set KEY=VALUE ...]
 
 Every process the federation starts (SuperLink, ServerApp, SuperNodes, the sites' workers) runs
 with a ``sitecustomize`` on its path that wraps Flower 1.41's ``pull_objects`` and
@@ -100,6 +100,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None, help="work folder (default: a new one under /tmp)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config key for the run (repeatable), e.g. secure-aggregation=true")
     args = ap.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="ccmr-trace-", dir="/tmp")).absolute()
     cohort = work / "cohort"
@@ -109,7 +111,7 @@ def main() -> None:
     with TracedFederation(work / "dep", sites, site_args=("--min-eval-patients", "1")) as lf:
         lf.wait_online(3)
         r = lf.run("--preset", "smoke", "--rounds", str(args.rounds), "--set", "validation-patients=0", "--no-follow",
-                   "--out", str(work / "run"), timeout=1800)
+                   *[a for kv in args.set for a in ("--set", kv)], "--out", str(work / "run"), timeout=1800)
         if r.returncode:
             raise SystemExit(r.stdout[-2000:] + r.stderr[-2000:])
     lines = sorted(x for p in (work / "dep").glob("*.log") for x in p.read_text().splitlines()
