@@ -260,7 +260,8 @@ def efficiency_table(work: Path, fractions: list[float], variants: list[str], ef
 
 Machine: {machine()}. The default cohort and config of the table above, tested on site-c; seeds as listed per row.
 The diagnosis is known for a stratified share of the training patients (number in brackets); the others still
-contribute cine, LGE and report measurements. Accuracy (95% percentile bootstrap over test patients of the seed-averaged
+contribute cine, LGE (CC-CMR's alignment) and report measurements, but no diagnosis: CC-CMR's student distils its
+teacher only for the patients whose diagnosis is known. Accuracy (95% percentile bootstrap over test patients of the seed-averaged
 correctness); difference: paired, the same patients and seeds.
 
 | labelled share | seeds | {' | '.join(shown)} | difference |
