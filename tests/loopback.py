@@ -10,6 +10,7 @@ and the deployment benchmark; everything it starts is ended by PID when the bloc
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,21 +54,45 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
+# With separate roots, every Python process of a side carries this (a sitecustomize on its path): each
+# file it opens and each folder it lists under the test's folder is appended to a log of that side.
+OPEN_HOOK = '''
+import os, sys
+_log, _watch = os.environ.get("CCMR_OPEN_LOG"), os.environ.get("CCMR_OPEN_WATCH")
+_here = os.path.dirname(os.path.abspath(__file__))
+if _log and _watch:
+    _fd = os.open(f"{_log}-{os.getpid()}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def _hook(event, args):
+        if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(_watch) and not path.startswith(_here):  # not the import system reading this
+                os.write(_fd, (path + "\\n").encode())
+
+    sys.addaudithook(_hook)
+'''
+
+
 class LoopbackFederation:
     stamp_lines = False  # time-stamp every output line as it arrives (benchmarks/deployment_trace.py)
 
     def __init__(self, work: Path, sites: dict[str, Path | None], start_timeout: float = 120, start_sites: bool = True,
-                 site_args: tuple[str, ...] = (), args_of: dict[str, tuple[str, ...]] | None = None):
+                 site_args: tuple[str, ...] = (), args_of: dict[str, tuple[str, ...]] | None = None,
+                 separate_roots: bool = False):
         """``sites``: name -> data folder, each registered; with ``start_sites`` each also gets a
         running SuperNode (without, the sites are only registered: e.g. to test who is refused),
-        started with ``ccmr-client start ... *site_args *args_of[site]``."""
+        started with ``ccmr-client start ... *site_args *args_of[site]``. ``separate_roots``: the
+        coordinator and each site live in folders of their own (``side_root``: home, working folder,
+        the federation folder or the site's bundle, data copy and cache) and every file their
+        processes open there is logged per side (``opened``), as if each were another machine."""
         self.site_args = tuple(site_args)
         self.args_of = dict(args_of or {})
         self.work = Path(work)
         self.sites = sites
         self.start_sites = start_sites
         self.start_timeout = start_timeout
-        self.root = self.work / "fed"
+        self.separate_roots = separate_roots
+        self.root = self.side_root("coordinator") / "fed" if separate_roots else self.work / "fed"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.named: dict[str, subprocess.Popen] = {}
@@ -76,11 +101,39 @@ class LoopbackFederation:
         py = sys.executable
         self.py = py
         self.env = child_env(clean=True, PYTHONPATH=str(ROOT), HOME=str(self.work))
+        if separate_roots:
+            hook = self.work / "open-hook"
+            hook.mkdir(parents=True, exist_ok=True)
+            (hook / "sitecustomize.py").write_text(OPEN_HOOK)
+            self.env.update(PYTHONPATH=f"{hook}:{ROOT}", CCMR_OPEN_WATCH=str(self.work.absolute()))
+
+    # --- separate roots -------------------------------------------------------------------------
+    def side_root(self, side: str) -> Path:
+        """The folder of "coordinator" or of a site (its name); the shared work folder without
+        separate roots."""
+        return self.work / side if self.separate_roots else self.work
+
+    def side_env(self, side: str) -> dict:
+        if not self.separate_roots:
+            return {}
+        root = self.side_root(side)
+        root.mkdir(parents=True, exist_ok=True)
+        (self.work / "opened").mkdir(exist_ok=True)
+        return {"HOME": str(root), "CCMR_OPEN_LOG": str(self.work / "opened" / side)}
+
+    def opened(self) -> dict[str, set[Path]]:
+        """Side -> the paths under the test's folder its processes opened or listed."""
+        out: dict[str, set[Path]] = {}
+        for log in (self.work / "opened").glob("*-*.log"):
+            side = log.name.rsplit("-", 1)[0]
+            out.setdefault(side, set()).update(Path(x) for x in log.read_text().splitlines() if x)
+        return out
 
     # --- commands -------------------------------------------------------------------------------
     def cli(self, module: str, *args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
-        return subprocess.run([self.py, "-m", module, *args], env={**self.env, **env}, capture_output=True,
-                              text=True, timeout=timeout, cwd=self.work)
+        side = {**(self.side_env("coordinator") if module.startswith("server.") else {}), **env}
+        return subprocess.run([self.py, "-m", module, *args], env={**self.env, **side}, capture_output=True,
+                              text=True, timeout=timeout, cwd=side.get("HOME", self.work))
 
     def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
         """Start ``cmd`` with its output in WORK/NAME.log (with ``stamp_lines``: each line prefixed
@@ -89,7 +142,8 @@ class LoopbackFederation:
         self._logs.append(f)
         # its own process group, so a test can crash it with everything it started (kill)
         p = subprocess.Popen(cmd, env={**self.env, **env}, stdout=subprocess.PIPE if self.stamp_lines else f,
-                             stderr=subprocess.STDOUT, cwd=self.work, start_new_session=True, text=True)
+                             stderr=subprocess.STDOUT, cwd=env.get("HOME", self.work), start_new_session=True,
+                             text=True)
         if self.stamp_lines:
             def pump():
                 for line in p.stdout:
@@ -127,7 +181,7 @@ class LoopbackFederation:
     def start_coordinator(self) -> subprocess.Popen:
         n = sum(1 for k in self.named if k.startswith("superlink"))
         name = "superlink" if n == 0 else f"superlink-{n}"
-        p = self.spawn(name, [self.py, "-m", "server.cli", "start", str(self.root)])
+        p = self.spawn(name, [self.py, "-m", "server.cli", "start", str(self.root)], **self.side_env("coordinator"))
         self.named["superlink"] = p
         want = f"sites: {', '.join(self.sites)}"
         deadline = time.time() + self.start_timeout
@@ -139,7 +193,8 @@ class LoopbackFederation:
 
     def run_in_background(self, name: str, *args: str) -> subprocess.Popen:
         """``ccmr-server run`` as a process whose output goes to NAME.log."""
-        return self.spawn(name, [self.py, "-m", "server.cli", "run", str(self.root), *args])
+        return self.spawn(name, [self.py, "-m", "server.cli", "run", str(self.root), *args],
+                          **self.side_env("coordinator"))
 
     def log(self, name: str) -> str:
         p = self.work / f"{name}.log"
@@ -174,10 +229,16 @@ class LoopbackFederation:
                 self.start_site(s, data)
 
     def start_site(self, site: str, data: Path) -> subprocess.Popen:
-        return self.spawn(site, [self.py, "-m", "client.cli", "start", "--bundle", str(self.fed.bundle(site)),
+        bundle, cache = self.fed.bundle(site), self.work / f"cache-{site}"
+        if self.separate_roots:  # what the site received (its bundle) and holds (its data), in its own folder
+            own = self.side_root(site)
+            shutil.copytree(bundle, own / "bundle", dirs_exist_ok=True)
+            shutil.copytree(data, own / "data", dirs_exist_ok=True)
+            bundle, data, cache = own / "bundle", own / "data", own / "cache"
+        return self.spawn(site, [self.py, "-m", "client.cli", "start", "--bundle", str(bundle),
                                  "--data", str(data), "--port", str(free_port()), *self.site_args,
                                  *self.args_of.get(site, ())],
-                          CCMR_CACHE=str(self.work / f"cache-{site}"))
+                          CCMR_CACHE=str(cache), **self.side_env(site))
 
     def wait_online(self, n: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout

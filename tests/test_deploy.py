@@ -218,6 +218,38 @@ def test_hospitals_over_tls_survive_crashes_and_lose_no_round(cohort, tmp_path):
     _assert_nothing_left(lf)
 
 
+@pytest.mark.timeout(900)
+def test_the_coordinator_and_each_site_open_only_their_own_files(cohort, tmp_path):
+    """Issue 13: the coordinator and each hospital in folders of their own, as on separate machines
+    (home, working folder, federation folder / bundle, data, cache). A run with the coordinator's
+    study.yaml and a resume of its run folder: every file any process of a side opens or lists
+    under the test's folder is that side's own (the coordinator sends content, never its paths)."""
+    sites = {"hospital-a": cohort / "site-a", "hospital-b": cohort / "site-b"}
+    with LoopbackFederation(tmp_path, sites, site_args=("--min-eval-patients", "1"), separate_roots=True) as lf:
+        lf.wait_online(2)
+        coordinator = lf.side_root("coordinator")
+        study = coordinator / "study.yaml"
+        study.write_text("train: {lr: 0.002}\n")
+        run = coordinator / "runs" / "first"
+        common = ("--preset", "smoke", "--set", "validation-patients=0", "--set", "validate-in=train-reply",
+                  "--set", "round-timeout=180")
+        r = lf.run("--config", str(study), "--rounds", "1", "--out", str(run), *common, timeout=480)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + lf.log("hospital-a")
+        r = lf.run("--resume", str(run), "--config", str(study), "--rounds", "2", *common, timeout=480)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:] + lf.log("hospital-a")
+        assert _rounds(run) == [1, 2]
+    opened = lf.opened()
+    assert set(opened) == {"coordinator", *sites}
+    for side, paths in opened.items():
+        elsewhere = sorted(str(p) for p in paths if not p.is_relative_to(lf.side_root(side)))
+        assert not elsewhere, f"{side} opened another side's files: {elsewhere[:5]}"
+    # the log sees what it should: each site its own data, the coordinator its study and run folder
+    for s in sites:
+        assert any(p.is_relative_to(lf.side_root(s) / "data") for p in opened[s]), s
+    assert study in opened["coordinator"] and any(p.is_relative_to(run) for p in opened["coordinator"])
+    _assert_nothing_left(lf)
+
+
 def _hostile_app(dst: Path, marker: Path) -> Path:
     """A copy of this app whose ClientApp a coordinator rewrote: it leaves a mark when imported,
     sends a per-patient list with every train reply and skips the egress guard."""
