@@ -211,7 +211,6 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
     cfg = run.cfg
     remaining = cfg.federated.rounds - done
     val_loader = run.val_loader
-    fed_validates = cfg.federated.fraction_evaluate > 0
     latest = {"state": model.state_dict()}  # the global model after the last round (resume: the checkpoint)
 
     def round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -233,9 +232,8 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
             line = run.recorder.complete_round(rnd - 1, dict(inner.previous_validation))
             if line:
                 print(line, flush=True)
-        follows = inner.validate_on_train and fed is None and rnd < cfg.federated.rounds and fed_validates
-        print(run.recorder.record_round(rnd, state, train, fed, server, privacy, validation_follows=follows),
-              flush=True)
+        print(run.recorder.record_round(rnd, state, train, fed, server, privacy,
+                                        validation_follows=inner.validated_by_next_train(server_round)), flush=True)
         return MetricRecord(server) if server else None
 
     if remaining <= 0:

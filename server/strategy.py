@@ -75,9 +75,13 @@ class CoordinatorRounds:
             train = {**(train or {}), "rejected": list(self.rejected)}
         return train, dict(self.last_eval) if self.last_eval else None
 
+    def validated_by_next_train(self, server_round: int) -> bool:
+        """Whether the sites validate this round's model with the next round's train replies."""
+        return self.validate_on_train and self.fraction_evaluate > 0 and server_round != self.final_round
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[proto.ROUND] = self.round_offset + server_round
-        if self.validate_on_train and server_round > 1 and self.fraction_evaluate > 0:
+        if server_round > 1 and self.validated_by_next_train(server_round - 1):
             config[proto.VALIDATE] = True  # arrays = the model of the round before
         else:
             config.pop(proto.VALIDATE, None)
