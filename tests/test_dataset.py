@@ -32,6 +32,41 @@ def test_items_have_the_contracted_shapes(cache, cohort):
         assert "patient_id" not in item
 
 
+def test_a_study_read_again_comes_from_memory_unchanged_by_what_used_it(cache):
+    from ccmr_core.data.study_memory import STUDIES
+
+    ds = CacheDataset(cache, DEFAULT_CLASSES)
+    first = ds[0]
+    first["cine"].mul_(0.0)  # a transform changing its item in place must not change the next epoch's
+    hits = STUDIES.hits
+    again = ds[0]
+    assert STUDIES.hits == hits + 1
+    assert float(again["cine"].abs().sum()) > 0
+    STUDIES.clear()
+    fresh = ds[0]
+    assert torch.equal(again["cine"], fresh["cine"]) and torch.equal(again["lge"], fresh["lge"])
+
+
+def test_study_memory_stays_within_its_budget_and_rereads_a_rewritten_study(tmp_path):
+    import numpy as np
+
+    from ccmr_core.data.study_memory import StudyMemory
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"s{i}.npz")
+        np.savez_compressed(paths[-1], cine=np.full((10, 10), i, np.float16))  # 200 bytes each
+    mem = StudyMemory(budget_bytes=450)
+    for p in paths:
+        mem.arrays(p)
+    assert mem.bytes <= 450 and len(mem._items) == 2  # the two most recently used
+    assert mem.arrays(paths[3])["cine"][0, 0] == 3 and mem.hits == 1
+    assert not mem.arrays(paths[3])["cine"].flags.writeable
+    np.savez_compressed(paths[3], cine=np.full((10, 11), 7, np.float16))  # re-ingested: new size
+    assert mem.arrays(paths[3])["cine"].shape == (10, 11)
+    assert StudyMemory(budget_bytes=100).arrays(paths[0])["cine"].shape == (10, 10)  # too big to keep: still read
+
+
 def test_lge_can_be_withheld(cache):
     ds = CacheDataset(cache, DEFAULT_CLASSES, load_lge=False)
     assert not any(bool(ds[i]["has_lge"]) for i in range(len(ds)))

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ccmr_core.data.ingest import load_manifest
+from ccmr_core.data.study_memory import STUDIES
 from ccmr_core.measurements import targets
 
 
@@ -88,10 +89,10 @@ class CacheDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s = self.studies[i]
-        with np.load(self.cache / s["path"]) as z:
-            cine = torch.from_numpy(z["cine"].astype(np.float32))
-            has_lge = self.load_lge and "lge" in z.files
-            lge = torch.from_numpy(z["lge"].astype(np.float32)) if has_lge else torch.zeros(cine.shape[0], *cine.shape[2:])
+        z = STUDIES.arrays(self.cache / s["path"])
+        cine = torch.from_numpy(z["cine"].astype(np.float32))
+        has_lge = self.load_lge and "lge" in z
+        lge = torch.from_numpy(z["lge"].astype(np.float32)) if has_lge else torch.zeros(cine.shape[0], *cine.shape[2:])
         bio = self._bio.get(s["patient_id"])
         meas, has_meas = targets(s.get("measurements", {}), self.measurements)
         item = {
