@@ -17,7 +17,7 @@ MASKED = "secaggplus_configs"
 def _run(env, cohort, name, nodes=None, **over):
     server_app, client_app = _apps()
     out = env / name
-    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1}, **over)
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 1, **over})
     grid = run_inprocess(server_app, client_app, 3, rc, nodes)
     return out, grid
 
@@ -74,6 +74,21 @@ def test_secure_aggregate_equals_the_plain_mean_and_the_coordinator_never_holds_
     # one round: evaluate; then validation twice (calibration, thresholds) and the test
     assert f"run {run_key(secure)}: 8 messages (0 train, 4 evaluate, 4 secure-aggregation)" in text, text
     assert "the model left only masked" in text
+
+
+def test_validation_on_the_train_reply_survives_secure_aggregation(env, cohort):
+    """validate-in train-reply under SecAgg+: the sites' validation statistics ride beside the
+    masked update and reach the run log as they do without masking, for every round."""
+    rows = {}
+    for name, over in (("ride-plain", {}), ("ride-secure", {"secure-aggregation": True})):
+        out, _ = _run(env, cohort, name, **{"num-server-rounds": 2, "validate-in": "train-reply", **over})
+        rows[name] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows["ride-secure"]] == [1, 2]
+    for plain, secure in zip(rows["ride-plain"], rows["ride-secure"]):
+        a, b = plain["federated_validation"], secure["federated_validation"]
+        assert b["patients"] == a["patients"] > 0 and b["accuracy"] == a["accuracy"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)  # round 1's model: the mean up to quantisation
+        assert not any(k.startswith("val-") for k in secure["train"])  # taken out before the train metrics
 
 
 def test_secure_aggregation_with_site_level_dp_clips_at_the_sites(env, cohort, monkeypatch):
