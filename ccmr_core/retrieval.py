@@ -26,6 +26,17 @@ FINDING_PROMPTS = {
     "rwma": ["regional wall motion abnormality", "akinesis of the anterior segments",
              "hypokinesis of the inferior segments"],
 }
+# The negation of each finding, for scoring a finding against its absence (CheXzero's positive vs
+# negative prompts, Tiu et al. 2022). Not the default: a text encoder trained from scratch on a
+# few hundred reports places "no X" close to "X" (BENCHMARKS, CMR-CLIP block, measured both ways).
+FINDING_NEGATIVE_PROMPTS = {
+    "lv_dysfunction": ["normal LV systolic function", "preserved ejection fraction", "LVEF 65%"],
+    "lv_dilation": ["normal LV size", "the left ventricle is normal size", "LVEDV 120 mL"],
+    "lv_hypertrophy": ["normal wall thickness", "maximum wall thickness 8 mm"],
+    "lge_present": ["no late gadolinium enhancement", "no LGE", "no myocardial scar"],
+    "rv_dysfunction": ["normal RV function", "RVEF 55%"],
+    "rwma": ["no regional wall motion abnormality", "normal regional wall motion"],
+}
 CLASS_PROMPTS = {
     "NOR": ["normal cardiac MRI", "normal study", "no abnormality described"],
     "MINF": ["prior myocardial infarction", "subendocardial late gadolinium enhancement in the LAD territory",

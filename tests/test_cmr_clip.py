@@ -173,6 +173,15 @@ def test_finding_auc_and_probes():
     assert (prototype_probe(video, y, video, 1, 2, rng) == y).all()
 
 
+def test_every_finding_has_positive_and_negative_prompts_and_a_truth():
+    from ccmr_core.retrieval import FINDING_NEGATIVE_PROMPTS, FINDING_PROMPTS
+    from ccmr_core.synth.reports import FINDINGS
+
+    assert list(FINDING_PROMPTS) == list(FINDING_NEGATIVE_PROMPTS) == list(FINDINGS)
+    for f in FINDINGS:
+        assert FINDING_NEGATIVE_PROMPTS[f] and not set(FINDING_NEGATIVE_PROMPTS[f]) & set(FINDING_PROMPTS[f])
+
+
 def test_ccmr_train_cmr_clip_then_search(cohort, tmp_path, monkeypatch, capsys):
     from ccmr_core.cli import main
 
