@@ -90,7 +90,8 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     ds = MultiSite(caches, cfg)
     idx = split_indices(ds, cfg, test_site)
     aug = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
-    train = Subset(WithReports(aug, ds.patient_ids, reports), idx["train"])
+    train = Subset(WithReports(aug, ds.patient_ids, reports,
+                               sentence_p=cfg.train.sentence_sampling if cfg.train.augment else 0.0), idx["train"])
     model = build_model("cmr-clip", **model_kwargs(cfg, ds.bio_channels))
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)

@@ -128,6 +128,9 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
     augment: bool = True
+    sentence_sampling: float = Field(0.0, ge=0.0, le=1.0, description="cmr-clip, with augment: the chance that a "
+                                     "training item's report is replaced by one of its sentences, drawn at random "
+                                     "(ConVIRT's text augmentation); 0 = whole reports only")
     seed: int = Field(0, ge=0, description="training randomness (initialisation, batches, augmentation)")
     split_seed: int = Field(0, ge=0, description="which patients are train / validation / test; fixed while "
                             "the training seed varies, so that runs are compared on the same patients")

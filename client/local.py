@@ -61,7 +61,7 @@ def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> lis
     with_reports = reads_reports(cfg.model.name)
     key = (json.dumps(node_config, sort_keys=True, default=str), cohort_dir,
            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.split_seed,
-           cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.augment, with_reports)
+           cfg.train.val_fraction, cfg.train.test_fraction, cfg.train.augment, cfg.train.sentence_sampling, with_reports)
     if key in _SITES:
         return _SITES[key]
     out = []
@@ -79,7 +79,9 @@ def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> lis
                                  evald.splits)
         if with_reports:  # read where the studies are; the text stays at the site like the images
             reports = read_reports(path, cfg.data.report_column)
-            train, evald = (WithReports(d, d.patient_ids, reports) for d in (train, evald))
+            train = WithReports(train, train.patient_ids, reports,
+                                sentence_p=cfg.train.sentence_sampling if cfg.train.augment else 0.0)
+            evald = WithReports(evald, evald.patient_ids, reports)
         out.append(Site(index, name, cache, train, evald, split))
     _SITES[key] = out
     return out

@@ -146,6 +146,25 @@ def test_with_reports_joins_by_patient():
         WithReports(base, ["a", "b"], {})
 
 
+def test_sentence_sampling_gives_whole_sentences_of_the_patients_own_report():
+    from ccmr_core.data.reports import sentences
+
+    text = "LVEDV 230ml LVEF 22%. Max WT 2.5 mm; no RWMA. No late gadolinium enhancement. Imp: DCM."
+    assert sentences(text) == ["LVEDV 230ml LVEF 22%.", "Max WT 2.5 mm;", "no RWMA.",
+                               "No late gadolinium enhancement.", "Imp: DCM."]
+    base = [{"label": torch.tensor(i)} for i in range(2)]
+    reports = {"s/P1": text, "s/P2": "Normal study."}
+    whole = WithReports(base, ["s/P1", "s/P2"], reports)
+    assert decode(whole[0]["report"]) == text  # no sampling unless asked (evaluation, inference)
+    torch.manual_seed(0)
+    ds = WithReports(base, ["s/P1", "s/P2"], reports, sentence_p=0.5)
+    seen = [decode(ds[0]["report"]) for _ in range(200)]
+    assert set(seen) == {text, *sentences(text)}  # the whole report or one of its own sentences
+    assert 0.35 < seen.count(text) / len(seen) < 0.65
+    assert {decode(ds[1]["report"]) for _ in range(20)} == {"Normal study."}  # one sentence: itself
+    assert all(ds[0]["report"].shape == whole[0]["report"].shape for _ in range(5))
+
+
 def test_retrieval_metrics_on_a_known_matrix():
     sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.5, 0.0], [0.0, 0.2, 0.1]])
     assert ranks(sim).tolist() == [1, 2, 2]

@@ -7,6 +7,7 @@ Reports stay where the images stay: they are read at the site, turned into byte 
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import torch
@@ -45,23 +46,41 @@ def read_reports(site: str | Path, column: str = "report") -> dict[str, str]:
     return out
 
 
+SENTENCE_END = re.compile(r"(?<=[.;!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """The report's sentences (split after '.', ';', '!' or '?' followed by white space, so that
+    '2.5 mm' stays whole), empty ones dropped."""
+    return [t for t in (s.strip() for s in SENTENCE_END.split(text)) if t] or [text]
+
+
 class WithReports(Dataset):
     """A dataset whose items gain ``report`` (byte ids, (L,)) and ``has_report``; ``patient_ids``
-    gives each row's key into ``reports`` (patients without a report get PAD ids and False)."""
+    gives each row's key into ``reports`` (patients without a report get PAD ids and False).
+    ``sentence_p``: the chance that an item's report is one of its sentences instead, drawn at
+    random (training only: ConVIRT's text augmentation, so the text side also learns from short
+    statements such as "No late gadolinium enhancement.", the form prompts take)."""
 
-    def __init__(self, base: Dataset, patient_ids: list[str], reports: dict[str, str], max_len: int = MAX_BYTES):
+    def __init__(self, base: Dataset, patient_ids: list[str], reports: dict[str, str], max_len: int = MAX_BYTES,
+                 sentence_p: float = 0.0):
         if len(patient_ids) != len(base):
             raise ValueError(f"{len(patient_ids)} patient ids for a dataset of {len(base)}")
         self.base = base
         keys = list(patient_ids)
         self.has = torch.tensor([k in reports for k in keys])
         self.ids = encode([reports.get(k, "") for k in keys], max_len)
+        self.sentence_p = sentence_p
+        self.sentences = [sentences(reports[k]) if k in reports and sentence_p > 0 else [] for k in keys]
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict:
         item = dict(self.base[i])
-        item["report"] = self.ids[i]
+        ids, parts = self.ids[i], self.sentences[i]
+        if len(parts) > 1 and float(torch.rand(())) < self.sentence_p:
+            ids = encode([parts[int(torch.randint(len(parts), ()))]], len(ids))[0]
+        item["report"] = ids
         item["has_report"] = self.has[i]
         return item
