@@ -214,6 +214,11 @@ class PrivacyConfig(_Section):
         "auto", description="what the sites train: 'head' (the diagnostic and measurement heads on a frozen "
         "encoder: few parameters, so DP noise does not drown the signal), 'all', or 'auto' = head under "
         "patient-level DP when the federation starts from a pretrained model, else all")
+    finetune_views: int = Field(
+        8, ge=0, le=1000, description="when the sites train only the heads of a pretrained model: augmented views "
+        "of each training patient put through the frozen encoders once per run, the heads then training on a "
+        "random one of them each step (ccmr_core/frozen_views.py); 0 = run the encoders on a new augmentation "
+        "at every step, as in full training (about ten times slower)")
 
 
 class ExperimentConfig(_Section):

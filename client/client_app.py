@@ -26,7 +26,7 @@ from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, str
 from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
 from client.egress import failed, guard, refuse
 from client.policy import max_epsilon, min_eval_patients, violations
-from client.local import RUN_KEY, average_states, check_lifetime_budget, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
+from client.local import RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 from protocol import messages as proto
 from protocol.packing import PackingError, pack, unpack
@@ -136,8 +136,11 @@ def train(msg: Message, context: Context) -> Message:
             train_only_heads(model)
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
+        data = Subset(site.train, idx)
+        if finetunes_head(cfg) and cfg.privacy.finetune_views and stage == plan.stages[-1]:
+            data = head_views(site, model, cfg, device)  # the frozen encoders' outputs, computed once
         # in-batch contrastive models (CMR-CLIP) learn nothing from a last batch of one patient
-        loader = DataLoader(Subset(site.train, idx), batch_size=cfg.train.batch_size, shuffle=True,
+        loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
                             drop_last=reads_reports(cfg.model.name) and len(idx) > cfg.train.batch_size)
         opt = make_optimizer(model, cfg.train)
         continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)

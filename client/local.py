@@ -12,10 +12,12 @@ import json
 import os
 import pickle
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from ccmr_core.config import ExperimentConfig
 from ccmr_core.data.dataset import CacheDataset
@@ -23,6 +25,7 @@ from ccmr_core.data.ingest import MANIFEST, ingest
 from ccmr_core.data.reports import WithReports, read_reports
 from ccmr_core.data.sources import default_cache_root, find_sites, site_cache
 from ccmr_core.files import atomic_path, write_atomic
+from ccmr_core.frozen_views import FrozenViews, frozen_parameters, same_frozen
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.models.registry import reads_reports
@@ -85,6 +88,30 @@ def load_sites(node_config: dict, cfg: ExperimentConfig, cohort_dir: str) -> lis
         out.append(Site(index, name, cache, train, evald, split))
     _SITES[key] = out
     return out
+
+
+_VIEWS: dict[str, tuple[tuple, FrozenViews]] = {}  # per site: the latest views of its training patients
+
+
+def head_views(site: Site, model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> FrozenViews:
+    """The site's training patients through the frozen part of ``model`` (heads-only fine-tuning),
+    ``privacy.finetune_views`` augmented views each: computed in the first round and kept for the
+    life of the process while the frozen weights the coordinator sends stay the same (they do
+    when every site trains the heads only)."""
+    idx = site.split["train"]
+    spec = (str(site.cache), tuple(idx), cfg.privacy.finetune_views, cfg.train.seed,
+            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.augment)
+    kept = _VIEWS.get(site.name)
+    if kept is not None and kept[0] == spec and same_frozen(kept[1].frozen_state, frozen_parameters(model)):
+        return kept[1]
+    t0 = time.perf_counter()
+    views = FrozenViews(model, Subset(site.train, idx), cfg.privacy.finetune_views, device,
+                        seed=cfg.train.seed * 1000 + site.index)
+    _VIEWS[site.name] = (spec, views)
+    print(f"[{site.name}] {cfg.privacy.finetune_views} augmented views of {len(idx)} training patients through the "
+          f"frozen encoders in {time.perf_counter() - t0:.1f} s (kept while the encoders stay frozen; the heads "
+          "train on them)", flush=True)
+    return views
 
 
 RUN_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")

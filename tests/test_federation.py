@@ -165,10 +165,14 @@ def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort
     assert "declines to train" in capsys.readouterr().out
 
 
-def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, cohort, capsys):
+def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, cohort, capsys, monkeypatch):
     """Patient-level DP starts from the coordinator's public pretraining (no privacy cost) and the
     sites train the heads only: every other weight a site sends back is exactly what it received."""
     from flwr.app import MessageType
+
+    import client.local
+
+    monkeypatch.setattr(client.local, "_VIEWS", {})  # views an earlier run in this process computed
 
     server_app, client_app = _apps()
     out = env / "dpft"
@@ -180,6 +184,8 @@ def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, c
     assert "starts from public pretraining" in printed
     assert list((Path(os.environ["CCMR_CACHE"]) / "pretrained").glob("cc-cmr-*/model.pt"))
     assert "sites train the heads only" in printed
+    # each site puts its patients' views through the frozen encoders once, not every round
+    assert printed.count("training patients through the frozen encoders") == 3
     sent = {m.metadata.message_id: m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
     replies = [r for r in grid.received if r.metadata.message_type == MessageType.TRAIN and r.has_content()]
     assert len(replies) == 6

@@ -26,6 +26,14 @@ class Classifier(nn.Module):
         super().__init__()
         self.register_buffer("calibration", torch.ones(()))
 
+    # head fine-tuning on precomputed views (ccmr_core/frozen_views.py): the encoder is frozen,
+    # so what it makes of a patient's view can be computed once; ``head`` trains on it
+    def frozen_outputs(self, **inputs) -> dict:
+        return {"h": self.embed(**inputs)}
+
+    def head_outputs(self, frozen: dict) -> dict:
+        return {"logits": self.head(frozen["h"])}
+
 
 class CineOnly(Classifier):
     name = "cine-only"
@@ -44,7 +52,9 @@ class CineOnly(Classifier):
     def head(self, h):
         return self.cls(self.drop(h))
 
-    def forward(self, cine, lge=None, bio=None) -> dict:
+    def forward(self, cine=None, lge=None, bio=None, frozen=None) -> dict:
+        if frozen is not None:
+            return self.head_outputs(frozen)
         return {"logits": self.head(self.embed(cine))}
 
     def losses(self, out, batch):
@@ -73,7 +83,9 @@ class DualPath(Classifier):
     def head(self, h):
         return self.cls(self.drop(h))
 
-    def forward(self, cine, lge=None, bio=None) -> dict:
+    def forward(self, cine=None, lge=None, bio=None, frozen=None) -> dict:
+        if frozen is not None:
+            return self.head_outputs(frozen)
         return {"logits": self.head(self.embed(cine, bio=bio))}
 
     def losses(self, out, batch):
@@ -99,7 +111,9 @@ class LGEOnly(Classifier):
     def head(self, h):
         return self.cls(self.drop(h))
 
-    def forward(self, cine=None, lge=None, bio=None) -> dict:
+    def forward(self, cine=None, lge=None, bio=None, frozen=None) -> dict:
+        if frozen is not None:
+            return self.head_outputs(frozen)
         return {"logits": self.head(self.embed(lge=lge))}
 
     def losses(self, out, batch):

@@ -210,25 +210,52 @@ class CCCMR(Classifier):
         rows, keys = [], []
         for batch in loader:
             has = batch["has_lge"].bool()
-            if has.any():
-                rows.append(self.teacher.lge_embedding(batch["lge"][has].to(device)))
+            if has.any():  # precomputed views carry the teacher's embedding (frozen_zl)
+                z = batch["frozen_zl"][has].to(device) if "frozen_zl" in batch else \
+                    self.teacher.lge_embedding(batch["lge"][has].to(device))
+                rows.append(z)
                 keys += batch["index"][has].tolist()
         self.teacher.train(was)
         self.bank = torch.cat(rows) if rows else None
         self.bank_row = {int(k): i for i, k in enumerate(keys)}
 
     # --- training ----------------------------------------------------------------------------
-    def forward(self, cine: torch.Tensor, lge: torch.Tensor | None = None, bio=None) -> dict:
+    def forward(self, cine: torch.Tensor | None = None, lge: torch.Tensor | None = None, bio=None,
+                frozen: dict | None = None) -> dict:
+        if frozen is not None:
+            return self.head_outputs(frozen)
         if self.stage == "teacher" and lge is not None:
             return self.teacher(cine, lge)
         path = self._cine_path()
         fc, h = _encode(path.cine, path.heads, cine)
         out = path.heads.outputs(fc, h, self.alignment)
         if lge is not None and self.teacher is not None:
-            with torch.no_grad():
-                self.teacher.eval()
-                t = self.teacher(cine, lge)
-            out["teacher_joint"], out["zl"] = t["joint"], t["zl"]
+            out.update(self._teacher_outputs(cine, lge))
+        return out
+
+    @torch.no_grad()
+    def _teacher_outputs(self, cine: torch.Tensor, lge: torch.Tensor) -> dict:
+        self.teacher.eval()
+        t = self.teacher(cine, lge)
+        return {"teacher_joint": t["joint"], "zl": t["zl"]}
+
+    # head fine-tuning on precomputed views (ccmr_core/frozen_views.py): in the student stage with
+    # only the heads trainable, the student's slice features and the frozen teacher's outputs
+    # depend on the images alone, so they are computed once per view
+    @torch.no_grad()
+    def frozen_outputs(self, cine: torch.Tensor, lge: torch.Tensor | None = None, bio=None) -> dict:
+        if self.stage != "student":
+            raise ValueError("CC-CMR trains its heads on precomputed views in the student stage only")
+        out = {"fc": self._cine_path().cine.slice_features(cine)}
+        if lge is not None and self.teacher is not None:
+            out.update(self._teacher_outputs(cine, lge))
+        return out
+
+    def head_outputs(self, frozen: dict) -> dict:
+        path = self._cine_path()
+        fc = frozen["fc"]
+        out = path.heads.outputs(fc, path.cine.pool(path.heads.slice_drop(fc)), self.alignment)
+        out.update({k: frozen[k] for k in ("teacher_joint", "zl") if k in frozen})
         return out
 
     def losses(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

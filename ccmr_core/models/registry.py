@@ -6,6 +6,7 @@ import inspect
 
 from torch import nn
 
+from ccmr_core.frozen_views import frozen_batch
 from ccmr_core.models.baselines import CineOnly, DualPath, LGEOnly
 from ccmr_core.models.cc_cmr import CCCMR
 from ccmr_core.models.cmr_clip import CMRCLIP
@@ -40,7 +41,11 @@ def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
 
 def model_inputs(model: nn.Module, batch: dict, training: bool) -> dict:
     """The tensors a model receives: in training CC-CMR also gets LGE; at inference only what
-    the model declares (CC-CMR: cine alone)."""
+    the model declares (CC-CMR: cine alone). A batch of precomputed views (head fine-tuning,
+    ``ccmr_core/frozen_views.py``) gives the heads the frozen part's outputs instead."""
+    frozen = frozen_batch(batch)
+    if frozen is not None:
+        return {"frozen": frozen}
     base = getattr(model, "_module", model)
     names = set(base.inputs)
     if training and base.name == "cc-cmr":

@@ -1,0 +1,99 @@
+"""Head fine-tuning at the cost of the heads: each training patient's augmented views are put
+through the frozen part of the model once, and the heads then train on what came out.
+
+When a site trains only the heads of a pretrained model (``privacy.finetune``, DP fine-tuning
+after public pretraining), every step used to run the frozen encoders (for CC-CMR: the student's
+cine encoder and the cine + LGE teacher) on freshly augmented images, to train a few thousand
+parameters; that was about nine tenths of a round. Here the encoders see ``views`` augmented
+draws of each patient once per run, and every step samples one of them: the frozen-feature
+recipe of private fine-tuning (Tramer & Boneh 2021, De et al. 2022).
+
+Privacy: a patient's views are computed from that patient's images alone, so a view is one more
+per-patient transformation; Poisson sampling, clipping and accounting stay per patient.
+A model takes part by defining ``frozen_outputs(**inputs)`` (what the frozen part computes,
+deterministic) and accepting ``forward(frozen=...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PREFIX = "frozen_"  # batch keys holding the frozen part's outputs
+IMAGES = ("cine", "lge", "bio", "report")  # what the frozen part reads: not kept
+
+
+def frozen_batch(batch: dict) -> dict | None:
+    """The frozen part's outputs carried by ``batch`` (names without the prefix), or None."""
+    out = {k[len(PREFIX):]: v for k, v in batch.items() if k.startswith(PREFIX)}
+    return out or None
+
+
+AFTER_HEADS = ("calibration",)  # buffers applied after the heads (the calibration temperature)
+
+
+def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter the heads do not train and every buffer but those applied after the heads:
+    what the views depend on."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    out.update({n: b.detach().clone() for n, b in model.named_buffers() if n.split(".")[-1] not in AFTER_HEADS})
+    return out
+
+
+def same_frozen(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two frozen parts are the same model. Averaging identical weights across sites may
+    change the last bit, so equal means within float32 rounding (1e-6 relative)."""
+    return a.keys() == b.keys() and all(
+        x.shape == b[k].shape and (x.dtype == torch.bool or torch.allclose(x.float(), b[k].float(), rtol=1e-6, atol=1e-8))
+        for k, x in a.items())
+
+
+class FrozenViews(Dataset):
+    """``views`` augmented draws of each item of ``dataset`` through ``model``'s frozen part.
+
+    Items: the dataset's own non-image entries (label, masks, index, ...) and one randomly chosen
+    view's outputs under ``frozen_<name>``. ``seed`` fixes the augmentations drawn."""
+
+    def __init__(self, model: torch.nn.Module, dataset, views: int, device: torch.device, seed: int = 0,
+                 batch_size: int = 16):
+        if views < 1:
+            raise ValueError(f"views must be at least 1, got {views}")
+        from ccmr_core.models.registry import model_inputs  # the registry imports this module
+
+        base = getattr(model, "_module", model)
+        if not hasattr(base, "frozen_outputs"):
+            raise ValueError(f"model {getattr(base, 'name', type(base).__name__)!r} cannot train its heads on "
+                             "precomputed views (no frozen_outputs)")
+        self.frozen_state = frozen_parameters(base)
+        self.views = views
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        per_view: list[dict[str, torch.Tensor]] = []
+        meta: dict[str, list[torch.Tensor]] = {}
+        was = base.training
+        base.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for v in range(views):
+                parts: dict[str, list[torch.Tensor]] = {}
+                for batch in loader:
+                    inputs = {k: x.to(device) for k, x in model_inputs(base, batch, training=True).items()}
+                    for k, t in base.frozen_outputs(**inputs).items():
+                        parts.setdefault(k, []).append(t.cpu())
+                    if v == 0:
+                        for k, t in batch.items():
+                            if k not in IMAGES and torch.is_tensor(t):
+                                meta.setdefault(k, []).append(t)
+                per_view.append({k: torch.cat(ts) for k, ts in parts.items()})
+        base.train(was)
+        self.meta = {k: torch.cat(ts) for k, ts in meta.items()}
+        self.outputs = {k: torch.stack([pv[k] for pv in per_view], 1) for k in per_view[0]}  # (N, V, ...)
+        self.n = len(dataset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        v = int(torch.randint(self.views, ())) if self.views > 1 else 0
+        item = {k: t[i] for k, t in self.meta.items()}
+        item.update({PREFIX + k: t[i, v] for k, t in self.outputs.items()})
+        return item
