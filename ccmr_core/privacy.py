@@ -29,6 +29,12 @@ from torch.utils.data import default_collate
 
 from ccmr_core.config import ConfigError, ExperimentConfig
 
+# Opacus computes per-sample gradients in full backward hooks; on a model whose encoders are frozen
+# the first trainable layer's input needs no gradient, and torch warns at every step that the hook
+# fires with the output's gradient only, which is all Opacus reads. Expected, so not printed.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                        "to module outputs", category=UserWarning)
+
 
 class BudgetExhausted(RuntimeError):
     """The site's next round would exceed its privacy budget."""
