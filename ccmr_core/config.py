@@ -219,6 +219,10 @@ class PrivacyConfig(_Section):
         "of each training patient put through the frozen encoders once per run, the heads then training on a "
         "random one of them each step (ccmr_core/frozen_views.py); 0 = run the encoders on a new augmentation "
         "at every step, as in full training (about ten times slower)")
+    finetune_batch_size: int = Field(
+        0, ge=0, le=100_000, description="when the sites train only the heads: their batch (under DP, the expected "
+        "batch of Poisson sampling); 0 = train.batch_size. Larger batches average the DP noise over more patients "
+        "per step (De et al. 2022); the coordinator's public pretraining keeps train.batch_size")
 
 
 class ExperimentConfig(_Section):

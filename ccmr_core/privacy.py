@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from ccmr_core.config import ConfigError, ExperimentConfig
+from ccmr_core.schedule import site_batch_size
 
 # Opacus computes per-sample gradients in full backward hooks; on a model whose encoders are frozen
 # the first trainable layer's input needs no gradient, and torch warns at every step that the hook
@@ -78,9 +79,9 @@ class Ledger:
 
 def plan_noise(cfg: ExperimentConfig, n_patients: int) -> tuple[float, float, int]:
     """(noise multiplier, sample rate, steps per epoch) for the whole run's budget. As Opacus does
-    with a loader of ``n_patients`` and ``batch_size``: an epoch is ceil(N / B) Poisson-sampled
+    with a loader of ``n_patients`` and the site's batch size (``site_batch_size``): an epoch is ceil(N / B) Poisson-sampled
     steps at sample rate 1 / steps, so the plan is exactly what its accountant will record."""
-    steps_per_epoch = max(1, math.ceil(max(n_patients, 1) / cfg.train.batch_size))
+    steps_per_epoch = max(1, math.ceil(max(n_patients, 1) / site_batch_size(cfg)))
     q = 1.0 / steps_per_epoch
     total = steps_per_epoch * cfg.federated.local_epochs * cfg.federated.rounds
     sigma = get_noise_multiplier(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.delta,

@@ -64,6 +64,14 @@ def finetunes_head(cfg) -> bool:
     return p.finetune == "head" or (p.finetune == "auto" and p.mode == "sample" and starts_pretrained(cfg))
 
 
+def site_batch_size(cfg) -> int:
+    """The batch a site trains with: ``privacy.finetune_batch_size`` when it trains the heads only
+    (if set), else ``train.batch_size``. DP accounting plans with the same number."""
+    if finetunes_head(cfg) and cfg.privacy.finetune_batch_size:
+        return cfg.privacy.finetune_batch_size
+    return cfg.train.batch_size
+
+
 def train_only_heads(model) -> None:
     """Freeze everything but the model's heads (``head_modules``) and its learned loss weights."""
     base = getattr(model, "_module", model)

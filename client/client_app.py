@@ -23,7 +23,7 @@ from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
 from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
-from ccmr_core.schedule import finetunes_head, plan_for, set_stage, starts_pretrained, train_only_heads
+from ccmr_core.schedule import finetunes_head, plan_for, set_stage, site_batch_size, starts_pretrained, train_only_heads
 from client.egress import failed, guard, refuse
 from client.policy import max_epsilon, min_eval_patients, violations
 from client.local import RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
@@ -140,8 +140,9 @@ def train(msg: Message, context: Context) -> Message:
         if finetunes_head(cfg) and cfg.privacy.finetune_views and stage == plan.stages[-1]:
             data = head_views(site, model, cfg, device)  # the frozen encoders' outputs, computed once
         # in-batch contrastive models (CMR-CLIP) learn nothing from a last batch of one patient
-        loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
-                            drop_last=reads_reports(cfg.model.name) and len(idx) > cfg.train.batch_size)
+        batch = site_batch_size(cfg)
+        loader = DataLoader(data, batch_size=batch, shuffle=True,
+                            drop_last=reads_reports(cfg.model.name) and len(idx) > batch)
         opt = make_optimizer(model, cfg.train)
         continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)
         dp = None

@@ -236,3 +236,23 @@ def test_a_sites_lifetime_cap_holds_across_runs_whatever_the_coordinator_names_t
         check_lifetime_budget(site, "run-two", fresh, cost, 100.0, 1e-5)
     # the site's policy: a cap at its own delta, whatever delta the run asks for
     assert max_epsilon({"policy-max-epsilon": 3.0}) == (3.0, 1e-5) and max_epsilon({})[0] is None
+
+
+def test_heads_only_fine_tuning_trains_and_accounts_with_its_own_batch():
+    """privacy.finetune_batch_size applies where the sites train the heads only, and the noise is
+    planned for that batch (the sample rate Opacus' accountant will record); full training and
+    the coordinator's public pretraining keep train.batch_size."""
+    from ccmr_core.privacy import plan_noise
+    from ccmr_core.schedule import finetunes_head, site_batch_size
+
+    heads = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune_batch_size=32"])
+    assert finetunes_head(heads) and site_batch_size(heads) == 32
+    sigma, q, steps = plan_noise(heads, 64)
+    assert (q, steps) == (0.5, 2)
+    small = load_config(overrides=["privacy.mode=sample", "model.alignment=slice"])
+    assert site_batch_size(small) == small.train.batch_size == 8
+    assert plan_noise(small, 64)[1:] == (0.125, 8)
+    assert sigma > plan_noise(small, 64)[0]  # fewer, larger steps: more noise per step for the same epsilon
+    whole = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune=all",
+                                   "privacy.finetune_batch_size=32"])
+    assert site_batch_size(whole) == 8
