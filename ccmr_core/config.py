@@ -219,6 +219,9 @@ class PrivacyConfig(_Section):
         "of each training patient put through the frozen encoders once per run, the heads then training on a "
         "random one of them each step (ccmr_core/frozen_views.py); 0 = run the encoders on a new augmentation "
         "at every step, as in full training (about ten times slower)")
+    finetune_top: bool = Field(
+        False, description="when the sites train only the heads: also the encoder's top (CC-CMR: slice pooling and "
+        "patient projection, 17k weights that read the frozen slice features, so the views still apply)")
     finetune_batch_size: int = Field(
         0, ge=0, le=100_000, description="when the sites train only the heads: their batch (under DP, the expected "
         "batch of Poisson sampling); 0 = train.batch_size. Larger batches average the DP noise over more patients "

@@ -71,6 +71,7 @@ class FrozenViews(Dataset):
         meta: dict[str, list[torch.Tensor]] = {}
         was = base.training
         base.eval()
+        self._check_frozen(base, dataset, device, model_inputs)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             for v in range(views):
@@ -88,6 +89,19 @@ class FrozenViews(Dataset):
         self.meta = {k: torch.cat(ts) for k, ts in meta.items()}
         self.outputs = {k: torch.stack([pv[k] for pv in per_view], 1) for k in per_view[0]}  # (N, V, ...)
         self.n = len(dataset)
+
+    @staticmethod
+    def _check_frozen(base, dataset, device, model_inputs) -> None:
+        """Refuse a model whose frozen part has trainable weights: its views would go stale."""
+        if len(dataset) == 0:
+            return
+        batch = next(iter(DataLoader(dataset, batch_size=1)))
+        with torch.random.fork_rng(devices=[]):
+            out = base.frozen_outputs(**{k: x.to(device) for k, x in model_inputs(base, batch, training=True).items()})
+        stale = [k for k, t in out.items() if t.requires_grad]
+        if stale:
+            raise ValueError(f"the frozen part's outputs {stale} depend on trainable weights: their views would not "
+                             "follow training; train only modules that read those outputs")
 
     def __len__(self) -> int:
         return self.n

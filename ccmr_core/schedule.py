@@ -72,12 +72,14 @@ def site_batch_size(cfg) -> int:
     return cfg.train.batch_size
 
 
-def train_only_heads(model) -> None:
-    """Freeze everything but the model's heads (``head_modules``) and its learned loss weights."""
+def train_only_heads(model, top: bool = False) -> None:
+    """Freeze everything but the model's heads (``head_modules``) and its learned loss weights;
+    with ``top`` also the encoder's top (``top_modules``: CC-CMR's slice pooling and projection)."""
     base = getattr(model, "_module", model)
     keep = set(getattr(base, "head_modules", ())) | {"weighting", "temperature"}
+    tops = tuple(getattr(base, "top_modules", ())) if top else ()
     for name, p in base.named_parameters():
-        if name.split(".")[0] not in keep:
+        if name.split(".")[0] not in keep and not name.startswith(tuple(t + "." for t in tops)):
             p.requires_grad_(False)
 
 

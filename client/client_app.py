@@ -133,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
         stage = plan.stage_at(first)
         set_stage(model, stage)
         if finetunes_head(cfg):
-            train_only_heads(model)
+            train_only_heads(model, top=cfg.privacy.finetune_top)
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
         data = Subset(site.train, idx)

@@ -141,3 +141,22 @@ def test_bank_alignment_takes_its_negatives_from_the_views():
     with_lge = [i for i in range(6) if i % 3 != 1]
     assert sorted(m.bank_row) == with_lge and res["align"] > 0
     assert torch.allclose(m.bank[m.bank_row[3]], views.outputs["zl"][3, 0])
+
+
+def test_the_encoders_top_can_train_on_the_views_but_not_what_makes_them():
+    """privacy.finetune_top: CC-CMR's slice pooling and projection read the slice features, so they
+    train on the views too; a trainable layer inside the frozen part is refused (stale views)."""
+    torch.manual_seed(0)
+    m = build_model("cc-cmr", 5, S, **KW)
+    set_stage(m, "student")
+    train_only_heads(m, top=True)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad}
+    assert {"cine.proj", "cine.slices", "heads.cls"} <= trainable and "cine.frames" not in trainable
+    views = FrozenViews(m, Toy(), views=2, device=torch.device("cpu"))
+    before = m.cine.proj[0].weight.clone()
+    cfg = validate({"train": {"batch_size": 3, "lr": 0.05}}, "test")
+    train_epoch(m, DataLoader(views, batch_size=3), make_optimizer(m, cfg.train), torch.device("cpu"))
+    assert not torch.equal(before, m.cine.proj[0].weight)
+    m.cine.frames.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"outputs \['fc'\] depend on trainable weights"):
+        FrozenViews(m, Toy(), views=1, device=torch.device("cpu"))

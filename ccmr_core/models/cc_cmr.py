@@ -128,6 +128,7 @@ class CCCMR(Classifier):
     name = "cc-cmr"
     inputs = ("cine",)
     head_modules = ("heads",)  # the student's heads: what DP fine-tuning trains on a pretrained model
+    top_modules = ("cine.slices", "cine.proj")  # the encoder after its slice features (privacy.finetune_top)
 
     def __init__(self, n_classes: int, slices: int, width: int = 8, dim: int = 128, proj: int = 64,
                  dropout: float = 0.2, alignment: str = "bank", temperature: float = 0.1,
@@ -242,7 +243,6 @@ class CCCMR(Classifier):
     # head fine-tuning on precomputed views (ccmr_core/frozen_views.py): in the student stage with
     # only the heads trainable, the student's slice features and the frozen teacher's outputs
     # depend on the images alone, so they are computed once per view
-    @torch.no_grad()
     def frozen_outputs(self, cine: torch.Tensor, lge: torch.Tensor | None = None, bio=None) -> dict:
         if self.stage != "student":
             raise ValueError("CC-CMR trains its heads on precomputed views in the student stage only")
