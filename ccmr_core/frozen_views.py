@@ -48,6 +48,15 @@ def same_frozen(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         for k, x in a.items())
 
 
+def _refuse_stale(outputs: dict[str, torch.Tensor]) -> None:
+    """Refuse outputs of the frozen part that depend on trainable weights: their views would not
+    follow training."""
+    stale = [k for k, t in outputs.items() if t.requires_grad]
+    if stale:
+        raise ValueError(f"the frozen part's outputs {stale} depend on trainable weights: their views would not "
+                         "follow training; train only modules that read those outputs")
+
+
 class FrozenViews(Dataset):
     """``views`` augmented draws of each item of ``dataset`` through ``model``'s frozen part.
 
@@ -71,14 +80,18 @@ class FrozenViews(Dataset):
         meta: dict[str, list[torch.Tensor]] = {}
         was = base.training
         base.eval()
-        self._check_frozen(base, dataset, device, model_inputs)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             for v in range(views):
                 parts: dict[str, list[torch.Tensor]] = {}
-                for batch in loader:
+                for i, batch in enumerate(loader):
                     inputs = {k: x.to(device) for k, x in model_inputs(base, batch, training=True).items()}
-                    for k, t in base.frozen_outputs(**inputs).items():
+                    first = v == 0 and i == 0
+                    with torch.set_grad_enabled(first):  # the first batch shows whether training reaches them
+                        out = base.frozen_outputs(**inputs)
+                    if first:
+                        _refuse_stale(out)
+                    for k, t in out.items():
                         parts.setdefault(k, []).append(t.cpu())
                     if v == 0:
                         for k, t in batch.items():
@@ -89,19 +102,6 @@ class FrozenViews(Dataset):
         self.meta = {k: torch.cat(ts) for k, ts in meta.items()}
         self.outputs = {k: torch.stack([pv[k] for pv in per_view], 1) for k in per_view[0]}  # (N, V, ...)
         self.n = len(dataset)
-
-    @staticmethod
-    def _check_frozen(base, dataset, device, model_inputs) -> None:
-        """Refuse a model whose frozen part has trainable weights: its views would go stale."""
-        if len(dataset) == 0:
-            return
-        batch = next(iter(DataLoader(dataset, batch_size=1)))
-        with torch.random.fork_rng(devices=[]):
-            out = base.frozen_outputs(**{k: x.to(device) for k, x in model_inputs(base, batch, training=True).items()})
-        stale = [k for k, t in out.items() if t.requires_grad]
-        if stale:
-            raise ValueError(f"the frozen part's outputs {stale} depend on trainable weights: their views would not "
-                             "follow training; train only modules that read those outputs")
 
     def __len__(self) -> int:
         return self.n

@@ -79,8 +79,9 @@ class Ledger:
 
 def plan_noise(cfg: ExperimentConfig, n_patients: int) -> tuple[float, float, int]:
     """(noise multiplier, sample rate, steps per epoch) for the whole run's budget. As Opacus does
-    with a loader of ``n_patients`` and the site's batch size (``site_batch_size``): an epoch is ceil(N / B) Poisson-sampled
-    steps at sample rate 1 / steps, so the plan is exactly what its accountant will record."""
+    with a loader of ``n_patients`` and the site's batch size B (``site_batch_size``): an epoch is
+    ceil(N / B) Poisson-sampled steps at sample rate 1 / steps, so the plan is exactly what its
+    accountant will record."""
     steps_per_epoch = max(1, math.ceil(max(n_patients, 1) / site_batch_size(cfg)))
     q = 1.0 / steps_per_epoch
     total = steps_per_epoch * cfg.federated.local_epochs * cfg.federated.rounds

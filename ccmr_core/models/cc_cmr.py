@@ -227,9 +227,7 @@ class CCCMR(Classifier):
             return self.head_outputs(frozen)
         if self.stage == "teacher" and lge is not None:
             return self.teacher(cine, lge)
-        path = self._cine_path()
-        fc, h = _encode(path.cine, path.heads, cine)
-        out = path.heads.outputs(fc, h, self.alignment)
+        out = self.head_outputs({"fc": self.embed(cine)})
         if lge is not None and self.teacher is not None:
             out.update(self._teacher_outputs(cine, lge))
         return out
@@ -246,12 +244,13 @@ class CCCMR(Classifier):
     def frozen_outputs(self, cine: torch.Tensor, lge: torch.Tensor | None = None, bio=None) -> dict:
         if self.stage != "student":
             raise ValueError("CC-CMR trains its heads on precomputed views in the student stage only")
-        out = {"fc": self._cine_path().cine.slice_features(cine)}
+        out = {"fc": self.embed(cine)}
         if lge is not None and self.teacher is not None:
             out.update(self._teacher_outputs(cine, lge))
         return out
 
     def head_outputs(self, frozen: dict) -> dict:
+        """What the heads make of the slice features (``fc``), the frozen teacher's outputs passed on."""
         path = self._cine_path()
         fc = frozen["fc"]
         out = path.heads.outputs(fc, path.cine.pool(path.heads.slice_drop(fc)), self.alignment)
