@@ -210,10 +210,11 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, le=1000.0, description="per-patient clipping norm (sample mode)")
     noise_multiplier: float = Field(1.0, ge=0.0, le=100.0, description="server noise (site mode)")
     clipping_norm: float = Field(1.0, gt=0.0, le=1e6, description="per-site update clipping (site mode)")
-    finetune: Literal["auto", "all", "head"] = Field(
-        "auto", description="what the sites train: 'head' (the diagnostic and measurement heads on a frozen "
-        "encoder: few parameters, so DP noise does not drown the signal), 'all', or 'auto' = head under "
-        "patient-level DP when the federation starts from a pretrained model, else all")
+    finetune: Literal["auto", "all", "head", "classifier"] = Field(
+        "auto", description="what the sites train: 'head' (the diagnostic and measurement heads and the learned "
+        "loss weights on a frozen encoder: few parameters, so DP noise does not drown the signal), 'classifier' (the "
+        "diagnostic layer alone), 'all', or 'auto' = head under patient-level DP when the federation starts from a "
+        "pretrained model, else all")
     finetune_views: int = Field(
         8, ge=0, le=1000, description="when the sites train only the heads of a pretrained model: augmented views "
         "of each training patient put through the frozen encoders once per run, the heads then training on a "
@@ -222,6 +223,9 @@ class PrivacyConfig(_Section):
     finetune_top: bool = Field(
         False, description="when the sites train only the heads: also the encoder's top (CC-CMR: slice pooling and "
         "patient projection, 17k weights that read the frozen slice features, so the views still apply)")
+    finetune_lr: float = Field(
+        0.0, ge=0.0, le=10.0, description="when the sites train only the heads: their peak learning rate; 0 = "
+        "train.lr (the coordinator's public pretraining keeps train.lr)")
     finetune_batch_size: int = Field(
         0, ge=0, le=100_000, description="when the sites train only the heads: their batch (under DP, the expected "
         "batch of Poisson sampling); 0 = train.batch_size. Larger batches average the DP noise over more patients "

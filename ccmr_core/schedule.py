@@ -57,11 +57,23 @@ def starts_pretrained(cfg) -> bool:
     return bool(f.initial_model) or f.pretrain == "public" or (f.pretrain == "auto" and cfg.privacy.mode == "sample")
 
 
-def finetunes_head(cfg) -> bool:
-    """Whether the sites train only the heads (PrivacyConfig.finetune): always with 'head' (also
-    without DP, to compare like with like); with 'auto' under patient-level DP from a pretrained start."""
+def finetune_part(cfg) -> str | None:
+    """What the sites train of a pretrained model (PrivacyConfig.finetune): 'head' or 'classifier'
+    when they train only that (always when set so, also without DP, to compare like with like),
+    None when they train everything. 'auto': the heads under patient-level DP from a pretrained
+    start (the diagnostic layer alone was no better on validation; BENCHMARKS, DP fine-tuning pilot)."""
     p = cfg.privacy
-    return p.finetune == "head" or (p.finetune == "auto" and p.mode == "sample" and starts_pretrained(cfg))
+    if p.finetune in ("head", "classifier"):
+        return p.finetune
+    if p.finetune == "auto" and p.mode == "sample" and starts_pretrained(cfg):
+        return "head"
+    return None
+
+
+def finetunes_head(cfg) -> bool:
+    """Whether the sites train only a head of the model (the views of ccmr_core/frozen_views.py and
+    ``privacy.finetune_batch_size`` then apply)."""
+    return finetune_part(cfg) is not None
 
 
 def site_batch_size(cfg) -> int:
@@ -72,14 +84,30 @@ def site_batch_size(cfg) -> int:
     return cfg.train.batch_size
 
 
-def train_only_heads(model, top: bool = False) -> None:
-    """Freeze everything but the model's heads (``head_modules``) and its learned loss weights;
-    with ``top`` also the encoder's top (``top_modules``: CC-CMR's slice pooling and projection)."""
+def site_train_config(cfg):
+    """The training settings a site's optimiser uses: ``privacy.finetune_lr`` as the learning rate
+    when it trains the heads only (if set), else ``train`` as it is."""
+    if finetunes_head(cfg) and cfg.privacy.finetune_lr:
+        return cfg.train.model_copy(update={"lr": cfg.privacy.finetune_lr})
+    return cfg.train
+
+
+def train_only_heads(model, top: bool = False, part: str = "head") -> None:
+    """Freeze everything but ``part`` of the model: 'head' = its heads (``head_modules``) and
+    learned loss weights; 'classifier' = the diagnostic layer alone (``classifier_modules``; the
+    heads' other outputs cannot change a diagnosis read from a frozen encoder, and under DP-SGD
+    they would share each patient's clipped gradient and add noise dimensions). With ``top`` also
+    the encoder's top (``top_modules``: CC-CMR's slice pooling and projection)."""
+    if part not in ("head", "classifier"):
+        raise ValueError(f"part must be 'head' or 'classifier', got {part!r}")
     base = getattr(model, "_module", model)
-    keep = set(getattr(base, "head_modules", ())) | {"weighting", "temperature"}
-    tops = tuple(getattr(base, "top_modules", ())) if top else ()
+    if part == "head":
+        keep = (*getattr(base, "head_modules", ()), "weighting", "temperature")
+    else:
+        keep = tuple(getattr(base, "classifier_modules", getattr(base, "head_modules", ())))
+    keep += tuple(getattr(base, "top_modules", ())) if top else ()
     for name, p in base.named_parameters():
-        if name.split(".")[0] not in keep and not name.startswith(tuple(t + "." for t in tops)):
+        if not name.startswith(tuple(k + "." for k in keep)):
             p.requires_grad_(False)
 
 

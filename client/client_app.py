@@ -23,7 +23,8 @@ from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
 from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
-from ccmr_core.schedule import finetunes_head, plan_for, set_stage, site_batch_size, starts_pretrained, train_only_heads
+from ccmr_core.schedule import (finetune_part, finetunes_head, plan_for, set_stage, site_batch_size,
+                                 site_train_config, starts_pretrained, train_only_heads)
 from client.egress import failed, guard, refuse
 from client.policy import max_epsilon, min_eval_patients, violations
 from client.local import RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
@@ -133,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
         stage = plan.stage_at(first)
         set_stage(model, stage)
         if finetunes_head(cfg):
-            train_only_heads(model, top=cfg.privacy.finetune_top)
+            train_only_heads(model, top=cfg.privacy.finetune_top, part=finetune_part(cfg))
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
         data = Subset(site.train, idx)
@@ -143,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         batch = site_batch_size(cfg)
         loader = DataLoader(data, batch_size=batch, shuffle=True,
                             drop_last=reads_reports(cfg.model.name) and len(idx) > batch)
-        opt = make_optimizer(model, cfg.train)
+        opt = make_optimizer(model, site_train_config(cfg))
         continued = cfg.federated.keep_optimizer and restore_optimizer(opt, site, run_key, rnd, stage)
         dp = None
         if cfg.privacy.mode == "sample":

@@ -43,11 +43,11 @@ class Toy(Dataset):
         return item
 
 
-def heads_only(name, seed=0):
+def heads_only(name, seed=0, part="head"):
     torch.manual_seed(seed)
     m = build_model(name, 5, S, **KW)
     set_stage(m, getattr(m, "stages", ("train",))[-1])  # CC-CMR: the student (copied from the teacher)
-    train_only_heads(m)
+    train_only_heads(m, part=part)
     return m
 
 
@@ -105,10 +105,11 @@ def test_views_are_kept_only_while_the_frozen_weights_stay_the_same():
     assert same_frozen(kept, frozen_parameters(m))
 
 
-def test_dp_sgd_trains_only_the_heads_on_the_views():
+@pytest.mark.parametrize("part", ["head", "classifier"])
+def test_dp_sgd_trains_only_the_heads_on_the_views(part):
     cfg = validate({"train": {"batch_size": 3, "lr": 0.05}, "model": {"alignment": "slice"},
                     "privacy": {"mode": "sample", "target_epsilon": 50.0}}, "test")
-    m = heads_only("cc-cmr")
+    m = heads_only("cc-cmr", part=part)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     views = FrozenViews(m, Toy(), views=2, device=torch.device("cpu"))
     loader = DataLoader(views, batch_size=3, shuffle=True)
@@ -119,8 +120,12 @@ def test_dp_sgd_trains_only_the_heads_on_the_views():
         train_epoch(pm, loader, opt, torch.device("cpu"))
     assert 0 < dp.finish() <= 50.0
     after = m.state_dict()
-    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    assert "heads" in moved and moved <= {"heads", "weighting", "temperature"}
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    if part == "classifier":  # the diagnostic layer alone: nothing else shares its clipped gradients
+        assert moved == {"heads.cls.weight", "heads.cls.bias"}
+    else:
+        assert any(k.startswith("heads.") for k in moved)
+        assert {k.split(".")[0] for k in moved} <= {"heads", "weighting", "temperature"}
 
 
 def test_a_model_without_frozen_outputs_is_refused_by_name():

@@ -243,7 +243,7 @@ def test_heads_only_fine_tuning_trains_and_accounts_with_its_own_batch():
     planned for that batch (the sample rate Opacus' accountant will record); full training and
     the coordinator's public pretraining keep train.batch_size."""
     from ccmr_core.privacy import plan_noise
-    from ccmr_core.schedule import finetunes_head, site_batch_size
+    from ccmr_core.schedule import finetunes_head, site_batch_size, site_train_config
 
     heads = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune_batch_size=32"])
     assert finetunes_head(heads) and site_batch_size(heads) == 32
@@ -254,5 +254,9 @@ def test_heads_only_fine_tuning_trains_and_accounts_with_its_own_batch():
     assert plan_noise(small, 64)[1:] == (0.125, 8)
     assert sigma > plan_noise(small, 64)[0]  # fewer, larger steps: more noise per step for the same epsilon
     whole = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune=all",
-                                   "privacy.finetune_batch_size=32"])
+                                   "privacy.finetune_batch_size=32", "privacy.finetune_lr=0.05"])
     assert site_batch_size(whole) == 8
+    # the heads' own learning rate, likewise only where the sites train the heads
+    assert site_train_config(whole).lr == whole.train.lr == 0.002
+    fast = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune_lr=0.05"])
+    assert site_train_config(fast).lr == 0.05 and fast.train.lr == 0.002

@@ -4,7 +4,7 @@ import pytest
 
 from ccmr_core.config import load_config
 from ccmr_core.models import build_model
-from ccmr_core.schedule import Plan, finetunes_head, plan_for, starts_pretrained, train_only_heads
+from ccmr_core.schedule import Plan, finetune_part, finetunes_head, plan_for, starts_pretrained, train_only_heads
 
 
 def test_stages_split_the_epochs_on_round_boundaries():
@@ -36,6 +36,9 @@ def test_who_starts_pretrained_and_who_trains_only_heads():
     assert not starts_pretrained(load_config())
     dp = load_config(overrides=["privacy.mode=sample"])
     assert starts_pretrained(dp) and finetunes_head(dp)  # auto: DP starts from public pretraining
+    assert finetune_part(dp) == "head"  # ... and trains the heads
+    assert finetune_part(load_config(overrides=["privacy.mode=sample", "privacy.finetune=classifier"])) == "classifier"
+    assert finetune_part(load_config(overrides=["privacy.finetune=classifier"])) == "classifier"
     assert not finetunes_head(load_config(overrides=["privacy.mode=sample", "privacy.finetune=all"]))
     assert not starts_pretrained(load_config(overrides=["privacy.mode=sample", "federated.pretrain=none"]))
     assert not finetunes_head(load_config(overrides=["privacy.mode=sample", "federated.pretrain=none"]))
@@ -52,3 +55,16 @@ def test_train_only_heads_leaves_the_heads_and_loss_weights(name):
     trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and trainable <= set(m.head_modules) | {"weighting", "temperature"}
     assert any(n.split(".")[0] in m.head_modules for n, p in m.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["cc-cmr", "cine-only", "dual-path", "lge-only"])
+def test_train_only_the_classifier_leaves_the_diagnostic_layer_alone(name):
+    m = build_model(name, 5, 4, width=4, dim=16, proj=8, n_measurements=3)  # CC-CMR: a measurement head too
+    if hasattr(m, "set_stage"):
+        m.set_stage("student")
+    train_only_heads(m, part="classifier")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    layer = "heads.cls" if name == "cc-cmr" else "cls"
+    assert trainable == {f"{layer}.weight", f"{layer}.bias"}
+    with pytest.raises(ValueError, match="part must be 'head' or 'classifier', got 'encoder'"):
+        train_only_heads(m, part="encoder")

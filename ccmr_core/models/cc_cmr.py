@@ -127,7 +127,8 @@ class Teacher(nn.Module):
 class CCCMR(Classifier):
     name = "cc-cmr"
     inputs = ("cine",)
-    head_modules = ("heads",)  # the student's heads: what DP fine-tuning trains on a pretrained model
+    head_modules = ("heads",)  # the student's heads (privacy.finetune: head)
+    classifier_modules = ("heads.cls",)  # its diagnostic layer: what DP fine-tuning trains on a pretrained model
     top_modules = ("cine.slices", "cine.proj")  # the encoder after its slice features (privacy.finetune_top)
 
     def __init__(self, n_classes: int, slices: int, width: int = 8, dim: int = 128, proj: int = 64,
