@@ -220,6 +220,10 @@ class PrivacyConfig(_Section):
         "of each training patient put through the frozen encoders once per run, the heads then training on a "
         "random one of them each step (ccmr_core/frozen_views.py); 0 = run the encoders on a new augmentation "
         "at every step, as in full training (about ten times slower)")
+    finetune_multiplicity: int = Field(
+        1, ge=1, le=1000, description="when the heads train on precomputed views: views of each patient per step, "
+        "whose losses are averaged before the patient's gradient is clipped (augmentation multiplicity, De et al. "
+        "2022); at most privacy.finetune_views; 1 = one random view per step")
     finetune_top: bool = Field(
         False, description="when the sites train only the heads: also the encoder's top (CC-CMR: slice pooling and "
         "patient projection, 17k weights that read the frozen slice features, so the views still apply)")
@@ -266,6 +270,16 @@ class ExperimentConfig(_Section):
         if self.model.alignment != "auto":
             return self.model.alignment
         return "slice" if self.privacy.mode == "sample" else "bank"
+
+    @model_validator(mode="after")
+    def _multiplicity_within_views(self) -> "ExperimentConfig":
+        p = self.privacy
+        if p.finetune_multiplicity > 1 and p.finetune_multiplicity > p.finetune_views:
+            raise ValueError(
+                f"privacy.finetune_multiplicity {p.finetune_multiplicity} is more than privacy.finetune_views "
+                f"{p.finetune_views}: a step cannot use more views of a patient than were computed; raise "
+                "finetune_views or lower finetune_multiplicity")
+        return self
 
     @model_validator(mode="after")
     def _dp_needs_per_patient_losses(self) -> "ExperimentConfig":

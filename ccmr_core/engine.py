@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ccmr_core.config import TrainConfig
+from ccmr_core.frozen_views import view_batches
 from ccmr_core.metrics import classification_metrics
 from ccmr_core.models.registry import model_inputs
 
@@ -76,6 +77,19 @@ def _prox_step(model: nn.Module, global_params: list[torch.Tensor], share: float
                 p.sub_(share * (p - g))
 
 
+def _losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-patient total loss and task losses of a training batch; a batch with several views of
+    each patient (augmentation multiplicity, ccmr_core/frozen_views.py) gives each patient the mean
+    of its views' losses, so its gradient is the mean over its views."""
+    views = view_batches(batch)
+    results = [core(model).losses(model(**model_inputs(model, b, training=True)), b) for b in views]
+    if len(results) == 1:
+        return results[0]
+    total = torch.stack([t for t, _ in results]).mean(0)
+    parts = {k: torch.stack([p[k] for _, p in results]).mean(0) for k in results[0][1]}
+    return total, parts
+
+
 def train_epoch(
     model: nn.Module,
     loader,
@@ -110,8 +124,7 @@ def train_epoch(
                 g["lr"] = g["base_lr"] * factor
         batch = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
-        out = model(**model_inputs(model, batch, training=True))
-        total, parts = core(model).losses(out, batch)
+        total, parts = _losses(model, batch)
         n = int(total.shape[0])
         loss = total.mean() if n else total.sum()
         loss.backward()

@@ -12,6 +12,12 @@ Privacy: a patient's views are computed from that patient's images alone, so a v
 per-patient transformation; Poisson sampling, clipping and accounting stay per patient.
 A model takes part by defining ``frozen_outputs(**inputs)`` (what the frozen part computes,
 deterministic) and accepting ``forward(frozen=...)``.
+
+Augmentation multiplicity (``per_step`` > 1): an item carries several distinct views of its
+patient (on axis 1 of each batch tensor, marked by ``VIEW_AXIS``); the training loop runs the
+heads on each (``view_batches``) and averages the patient's losses, so that under DP-SGD the
+patient's gradient is the mean over its views before it is clipped (De et al. 2022). Opacus adds
+up the per-sample gradients of the forward passes before one backward, as for tied weights.
 """
 
 from __future__ import annotations
@@ -20,13 +26,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 PREFIX = "frozen_"  # batch keys holding the frozen part's outputs
+VIEW_AXIS = "frozen_views_on_axis_1"  # batch key: the outputs hold several views of each patient on axis 1
 IMAGES = ("cine", "lge", "bio", "report")  # what the frozen part reads: not kept
 
 
 def frozen_batch(batch: dict) -> dict | None:
     """The frozen part's outputs carried by ``batch`` (names without the prefix), or None."""
+    if VIEW_AXIS in batch:
+        raise ValueError("this batch holds several views of each patient: split it with view_batches first")
     out = {k[len(PREFIX):]: v for k, v in batch.items() if k.startswith(PREFIX)}
     return out or None
+
+
+def view_batches(batch: dict) -> list[dict]:
+    """One batch per view when ``batch`` holds several views of each patient (augmentation
+    multiplicity); else ``[batch]``. The non-view entries (labels, masks, index) are shared."""
+    if VIEW_AXIS not in batch:
+        return [batch]
+    views = {k: v for k, v in batch.items() if k.startswith(PREFIX) and k != VIEW_AXIS}
+    rest = {k: v for k, v in batch.items() if k not in views and k != VIEW_AXIS}
+    k = next(iter(views.values())).shape[1]
+    return [{**rest, **{name: v[:, i] for name, v in views.items()}} for i in range(k)]
 
 
 AFTER_HEADS = ("calibration",)  # buffers applied after the heads (the calibration temperature)
@@ -61,12 +81,16 @@ class FrozenViews(Dataset):
     """``views`` augmented draws of each item of ``dataset`` through ``model``'s frozen part.
 
     Items: the dataset's own non-image entries (label, masks, index, ...) and one randomly chosen
-    view's outputs under ``frozen_<name>``. ``seed`` fixes the augmentations drawn."""
+    view's outputs under ``frozen_<name>``; with ``per_step`` > 1 that many distinct views, stacked
+    on a first axis (see the module's docstring). ``seed`` fixes the augmentations drawn."""
 
     def __init__(self, model: torch.nn.Module, dataset, views: int, device: torch.device, seed: int = 0,
-                 batch_size: int = 16):
+                 batch_size: int = 16, per_step: int = 1):
         if views < 1:
             raise ValueError(f"views must be at least 1, got {views}")
+        if not 1 <= per_step <= views:
+            raise ValueError(f"per_step must be between 1 and views ({views}), got {per_step}")
+        self.per_step = per_step
         from ccmr_core.models.registry import model_inputs  # the registry imports this module
 
         base = getattr(model, "_module", model)
@@ -107,7 +131,12 @@ class FrozenViews(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        v = int(torch.randint(self.views, ())) if self.views > 1 else 0
         item = {k: t[i] for k, t in self.meta.items()}
+        if self.per_step > 1:
+            chosen = torch.randperm(self.views)[:self.per_step]
+            item.update({PREFIX + k: t[i, chosen] for k, t in self.outputs.items()})
+            item[VIEW_AXIS] = torch.tensor(True)
+            return item
+        v = int(torch.randint(self.views, ())) if self.views > 1 else 0
         item.update({PREFIX + k: t[i, v] for k, t in self.outputs.items()})
         return item

@@ -97,16 +97,18 @@ def head_views(site: Site, model: torch.nn.Module, cfg: ExperimentConfig, device
     """The site's training patients through the frozen part of ``model`` (heads-only fine-tuning),
     ``privacy.finetune_views`` augmented views each: computed in the first round and kept for the
     life of the process while the frozen weights the coordinator sends stay the same (they do
-    when every site trains the heads only)."""
+    when every site trains the heads only). A step draws ``privacy.finetune_multiplicity`` of them
+    per patient."""
     idx = site.split["train"]
     spec = (str(site.cache), tuple(idx), cfg.privacy.finetune_views, cfg.train.seed,
             json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.train.augment)
     kept = _VIEWS.get(site.name)
     if kept is not None and kept[0] == spec and same_frozen(kept[1].frozen_state, frozen_parameters(model)):
+        kept[1].per_step = cfg.privacy.finetune_multiplicity  # what a step draws, not what was computed
         return kept[1]
     t0 = time.perf_counter()
     views = FrozenViews(model, Subset(site.train, idx), cfg.privacy.finetune_views, device,
-                        seed=cfg.train.seed * 1000 + site.index)
+                        seed=cfg.train.seed * 1000 + site.index, per_step=cfg.privacy.finetune_multiplicity)
     _VIEWS[site.name] = (spec, views)
     print(f"[{site.name}] {cfg.privacy.finetune_views} augmented views of {len(idx)} training patients through the "
           f"frozen encoders in {time.perf_counter() - t0:.1f} s (kept while the encoders stay frozen; the heads "

@@ -23,10 +23,11 @@ def _run_config(**over):
     return rc
 
 
-def _small_public(folder: Path) -> str:
-    """A config with a small public pretraining cohort (the pretrained model is cached per config)."""
+def _small_public(folder: Path, privacy: str = "") -> str:
+    """A config with a small public pretraining cohort (the pretrained model is cached per config;
+    ``privacy`` settings do not change it)."""
     p = folder / "public.yaml"
-    p.write_text("federated: {public_patients: 12, public_epochs: 1}\n")
+    p.write_text("federated: {public_patients: 12, public_epochs: 1}\n" + (f"privacy: {{{privacy}}}\n" if privacy else ""))
     return str(p)
 
 
@@ -167,7 +168,8 @@ def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort
 
 def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, cohort, capsys, monkeypatch):
     """Patient-level DP starts from the coordinator's public pretraining (no privacy cost) and the
-    sites train the heads only: every other weight a site sends back is exactly what it received."""
+    sites train the heads only: every other weight a site sends back is exactly what it received.
+    Each step averages two views of each patient before clipping (augmentation multiplicity)."""
     from flwr.app import MessageType
 
     import client.local
@@ -176,8 +178,8 @@ def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, c
 
     server_app, client_app = _apps()
     out = env / "dpft"
-    rc = _run_config(preset="smoke", config=_small_public(env), **{"out-dir": str(out), "data-dir": str(cohort),
-                                                                   "dp": "sample", "target-epsilon": 3.0})
+    rc = _run_config(preset="smoke", config=_small_public(env, "finetune_multiplicity: 2"),
+                     **{"out-dir": str(out), "data-dir": str(cohort), "dp": "sample", "target-epsilon": 3.0})
     grid = run_inprocess(server_app, client_app, 3, rc)
     printed = capsys.readouterr().out
     # the pretraining itself is printed only by the first test that needs it (the cache is shared)

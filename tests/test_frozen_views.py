@@ -105,13 +105,13 @@ def test_views_are_kept_only_while_the_frozen_weights_stay_the_same():
     assert same_frozen(kept, frozen_parameters(m))
 
 
-@pytest.mark.parametrize("part", ["head", "classifier"])
-def test_dp_sgd_trains_only_the_heads_on_the_views(part):
+@pytest.mark.parametrize("part,per_step", [("head", 1), ("classifier", 1), ("head", 2)])
+def test_dp_sgd_trains_only_the_heads_on_the_views(part, per_step):
     cfg = validate({"train": {"batch_size": 3, "lr": 0.05}, "model": {"alignment": "slice"},
                     "privacy": {"mode": "sample", "target_epsilon": 50.0}}, "test")
     m = heads_only("cc-cmr", part=part)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    views = FrozenViews(m, Toy(), views=2, device=torch.device("cpu"))
+    views = FrozenViews(m, Toy(), views=2, device=torch.device("cpu"), per_step=per_step)
     loader = DataLoader(views, batch_size=3, shuffle=True)
     opt = make_optimizer(m, cfg.train)
     dp = PrivateTraining(cfg, Ledger(), len(views))
@@ -165,3 +165,54 @@ def test_the_encoders_top_can_train_on_the_views_but_not_what_makes_them():
     m.cine.frames.requires_grad_(True)
     with pytest.raises(ValueError, match=r"outputs \['fc'\] depend on trainable weights"):
         FrozenViews(m, Toy(), views=1, device=torch.device("cpu"))
+
+
+def test_augmentation_multiplicity_clips_the_mean_of_a_patients_views():
+    """privacy.finetune_multiplicity: the per-patient gradient Opacus clips is the mean of that
+    patient's views' gradients (one record per patient, whatever the number of views), and it
+    depends on that patient's views alone."""
+    from opacus import GradSampleModule
+    from torch.utils.data import default_collate
+
+    from ccmr_core.engine import _losses
+
+    m = heads_only("cc-cmr")
+    views = FrozenViews(m, Toy(), views=3, device=torch.device("cpu"), per_step=3)  # every view: order-free mean
+    for mod in m.modules():  # no dropout: the two computations see the same heads (Opacus needs train mode)
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    expected = []  # (patient, parameter) -> mean over views of that view's gradient, by hand
+    for i in range(4):
+        grads = []
+        for v in range(3):
+            item = {k: t[i] for k, t in views.meta.items()}
+            item.update({"frozen_" + k: t[i, v] for k, t in views.outputs.items()})
+            b = default_collate([item])
+            m.zero_grad()
+            total, _ = m.losses(m(**model_inputs(m, b, training=True)), b)
+            total.sum().backward()
+            grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for _, p in trained])
+        # the views differ enough that one view's gradient is not their mean
+        assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads[0], grads[1]))
+        expected.append([torch.stack(g).mean(0) for g in zip(*grads)])
+    batch = default_collate([views[i] for i in range(4)])
+    assert batch["frozen_fc"].shape[:2] == (4, 3)
+    gm = GradSampleModule(m)
+    total, parts = _losses(gm, batch)
+    assert total.shape == (4,) and parts["cls"].shape == (4,)
+    total.mean().backward()
+    for j, (name, p) in enumerate(trained):
+        assert p.grad_sample.shape[0] == 4, name  # one gradient per patient, not per view
+        for i in range(4):
+            assert torch.allclose(p.grad_sample[i], expected[i][j], atol=1e-5), (name, i)
+    gm._close()
+
+
+def test_multiplicity_needs_that_many_views():
+    from ccmr_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="finetune_multiplicity 4 is more than privacy.finetune_views 2"):
+        load_config(overrides=["privacy.finetune_views=2", "privacy.finetune_multiplicity=4"])
+    with pytest.raises(ValueError, match="per_step must be between 1 and views"):
+        FrozenViews(heads_only("cine-only"), Toy(), views=2, device=torch.device("cpu"), per_step=3)

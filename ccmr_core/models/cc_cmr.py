@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ccmr_core.frozen_views import view_batches
 from ccmr_core.losses import (diagnosis_loss, distillation_loss, measurement_loss, patient_alignment_loss,
                              slice_alignment_loss)
 from ccmr_core.models.baselines import Classifier
@@ -211,6 +212,7 @@ class CCCMR(Classifier):
         self.teacher.eval()
         rows, keys = [], []
         for batch in loader:
+            batch = view_batches(batch)[0]  # several views of each patient: the bank takes the first
             has = batch["has_lge"].bool()
             if has.any():  # precomputed views carry the teacher's embedding (frozen_zl)
                 z = batch["frozen_zl"][has].to(device) if "frozen_zl" in batch else \
