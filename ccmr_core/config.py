@@ -150,6 +150,9 @@ class FederatedConfig(_Section):
     local_epochs: int = Field(3, ge=1, le=1000)
     keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
                                  "from round to round, kept at the site, instead of restarting it every round")
+    average_last: int = Field(0, ge=0, le=100_000, description="the run ends with the mean of the global models "
+                              "of its last this many rounds (of its last stage) instead of the last round's: tail "
+                              "averaging, post-processing at the coordinator (no privacy cost); 0 = the last round's")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, le=100_000, description="the sites validate the global model every this "

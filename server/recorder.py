@@ -87,16 +87,19 @@ class RunRecorder:
 
     # --- every round --------------------------------------------------------------------------
     def record_round(self, rnd: int, state: dict, train: dict | None, federated: dict | None,
-                     server: dict | None, privacy: dict | None, validation_follows: bool = False) -> str:
-        """Checkpoint round ``rnd`` and write its metrics line; with ``validation_follows`` the line
-        waits for the sites' validation of this round's model (``complete_round``, when the next
-        round's train replies bring it; a crash before then leaves the line without it)."""
+                     server: dict | None, privacy: dict | None, validation_follows: bool = False,
+                     average: dict | None = None) -> str:
+        """Checkpoint round ``rnd`` (with the tail average so far, ``average``) and write its
+        metrics line; with ``validation_follows`` the line waits for the sites' validation of this
+        round's model (``complete_round``, when the next round's train replies bring it; a crash
+        before then leaves the line without it)."""
         row = {"round": rnd, "seconds": round(time.perf_counter() - self.t0, 2), "train": train,
                "federated_validation": federated, "server_validation": server, "privacy": privacy}
         self.flush()  # the round before, complete or not, goes first: metrics.jsonl stays in order
         # the checkpoint first (with its row): a crash in between is repaired on resume
         with atomic_path(self.out / CHECKPOINT) as tmp:
-            torch.save({"round": rnd, "state": state, "row": _clean(row)}, tmp)
+            torch.save({"round": rnd, "state": state, "row": _clean(row),
+                        **({"average": average} if average is not None else {})}, tmp)
         if validation_follows:
             self._pending = row
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from server.packing_grid import PackingGrid
 from server.robust_rounds import FastPollGrid, RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
 from server.strategy import ClientSideClippingDP, ServerSideClippingDP, make_strategy
+from server.tail_average import TailAverage, first_averaged_round
 
 app = ServerApp()
 # Opacus calls logging.basicConfig() at import, which gives the root logger a handler; Flower's
@@ -70,6 +71,7 @@ class Run:
     val: object  # the coordinator's own validation set (None: none)
     kwargs: dict  # the model's arguments
     recorder: RunRecorder
+    tail: TailAverage = field(default_factory=lambda: TailAverage(None))  # federated.average_last (initial_model)
 
     @property
     def classes(self) -> list[str]:
@@ -98,6 +100,9 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     final_state, completed = train_rounds(run, strategy, inner, grid, model, done)
     train_seconds = time.perf_counter() - t0
+    if run.tail.describe(done + completed):
+        print(run.tail.describe(done + completed), flush=True)
+    final_state = run.tail.result(final_state)
     final_state, temperature, refer = calibrate(run, grid, final_state)
     run.recorder.save_model(final_state, done + completed, refer=refer)
     results = test(run, grid, model, final_state, refer)
@@ -140,12 +145,14 @@ def initial_model(run: Run) -> tuple[torch.nn.Module, int, str | None]:
     """The global model to start from, the rounds already done (resume) and where it came from."""
     torch.manual_seed(run.cfg.train.seed)
     model = build_model(run.cfg.model.name, **run.kwargs)
+    run.tail = TailAverage(first_averaged_round(run.cfg, model))
     if not run.resume:
         return model, 0, initial_state(run.cfg, model, run.deployed)
     ck = run.recorder.load_checkpoint()
     if ck is None:
         raise FileNotFoundError(f"resume: no {run.out}/checkpoint.pt to continue from")
     model.load_state_dict(ck["state"])
+    run.tail.restore(ck.get("average"))
     print(f"resuming {run.out} after round {int(ck['round'])} of {run.cfg.federated.rounds}", flush=True)
     return model, int(ck["round"]), None
 
@@ -232,8 +239,10 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
             line = run.recorder.complete_round(rnd - 1, dict(inner.previous_validation))
             if line:
                 print(line, flush=True)
+        run.tail.add(rnd, state)
         print(run.recorder.record_round(rnd, state, train, fed, server, privacy,
-                                        validation_follows=inner.validated_by_next_train(server_round)), flush=True)
+                                        validation_follows=inner.validated_by_next_train(server_round),
+                                        average=run.tail.snapshot()), flush=True)
         return MetricRecord(server) if server else None
 
     if remaining <= 0:

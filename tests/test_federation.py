@@ -228,6 +228,37 @@ def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
     assert all(torch.equal(first[k], after_one["state"][k]) for k in first)
 
 
+def test_tail_averaging_ends_with_the_mean_of_the_last_rounds_across_a_resume(env, cohort, capsys):
+    """federated.average_last 2: the saved model is the mean of the global models of rounds 3 and 4
+    (the student stage), also when the run stopped after round 3 and was resumed."""
+    import torch
+    from flwr.app import MessageType
+
+    from ccmr_core.checkpoint import load_model
+
+    server_app, client_app = _apps()
+    out = env / "tail"
+    yaml = env / "tail.yaml"
+    yaml.write_text("federated: {average_last: 2}\n")
+    rc = _run_config(preset="smoke", config=str(yaml), **{"out-dir": str(out), "data-dir": str(cohort),
+                                                          "num-server-rounds": 3})
+    run_inprocess(server_app, client_app, 3, rc)
+    after_three = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert after_three["average"]["n"] == 1  # round 3 is the first of the student stage
+    rc.update({"resume": str(out), "num-server-rounds": 4})
+    grid = run_inprocess(server_app, client_app, 3, rc)
+    assert "final model: the mean of the global models of rounds 3-4" in capsys.readouterr().out
+    g3 = after_three["state"]
+    g4 = next(m.content["arrays"].to_torch_state_dict() for m in grid.sent
+              if m.metadata.message_type == MessageType.EVALUATE and m.content["config"].get("global-round") == 4)
+    saved, _ = load_model(out / "model.pt")
+    final = saved.state_dict()
+    assert not torch.equal(g3["heads.cls.weight"], g4["heads.cls.weight"])  # round 4 trained the student
+    for k, v in final.items():
+        if v.is_floating_point() and k != "calibration":
+            assert torch.allclose(v, (g3[k] + g4[k]) / 2, atol=1e-6), k
+
+
 def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_path):
     import torch
 
