@@ -224,7 +224,7 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: int, local: int = 2,
-          ceiling: dict[str, float] | None = None) -> str:
+          ceiling: dict[str, float] | None = None, command: str = "python -m benchmarks.cmr_clip") -> str:
     cfg = load_config(preset="cmr-clip")
     any_m = next(iter(results.values()))[0]
     n = any_m["retrieval"]["gallery"]
@@ -273,7 +273,7 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
                     f"phantom truth, patients given contrast): AUC {ceiling['diagnosis']:.2f} from the diagnosis alone, "
                     f"{ceiling['cine values']:.2f} from the values cine shows (volumes, function, wall thickness, the 17 "
                     "segments' contraction; not the scar)." if ceiling else "")
-    return f"""## CMR-CLIP: video-report pretraining on the synthetic reports (`python -m benchmarks.cmr_clip`)
+    return f"""## CMR-CLIP: video-report pretraining on the synthetic reports (`{command}`)
 
 Machine: {machine()}. No GPU was lent to this task.
 Default synthetic cohort (seed 0) with its reports (`SITE/reports.csv`, each site's own template and habits); trained
@@ -302,6 +302,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--runs-only", action="store_true")
+    ap.add_argument("--block", default="cmrclip", help="the BENCHMARKS.md block to write (a pilot: a block of its own)")
     ap.add_argument("--federated", action="store_true", help="add the federated column (site-a + site-b)")
     ap.add_argument("--local-epochs", type=int, default=2, help="federated: local epochs per round")
     ap.add_argument("--federated-batch", type=int, nargs="+", default=None,
@@ -321,8 +322,11 @@ def main() -> None:
                               for s in args.seeds]
     if args.runs_only:
         return
-    text = table(results, args.seeds, args.epochs, args.batch, args.local_epochs, lge_ceiling(cohort))
-    update_block("cmrclip", text)
+    command = "python -m benchmarks.cmr_clip" + (
+        " --variants " + " ".join(f'"{v}"' for v in args.variants) if args.variants != list(COLUMNS)[:2] else "") + (
+        f" --block {args.block}" if args.block != "cmrclip" else "")
+    text = table(results, args.seeds, args.epochs, args.batch, args.local_epochs, lge_ceiling(cohort), command)
+    update_block(args.block, text)
     print(text)
 
 
