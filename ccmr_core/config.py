@@ -213,11 +213,11 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, le=1000.0, description="per-patient clipping norm (sample mode)")
     noise_multiplier: float = Field(1.0, ge=0.0, le=100.0, description="server noise (site mode)")
     clipping_norm: float = Field(1.0, gt=0.0, le=1e6, description="per-site update clipping (site mode)")
-    finetune: Literal["auto", "all", "head", "classifier"] = Field(
+    finetune: Literal["auto", "all", "head", "classifier", "bias"] = Field(
         "auto", description="what the sites train: 'head' (the diagnostic and measurement heads and the learned "
         "loss weights on a frozen encoder: few parameters, so DP noise does not drown the signal), 'classifier' (the "
-        "diagnostic layer alone), 'all', or 'auto' = head under patient-level DP when the federation starts from a "
-        "pretrained model, else all")
+        "diagnostic layer alone), 'bias' (its per-class biases alone: the class priors), 'all', or 'auto' = head "
+        "under patient-level DP when the federation starts from a pretrained model, else all")
     finetune_views: int = Field(
         8, ge=0, le=1000, description="when the sites train only the heads of a pretrained model: augmented views "
         "of each training patient put through the frozen encoders once per run, the heads then training on a "

@@ -58,12 +58,12 @@ def starts_pretrained(cfg) -> bool:
 
 
 def finetune_part(cfg) -> str | None:
-    """What the sites train of a pretrained model (PrivacyConfig.finetune): 'head' or 'classifier'
-    when they train only that (always when set so, also without DP, to compare like with like),
+    """What the sites train of a pretrained model (PrivacyConfig.finetune): 'head', 'classifier' or
+    'bias' when they train only that (always when set so, also without DP, to compare like with like),
     None when they train everything. 'auto': the heads under patient-level DP from a pretrained
     start (the diagnostic layer alone was no better on validation; BENCHMARKS, DP fine-tuning pilot)."""
     p = cfg.privacy
-    if p.finetune in ("head", "classifier"):
+    if p.finetune in ("head", "classifier", "bias"):
         return p.finetune
     if p.finetune == "auto" and p.mode == "sample" and starts_pretrained(cfg):
         return "head"
@@ -96,18 +96,21 @@ def train_only_heads(model, top: bool = False, part: str = "head") -> None:
     """Freeze everything but ``part`` of the model: 'head' = its heads (``head_modules``) and
     learned loss weights; 'classifier' = the diagnostic layer alone (``classifier_modules``; the
     heads' other outputs cannot change a diagnosis read from a frozen encoder, and under DP-SGD
-    they would share each patient's clipped gradient and add noise dimensions). With ``top`` also
-    the encoder's top (``top_modules``: CC-CMR's slice pooling and projection)."""
-    if part not in ("head", "classifier"):
-        raise ValueError(f"part must be 'head' or 'classifier', got {part!r}")
+    they would share each patient's clipped gradient and add noise dimensions); 'bias' = that
+    layer's biases alone (one per class: the class priors, which differ between the coordinator's
+    public cohort and the sites). With ``top`` also the encoder's top (``top_modules``: CC-CMR's
+    slice pooling and projection)."""
+    if part not in ("head", "classifier", "bias"):
+        raise ValueError(f"part must be 'head', 'classifier' or 'bias', got {part!r}")
     base = getattr(model, "_module", model)
     if part == "head":
-        keep = (*getattr(base, "head_modules", ()), "weighting", "temperature")
+        keep = tuple(k + "." for k in (*getattr(base, "head_modules", ()), "weighting", "temperature"))
     else:
-        keep = tuple(getattr(base, "classifier_modules", getattr(base, "head_modules", ())))
-    keep += tuple(getattr(base, "top_modules", ())) if top else ()
+        layers = tuple(getattr(base, "classifier_modules", getattr(base, "head_modules", ())))
+        keep = tuple(k + (".bias" if part == "bias" else ".") for k in layers)
+    keep += tuple(k + "." for k in getattr(base, "top_modules", ())) if top else ()
     for name, p in base.named_parameters():
-        if not name.startswith(tuple(k + "." for k in keep)):
+        if not name.startswith(keep):
             p.requires_grad_(False)
 
 

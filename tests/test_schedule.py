@@ -39,6 +39,7 @@ def test_who_starts_pretrained_and_who_trains_only_heads():
     assert finetune_part(dp) == "head"  # ... and trains the heads
     assert finetune_part(load_config(overrides=["privacy.mode=sample", "privacy.finetune=classifier"])) == "classifier"
     assert finetune_part(load_config(overrides=["privacy.finetune=classifier"])) == "classifier"
+    assert finetune_part(load_config(overrides=["privacy.finetune=bias"])) == "bias"
     assert not finetunes_head(load_config(overrides=["privacy.mode=sample", "privacy.finetune=all"]))
     assert not starts_pretrained(load_config(overrides=["privacy.mode=sample", "federated.pretrain=none"]))
     assert not finetunes_head(load_config(overrides=["privacy.mode=sample", "federated.pretrain=none"]))
@@ -66,5 +67,7 @@ def test_train_only_the_classifier_leaves_the_diagnostic_layer_alone(name):
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     layer = "heads.cls" if name == "cc-cmr" else "cls"
     assert trainable == {f"{layer}.weight", f"{layer}.bias"}
-    with pytest.raises(ValueError, match="part must be 'head' or 'classifier', got 'encoder'"):
+    train_only_heads(m, part="bias")  # freezes further: the per-class biases alone
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {f"{layer}.bias"}
+    with pytest.raises(ValueError, match="part must be 'head', 'classifier' or 'bias', got 'encoder'"):
         train_only_heads(m, part="encoder")
