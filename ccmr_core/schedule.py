@@ -51,10 +51,21 @@ def plan_for(model, epochs: int, teacher_share: float, unit: int = 1, pretrained
     return Plan(epochs=epochs, stages=stages[-1:] if pretrained else stages, first_share=teacher_share, unit=unit)
 
 
+def federated_plan(model, cfg) -> Plan:
+    """The plan of a federated run of ``cfg`` (rounds x local epochs, stages on round boundaries):
+    the one the sites train by and the coordinator reads stages from, so the two agree."""
+    f = cfg.federated
+    return plan_for(model, f.rounds * f.local_epochs, cfg.model.teacher_share, unit=f.local_epochs,
+                    pretrained=starts_pretrained(cfg))
+
+
 def starts_pretrained(cfg) -> bool:
     """Whether a federated run of ``cfg`` starts from a pretrained global model."""
     f = cfg.federated
     return bool(f.initial_model) or f.pretrain == "public" or (f.pretrain == "auto" and cfg.privacy.mode == "sample")
+
+
+FINETUNE_PARTS = ("head", "classifier", "bias")  # what train_only_heads can leave trainable
 
 
 def finetune_part(cfg) -> str | None:
@@ -63,7 +74,7 @@ def finetune_part(cfg) -> str | None:
     None when they train everything. 'auto': the heads under patient-level DP from a pretrained
     start (the diagnostic layer alone was no better on validation; BENCHMARKS, DP fine-tuning pilot)."""
     p = cfg.privacy
-    if p.finetune in ("head", "classifier", "bias"):
+    if p.finetune in FINETUNE_PARTS:
         return p.finetune
     if p.finetune == "auto" and p.mode == "sample" and starts_pretrained(cfg):
         return "head"
@@ -100,7 +111,7 @@ def train_only_heads(model, top: bool = False, part: str = "head") -> None:
     layer's biases alone (one per class: the class priors, which differ between the coordinator's
     public cohort and the sites). With ``top`` also the encoder's top (``top_modules``: CC-CMR's
     slice pooling and projection)."""
-    if part not in ("head", "classifier", "bias"):
+    if part not in FINETUNE_PARTS:
         raise ValueError(f"part must be 'head', 'classifier' or 'bias', got {part!r}")
     base = getattr(model, "_module", model)
     if part == "head":

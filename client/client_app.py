@@ -23,8 +23,8 @@ from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
 from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
-from ccmr_core.schedule import (finetune_part, finetunes_head, plan_for, set_stage, site_batch_size,
-                                 site_train_config, starts_pretrained, train_only_heads)
+from ccmr_core.schedule import (federated_plan, finetune_part, set_stage, site_batch_size, site_train_config,
+                                 train_only_heads)
 from client.egress import failed, guard, refuse
 from client.policy import max_epsilon, min_eval_patients, violations
 from client.local import RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
@@ -128,17 +128,17 @@ def train(msg: Message, context: Context) -> Message:
         torch.manual_seed(cfg.train.seed * 1000 + rnd * 31 + site.index)
         model = _model(cfg, kwargs, msg.content["arrays"], device)
         # the run's schedule: this round is epochs (rnd-1)*local ... rnd*local-1 of it
-        plan = plan_for(model, cfg.federated.rounds * local, cfg.model.teacher_share, unit=local,
-                        pretrained=starts_pretrained(cfg))
+        plan = federated_plan(model, cfg)
         first = (rnd - 1) * local
         stage = plan.stage_at(first)
         set_stage(model, stage)
-        if finetunes_head(cfg):
-            train_only_heads(model, top=cfg.privacy.finetune_top, part=finetune_part(cfg))
+        part = finetune_part(cfg)
+        if part:
+            train_only_heads(model, top=cfg.privacy.finetune_top, part=part)
         global_params = [p.detach().clone() for p in model.parameters()]
         idx = site.split["train"]
         data = Subset(site.train, idx)
-        if finetunes_head(cfg) and cfg.privacy.finetune_views and stage == plan.stages[-1]:
+        if part and cfg.privacy.finetune_views and stage == plan.stages[-1]:
             data = head_views(site, model, cfg, device)  # the frozen encoders' outputs, computed once
         # in-batch contrastive models (CMR-CLIP) learn nothing from a last batch of one patient
         batch = site_batch_size(cfg)

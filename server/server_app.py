@@ -100,8 +100,9 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     final_state, completed = train_rounds(run, strategy, inner, grid, model, done)
     train_seconds = time.perf_counter() - t0
-    if run.tail.describe(done + completed):
-        print(run.tail.describe(done + completed), flush=True)
+    averaged = run.tail.describe(done + completed)
+    if averaged:
+        print(averaged, flush=True)
     final_state = run.tail.result(final_state)
     final_state, temperature, refer = calibrate(run, grid, final_state)
     run.recorder.save_model(final_state, done + completed, refer=refer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ccmr_core.schedule import plan_for, starts_pretrained
+from ccmr_core.schedule import federated_plan
 
 
 def first_averaged_round(cfg, model) -> int | None:
@@ -24,9 +24,7 @@ def first_averaged_round(cfg, model) -> int | None:
     f = cfg.federated
     if f.average_last <= 0:
         return None
-    plan = plan_for(model, f.rounds * f.local_epochs, cfg.model.teacher_share, unit=f.local_epochs,
-                    pretrained=starts_pretrained(cfg))
-    last_stage_round = plan.bounds()[-1][1] // f.local_epochs + 1
+    last_stage_round = federated_plan(model, cfg).bounds()[-1][1] // f.local_epochs + 1
     return max(f.rounds - f.average_last + 1, last_stage_round)
 
 
