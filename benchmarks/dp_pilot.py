@@ -20,50 +20,55 @@ import json
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from benchmarks.federated import federated
 from ccmr_core.synth.cohort import generate_cohort
 
-# row -> (run folder prefix, privacy/federated YAML keys beyond the external public cohort, DP at epsilon 3)
+# row -> (run folder prefix, config beyond the external public cohort, DP at epsilon 3)
 VARIANTS = {
-    "DP, heads (default), clipping 1": ("head-C1", "privacy: {finetune: head, max_grad_norm: 1}", True),
-    "DP, heads, 4 views per patient per step": ("head-mult4", "privacy: {finetune: head, finetune_multiplicity: 4}", True),
-    "DP, heads, 8 views per patient per step": ("head-mult8", "privacy: {finetune: head, finetune_multiplicity: 8}", True),
-    "DP, diagnostic layer alone, clipping 1": ("classifier-C1", "privacy: {finetune: classifier, max_grad_norm: 1}", True),
+    "DP, heads (default), clipping 1": ("head-C1", {"privacy": {"finetune": "head", "max_grad_norm": 1}}, True),
+    "DP, heads, 4 views per patient per step": ("head-mult4",
+                                                {"privacy": {"finetune": "head", "finetune_multiplicity": 4}}, True),
+    "DP, heads, 8 views per patient per step": ("head-mult8",
+                                                {"privacy": {"finetune": "head", "finetune_multiplicity": 8}}, True),
+    "DP, diagnostic layer alone, clipping 1": ("classifier-C1",
+                                               {"privacy": {"finetune": "classifier", "max_grad_norm": 1}}, True),
     "DP, diagnostic layer alone, clipping 0.3": ("classifier-C0.3",
-                                                 "privacy: {finetune: classifier, max_grad_norm: 0.3}", True),
+                                                 {"privacy": {"finetune": "classifier", "max_grad_norm": 0.3}}, True),
     "DP, diagnostic layer alone, learning rate 0.02": ("classifier-dp3-lr0.02",
-                                                       "privacy: {finetune: classifier, finetune_lr: 0.02}", True),
+                                                       {"privacy": {"finetune": "classifier", "finetune_lr": 0.02}}, True),
     "DP, diagnostic layer alone, learning rate 0.1": ("classifier-dp3-lr0.1",
-                                                      "privacy: {finetune: classifier, finetune_lr: 0.1}", True),
-    "DP, the 5 class biases alone": ("bias-dp3", "privacy: {finetune: bias}", True),
-    "no DP, the 5 class biases alone": ("bias-nodp", "privacy: {finetune: bias}", False),
-    "no DP, diagnostic layer alone": ("classifier-nodp-lr0.002", "privacy: {finetune: classifier, finetune_lr: 0.002}",
-                                      False),
+                                                      {"privacy": {"finetune": "classifier", "finetune_lr": 0.1}}, True),
+    "DP, the 5 class biases alone": ("bias-dp3", {"privacy": {"finetune": "bias"}}, True),
+    "no DP, the 5 class biases alone": ("bias-nodp", {"privacy": {"finetune": "bias"}}, False),
+    "no DP, diagnostic layer alone": ("classifier-nodp-lr0.002",
+                                      {"privacy": {"finetune": "classifier", "finetune_lr": 0.002}}, False),
     "no DP, diagnostic layer alone, learning rate 0.02": ("classifier-nodp-lr0.02",
-                                                          "privacy: {finetune: classifier, finetune_lr: 0.02}", False),
-    "DP, heads, mean of the last 5 rounds' models": ("head-avg5", "federated: {average_last: 5}\nprivacy: {finetune: head}",
-                                                     True),
-    "DP, heads, mean of all 15 rounds' models": ("head-avg15", "federated: {average_last: 15}\nprivacy: {finetune: head}",
-                                                 True),
+                                                          {"privacy": {"finetune": "classifier", "finetune_lr": 0.02}},
+                                                          False),
+    "DP, heads, mean of the last 5 rounds' models": ("head-avg5", {"federated": {"average_last": 5},
+                                                                   "privacy": {"finetune": "head"}}, True),
+    "DP, heads, mean of all 15 rounds' models": ("head-avg15", {"federated": {"average_last": 15},
+                                                                "privacy": {"finetune": "head"}}, True),
 }
+PUBLIC = {"public_generator": "external", "pretrain": "public"}  # every row's coordinator pretraining
 
 
-def run(work: Path, cohort: Path, prefix: str, keys: str, dp: bool, seed: int) -> str:
-    yaml = work / f"{prefix}.yaml"
-    extra = keys.replace("federated: {", "federated: {public_generator: external, pretrain: public, ", 1) \
-        if keys.startswith("federated:") else "federated: {public_generator: external, pretrain: public}\n" + keys
-    yaml.write_text(extra + "\n")
+def run(work: Path, cohort: Path, prefix: str, config: dict, dp: bool, seed: int) -> str:
+    yaml_path = work / f"{prefix}.yaml"
+    yaml_path.write_text(yaml.safe_dump({**config, "federated": {**PUBLIC, **config.get("federated", {})}}))
     out = work / f"{prefix}-s{seed}"
     over = {"train-seed": seed, "alignment": "slice", **({"dp": "sample", "target-epsilon": 3.0} if dp else {})}
-    r, _ = federated(cohort, out, **over, config=str(yaml))
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    if "average_last" in keys:
+    r, _ = federated(cohort, out, **over, config=str(yaml_path))
+    test = r["test"]["accuracy"]
+    if "average_last" in config.get("federated", {}):  # only the final model differs from the default run
         final = json.loads((out / "metrics.json").read_text())["server_validation"]["loss"]
-        return f"final model {final:.3f} (coordinator; test {r['test']['accuracy']:.3f})"
-    last = rows[-3:]
+        return f"final model {final:.3f} (coordinator; test {test:.3f})"
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-3:]
     sites = sum(x["federated_validation"]["loss"] for x in last) / len(last)
     coord = sum(x["server_validation"]["loss"] for x in last) / len(last)
-    return f"{sites:.3f} / {coord:.3f} (test {r['test']['accuracy']:.3f})"
+    return f"{sites:.3f} / {coord:.3f} (test {test:.3f})"
 
 
 def main() -> None:
@@ -80,8 +85,8 @@ def main() -> None:
     print(f"work folder {work}; validation loss: sites' / coordinator's (last three rounds)", flush=True)
     print("| run | " + " | ".join(f"seed {s}" for s in args.seeds) + " |\n|---|" + "---|" * len(args.seeds), flush=True)
     for name in args.variants:
-        prefix, keys, dp = VARIANTS[name]
-        print(f"| {name} | " + " | ".join(run(work, cohort, prefix, keys, dp, s) for s in args.seeds) + " |", flush=True)
+        prefix, config, dp = VARIANTS[name]
+        print(f"| {name} | " + " | ".join(run(work, cohort, prefix, config, dp, s) for s in args.seeds) + " |", flush=True)
 
 
 if __name__ == "__main__":
