@@ -108,6 +108,9 @@ class ModelConfig(_Section):
     temperature: float = Field(0.1, gt=0.0, le=10.0)
     learn_temperature: bool = True
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
+    test_time_augmentation: bool = Field(False, description="each MC-dropout pass reads its own random training "
+                                         "augmentation of the cine: probabilities are the mean and the uncertainty "
+                                         "the mutual information over augmented passes (needs mc_samples > 1)")
     refer_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="most validation patients the referral "
                                   "rule sends to a human: half for low confidence, half for high uncertainty")
     bio_length: int = Field(32, ge=4, le=1024, description="biomechanics samples per cycle (dual-path)")

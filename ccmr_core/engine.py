@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ccmr_core.config import TrainConfig
+from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.frozen_views import view_batches
 from ccmr_core.metrics import classification_metrics
 from ccmr_core.models.registry import model_inputs
@@ -158,16 +159,29 @@ def mc_dropout(model: nn.Module, on: bool):
             m.training = mode
 
 
+def _augmented(inputs: dict, views) -> dict:
+    """The model's inputs with each patient's cine replaced by a random view of it."""
+    if "cine" not in inputs:
+        return inputs
+    cine = torch.stack([views({"cine": c})["cine"] for c in inputs["cine"].cpu()]).to(inputs["cine"].device)
+    return {**inputs, "cine": cine}
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0, progress: bool = False) -> dict:
+def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0, progress: bool = False,
+            augment: bool = False) -> dict:
     """Per-patient outputs of the inference path: mean class probabilities over ``mc_samples``
     MC-dropout passes of the head (logits divided by the model's calibration temperature),
     epistemic uncertainty (mutual information between the prediction and the dropout mask, in
     nats; 0 without MC), the loss, the raw logits (no dropout), measurement estimates
-    (standardised, for models that make them), labels and dataset indices. Models that need LGE
-    skip patients without it."""
+    (standardised, for models that make them), labels and dataset indices. With ``augment``
+    (test-time augmentation) each MC pass reads its own random training augmentation of the cine,
+    so the mean and the mutual information are over augmented, dropout-perturbed passes; the raw
+    logits and measurements stay those of the study as it is. Models that need LGE skip patients
+    without it."""
     m = core(model)
     t_cal = float(getattr(m, "calibration", torch.ones(())))
+    views = default_augmentation(keys=("cine",)) if augment and mc_samples > 1 else None
     probs, labels, unc, losses, index, logits, meas = [], [], [], [], [], [], []
     with mc_dropout(m, on=mc_samples > 1):
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
@@ -176,14 +190,16 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
             if not keep.any():
                 continue
             batch = {k: (v[keep] if torch.is_tensor(v) and v.ndim and v.shape[0] == keep.shape[0] else v) for k, v in batch.items()}
-            h = m.embed(**model_inputs(m, batch, training=False))
+            inputs = model_inputs(m, batch, training=False)
+            h = m.embed(**inputs)
             with mc_dropout(m, on=False):
                 logits.append(m.head(h).cpu())
                 est = m.measure(h) if hasattr(m, "measure") else None
                 if est is not None:
                     meas.append(est.cpu())
             k = max(1, mc_samples)
-            p = torch.stack([F.softmax(m.head(h) / t_cal, dim=-1) for _ in range(k)])  # (K, B, C)
+            sample = (lambda: m.head(h)) if views is None else (lambda: m.head(m.embed(**_augmented(inputs, views))))
+            p = torch.stack([F.softmax(sample() / t_cal, dim=-1) for _ in range(k)])  # (K, B, C)
             mean = p.mean(0)
             ent = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
             exp_ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(0)
@@ -200,8 +216,9 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, classes: list[str], mc_samples: int = 0,
-             seed: int = 0, progress: bool = False, thresholds: dict | None = None) -> dict:
-    return summarize(predict(model, loader, device, mc_samples, progress), classes, mc_samples, seed, thresholds)
+             seed: int = 0, progress: bool = False, thresholds: dict | None = None, augment: bool = False) -> dict:
+    return summarize(predict(model, loader, device, mc_samples, progress, augment), classes, mc_samples, seed,
+                     thresholds)
 
 
 def summarize(out: dict, classes: list[str], mc_samples: int = 0, seed: int = 0, thresholds: dict | None = None) -> dict:

@@ -123,6 +123,7 @@ class Predictor:
             raise PredictError(f"{path} lists classes {self.classes} but its classifier has {n_out} outputs; the "
                                "file was altered or written for other classes; use the model.pt of a run")
         self.mc_samples = int(mc_samples if mc_samples is not None else cfg.model.mc_samples)
+        self.augment = cfg.model.test_time_augmentation
         self.thresholds = blob.get("refer")
         info = blob.get("info") or {}
         self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": name,
@@ -144,7 +145,7 @@ class Predictor:
                  "label": torch.tensor([0]), "bio": torch.zeros(1, 1, 1), "has_bio": torch.tensor([False]),
                  "index": torch.tensor([0])}
         torch.manual_seed(seed)
-        out = predict(self.model, [batch], torch.device("cpu"), self.mc_samples)
+        out = predict(self.model, [batch], torch.device("cpu"), self.mc_samples, augment=self.augment)
         probs = out["probs"][0]
         k = int(probs.argmax())
         u = float(out["uncertainty"][0]) if self.mc_samples > 1 else None

@@ -106,7 +106,8 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     set_stage(model, plan.stages[-1])
     vo = predict(model, val_loader, device)
     model.calibration.fill_(fit_temperature(nll_sums(vo["logits"], vo["labels"].astype(int))))
-    vo = predict(model, val_loader, device, cfg.model.mc_samples)
+    tta = cfg.model.test_time_augmentation
+    vo = predict(model, val_loader, device, cfg.model.mc_samples, augment=tta)
     refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int),
                                     vo["uncertainty"] if cfg.model.mc_samples > 1 else None, cfg.model.refer_fraction)
     log.info("calibration temperature %.2f; referral thresholds from %d validation patients: confidence below %.2f "
@@ -122,7 +123,8 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     metrics: dict = {"model": cfg.model.name, **info, "refer": refer}
     if idx["test"]:
         torch.manual_seed(cfg.train.seed)  # the MC-dropout draws: evaluate_saved repeats them exactly
-        to = predict(model, loader(Subset(ds, idx["test"]), cfg, shuffle=False), device, cfg.model.mc_samples)
+        to = predict(model, loader(Subset(ds, idx["test"]), cfg, shuffle=False), device, cfg.model.mc_samples,
+                     augment=tta)
         metrics["test"] = summarize(to, classes, cfg.model.mc_samples, cfg.train.seed, refer)
         write_predictions(out / "test_predictions.csv", to, ds, classes, refer)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -152,7 +154,8 @@ def evaluate_saved(model_path: str | Path, data: str | Path, out: str | Path | N
     caches = prepare(data, cfg, cache_root, progress)
     ds = MultiSite(caches, cfg)
     torch.manual_seed(cfg.train.seed)
-    o = predict(model, loader(ds, cfg, shuffle=False), torch.device("cpu"), cfg.model.mc_samples)
+    o = predict(model, loader(ds, cfg, shuffle=False), torch.device("cpu"), cfg.model.mc_samples,
+                augment=cfg.model.test_time_augmentation)
     metrics = {"model": blob["model"], "model_file": str(model_path), "data": str(data), "sites": ds.site_names,
                "test": summarize(o, blob["classes"], cfg.model.mc_samples, thresholds=blob.get("refer"))}
     if out is not None:

@@ -247,7 +247,8 @@ def _evaluation(cfg, c, sites, n_sites: int, model, split: str, mc: int, context
             print(f"[{site.name}] evaluation of the {split} split: {len(idx)} patient(s), fewer than this site's "
                   f"minimum {floor}; no statistics sent for it", flush=True)
             continue
-        out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc)
+        out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc,
+                      augment=cfg.model.test_time_augmentation)
         if len(out["labels"]) == 0:
             continue
         stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"],

@@ -300,7 +300,8 @@ def test(run: Run, grid: Grid, model, state: dict, refer: dict | None) -> dict:
     server_val = None
     if run.val is not None:
         model.load_state_dict(state)
-        server_val = evaluate(model, run.val_loader, torch.device("cpu"), run.classes, mc_samples=cfg.model.mc_samples)
+        server_val = evaluate(model, run.val_loader, torch.device("cpu"), run.classes, mc_samples=cfg.model.mc_samples,
+                              augment=cfg.model.test_time_augmentation)
     return {"model": cfg.model.name, "strategy": cfg.federated.strategy, "rounds": cfg.federated.rounds,
             "sites": run.site_names, "test": test, "server_validation": server_val,
             "privacy": _last_privacy(run.out)}

@@ -99,6 +99,31 @@ def test_mc_dropout_gives_epistemic_uncertainty():
     assert m.training  # predict restores the mode it found
 
 
+@pytest.mark.parametrize("name", ["cc-cmr", "cine-only"])
+def test_test_time_augmentation_passes_read_augmented_cine_only(name):
+    """Without dropout, plain MC passes agree exactly; augmented passes each read another view of
+    the cine, so they disagree. The clean logits stay those of the study as it is, the draws repeat
+    for a seed, and LGE on disk changes nothing (inference reads cine only)."""
+    torch.manual_seed(0)
+    m = build_model(name, 2, S, width=4, dim=16, proj=8, dropout=0.0)
+    m.eval()
+    dl = DataLoader(Toy(8, lge_every=1), batch_size=4)
+    plain = predict(m, dl, torch.device("cpu"), mc_samples=6)
+    torch.manual_seed(1)
+    tta = predict(m, dl, torch.device("cpu"), mc_samples=6, augment=True)
+    assert np.all(plain["uncertainty"] < 1e-6) and np.mean(tta["uncertainty"] > 1e-6) > 0.5
+    assert not np.allclose(tta["probs"], plain["probs"], atol=1e-4)
+    assert np.allclose(tta["logits"], plain["logits"], atol=1e-6) and np.allclose(tta["probs"].sum(1), 1, atol=1e-5)
+    no_lge = Toy(8, lge_every=1)
+    for item in no_lge.items:
+        item.update(lge=torch.zeros_like(item["lge"]), has_lge=torch.tensor(False))
+    torch.manual_seed(1)
+    again = predict(m, DataLoader(no_lge, batch_size=4), torch.device("cpu"), mc_samples=6, augment=True)
+    assert np.allclose(again["probs"], tta["probs"], atol=1e-6)
+    one = predict(m, dl, torch.device("cpu"), mc_samples=1, augment=True)  # one pass: the study as it is
+    assert np.allclose(one["probs"], predict(m, dl, torch.device("cpu"))["probs"], atol=1e-6)
+
+
 def test_lge_only_is_evaluated_on_patients_with_lge():
     m = _model("lge-only")
     out = predict(m, DataLoader(Toy(12, lge_every=3), batch_size=5), torch.device("cpu"))

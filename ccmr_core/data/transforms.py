@@ -132,5 +132,7 @@ class RandomBiasField:
         return out
 
 
-def default_augmentation() -> Compose:
-    return Compose([RandomGeometry(), RandomBiasField(), RandomIntensity(), RandomNoise()])
+def default_augmentation(keys: Sequence[str] = ("cine", "lge")) -> Compose:
+    """The training augmentation; ``keys=("cine",)`` is the test-time one (inference reads cine only)."""
+    keys = tuple(keys)
+    return Compose([RandomGeometry(keys), RandomBiasField(keys), RandomIntensity(keys), RandomNoise(keys)])
