@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import machine, update_block
 from ccmr_core.config import load_config
-from ccmr_core.metrics import bootstrap_accuracy_ci, roc_auc
+from ccmr_core.metrics import bootstrap_accuracy_ci, bootstrap_auroc_ci, roc_auc
 from ccmr_core.models.registry import build_model, model_inputs, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import evaluate_saved, train_central
@@ -108,13 +108,15 @@ def _correct(preds: list[dict[str, dict]], patients: list[str]) -> np.ndarray:
     return np.array([[float(p[k]["label"] == p[k]["predicted"]) for k in patients] for p in preds])
 
 
-def _detection(preds: list[dict[str, dict]]) -> tuple[float, float]:
-    """AUROC of epistemic uncertainty and of low confidence for the errors, pooled over seeds."""
+def _detection(preds: list[dict[str, dict]]) -> str:
+    """AUROC of epistemic uncertainty and of low confidence for the errors, pooled over seeds, each
+    with its 95% stratified bootstrap interval and the number of errors."""
     rows = [r for p in preds for r in p.values()]
     wrong = np.array([r["label"] != r["predicted"] for r in rows])
     unc = np.array([float(r["uncertainty"]) for r in rows])
     conf = np.array([float(r["confidence"]) for r in rows])
-    return roc_auc(unc, wrong), roc_auc(-conf, wrong)
+    cell = lambda s: "{:.2f} ({:.2f}-{:.2f})".format(roc_auc(s, wrong), *bootstrap_auroc_ci(s, wrong))  # noqa: E731
+    return f"{cell(unc)} / {cell(-conf)}, {int(wrong.sum())} errors"
 
 
 def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list[str], preset: str = "default",
@@ -161,7 +163,6 @@ def summarise(work: Path, seeds: list[int], fractions: list[float], variants: li
         patients = sorted(p[0])
         acc = _correct(p, patients)
         lo, hi = _ci(acc.mean(0))
-        unc_auc, conf_auc = _detection(p)
         ref = [m.get("referral") or {} for m in ms]
         ext = "n/a (needs LGE)"
         if VARIANTS[v][1] != "LGE":
@@ -173,7 +174,7 @@ def summarise(work: Path, seeds: list[int], fractions: list[float], variants: li
             f"| {v} | {VARIANTS[v][1]} | {per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(seeds) > 1 else 0:.3f} "
             f"| {lo:.3f}-{hi:.3f} | {statistics.mean(m['macro_auc'] for m in ms):.3f} "
             f"| {statistics.mean(m['ece'] for m in ms):.3f} ({statistics.mean(m.get('ece_floor', float('nan')) for m in ms):.3f}) "
-            f"| {unc_auc:.2f} / {conf_auc:.2f} "
+            f"| {_detection(p)} "
             f"| {statistics.mean(r.get('referred', float('nan')) for r in ref):.0%} / "
             f"{statistics.mean(r.get('accuracy_kept', float('nan')) for r in ref):.3f} | {ext} | {len(patients)} |")
     diffs = []
@@ -207,7 +208,7 @@ validation patients. Intervals: 95% percentile bootstrap over test patients of t
 ECE: 20 bins, mean over seeds; in brackets the ECE a perfectly calibrated model with the same confidences would score on
 this many patients (`ccmr_core.metrics.ece_floor`): ECE is biased upwards on few patients.
 
-| model | reads at inference | site-c accuracy (mean ± sd over seeds) | 95% CI | macro AUC | ECE (calibrated model's) | error-detection AUROC (uncertainty / confidence) | referred / accuracy of the rest | site-x accuracy | test n |
+| model | reads at inference | site-c accuracy (mean ± sd over seeds) | 95% CI | macro AUC | ECE (calibrated model's) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest | site-x accuracy | test n |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

@@ -98,10 +98,9 @@ def table(work: Path) -> str:
             pooled["tta"].append(_correct(tta, patients))
         lo, hi = _ci(b - a)
         seeds = ", ".join(r.name.rsplit("-s", 1)[1] for r in rs)
-        det_a, det_b = _detection(single), _detection(tta)
         lines.append(f"| {name} | {float(frac):.0%} | {site} | {seeds} | {a.mean():.3f} / {b.mean():.3f} "
                      f"| {100 * (b - a).mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) "
-                     f"| {det_a[0]:.2f} / {det_a[1]:.2f} | {det_b[0]:.2f} / {det_b[1]:.2f} "
+                     f"| {_detection(single)} | {_detection(tta)} "
                      f"| {_ece(single, classes):.3f} / {_ece(tta, classes):.3f} "
                      f"| {_referral(single)} | {_referral(tta)} |")
     every = ""
@@ -121,7 +120,7 @@ translation, area-preserving stretch, elastic, bias field, gamma and contrast, n
 thresholds on the run's validation patients (at most 20%); the calibration temperature is the run's (fitted on clean
 logits). Difference: paired, the same models, patients and seeds (95% percentile bootstrap over test patients).
 
-| model | labelled share | test site | seeds | accuracy single / TTA | difference (points) | error-detection AUROC single (uncertainty / confidence) | TTA | ECE single / TTA | referred / accuracy of the rest, single | TTA |
+| model | labelled share | test site | seeds | accuracy single / TTA | difference (points) | error-detection AUROC (95% CI) single, uncertainty / confidence | TTA | ECE single / TTA | referred / accuracy of the rest, single | TTA |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 {every}"""

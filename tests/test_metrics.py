@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, classification_metrics, ece_floor,
+from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, bootstrap_auroc_ci, classification_metrics, ece_floor,
                                expected_calibration_error, metrics_from_stats, per_class, roc_auc)
 
 CLASSES = ["NOR", "MINF", "DCM"]
@@ -55,6 +55,20 @@ def test_bootstrap_ci_brackets_accuracy_and_narrows():
     lo, hi = bootstrap_accuracy_ci(small)
     blo, bhi = bootstrap_accuracy_ci(big)
     assert lo < 0.5 < hi and blo < 0.5 < bhi and (bhi - blo) < (hi - lo) / 4
+
+
+def test_auroc_interval_brackets_the_estimate_and_narrows_with_more_errors():
+    rng = np.random.default_rng(0)
+    few = rng.random(300) < 11 / 300  # 11 errors or so among 300 predictions
+    many = rng.random(300) < 0.5
+    for wrong in (few, many):
+        score = wrong + rng.normal(0, 1.0, 300)  # an informative but imperfect detector
+        lo, hi = bootstrap_auroc_ci(score, wrong)
+        assert lo < roc_auc(score, wrong) < hi
+    width = lambda w: np.subtract(*bootstrap_auroc_ci(w + rng.normal(0, 1.0, 300), w)[::-1])  # noqa: E731
+    assert width(many) < width(few) / 2
+    assert bootstrap_auroc_ci(few.astype(float), few) == (1.0, 1.0)  # a perfect detector stays perfect
+    assert all(np.isnan(bootstrap_auroc_ci(np.ones(5), np.zeros(5, bool))))  # no error: nothing to detect
 
 
 def test_per_class_from_known_confusion():
