@@ -1,23 +1,63 @@
 """Refit a trained model's diagnostic layer as linear discriminant analysis on its own features.
 
 The encoder stays as trained; only the last linear layer (``classifier_modules``) is replaced by
-the Gaussian generative classifier with one shared covariance (LDA, shrunk by Ledoit-Wolf) fitted
-on the features that layer reads for the training patients with a known diagnosis. LDA's
-decision function is linear, so the result is an ordinary ``nn.Linear``: MC dropout, temperature
-scaling, referral, export and ``ccmr predict`` work unchanged. A generative head fitted on class
-means is a classic remedy for an overconfident softmax layer under distribution shift (Lee et al.
-2018, "A simple unified framework for detecting out-of-distribution samples").
+the Gaussian generative classifier with one shared covariance (LDA) fitted on the features that
+layer reads for the training patients with a known diagnosis. LDA's decision function is linear,
+so the result is an ordinary ``nn.Linear``: MC dropout, temperature scaling, referral, export and
+``ccmr predict`` work unchanged. A generative head fitted on class means is a classic remedy for
+an overconfident softmax layer under distribution shift (Lee et al. 2018, "A simple unified
+framework for detecting out-of-distribution samples").
+
+The fit needs only sums over patients (per class: count and feature sum; the feature scatter),
+so sites of a federation could send them and the coordinator add them up; the covariance is
+shrunk by OAS (Chen et al. 2010), whose shrinkage is computed from the covariance itself (Ledoit-
+Wolf's needs every sample).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from torch import nn
 
 from ccmr_core.engine import core, mc_dropout, to_device
 from ccmr_core.models.registry import model_inputs
+
+
+@dataclass
+class FeatureStats:
+    """Sums over patients: per class the count and the feature sum, and the scatter sum x x^T."""
+
+    counts: np.ndarray  # (C,)
+    sums: np.ndarray  # (C, D)
+    scatter: np.ndarray  # (D, D)
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> "FeatureStats":
+        sums = np.zeros((n_classes, x.shape[1]))
+        np.add.at(sums, y, x)
+        return cls(np.bincount(y, minlength=n_classes).astype(float), sums, x.T @ x)
+
+    def __add__(self, other: "FeatureStats") -> "FeatureStats":
+        return FeatureStats(self.counts + other.counts, self.sums + other.sums, self.scatter + other.scatter)
+
+
+def lda_from_stats(stats: FeatureStats, shrink: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (C, D) and biases (C,) of LDA with class priors in proportion to the counts and the
+    pooled within-class covariance (maximum likelihood, as scikit-learn's), OAS-shrunk."""
+    n, d = stats.counts.sum(), stats.sums.shape[1]
+    means = stats.sums / stats.counts[:, None]
+    cov = (stats.scatter - means.T @ stats.sums) / n  # sum x x^T - sum_k n_k mu_k mu_k^T, over n
+    if shrink:
+        mu, alpha = np.trace(cov) / d, np.mean(cov**2)
+        den = (n + 1) * (alpha - mu**2 / d)
+        s = 1.0 if den == 0 else min((alpha + mu**2) / den, 1.0)
+        cov = (1 - s) * cov + s * mu * np.eye(d)
+    w = np.linalg.lstsq(cov, means.T, rcond=None)[0].T
+    b = -0.5 * np.sum(means * w, axis=1) + np.log(stats.counts / n)
+    return w, b
 
 
 def diagnostic_layer(model: nn.Module) -> nn.Linear:
@@ -45,20 +85,20 @@ def layer_inputs(model: nn.Module, loader, device: torch.device) -> tuple[np.nda
     return torch.cat(seen).double().numpy(), torch.cat(labels).numpy().astype(int)
 
 
-def refit_lda(model: nn.Module, loader, device: torch.device, n_classes: int) -> dict:
-    """Replace the diagnostic layer's weights by LDA fitted on ``loader``'s patients (labelled ones
-    only). Every class needs at least two patients."""
-    x, y = layer_inputs(model, loader, device)
-    counts = np.bincount(y, minlength=n_classes)
-    if (counts < 2).any():
-        raise ValueError(f"LDA needs at least 2 training patients per class; counts {counts.tolist()} (in the "
-                         "order of the classes): keep the trained layer or refit on more patients")
-    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)
-    w, b = lda.coef_, lda.intercept_
-    if n_classes == 2:  # sklearn gives one discriminant for two classes: split it into two logits
-        w, b = np.vstack([-w / 2, w / 2]), np.r_[-b / 2, b / 2]
+def set_layer(model: nn.Module, w: np.ndarray, b: np.ndarray) -> None:
     layer = diagnostic_layer(model)
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(w, dtype=layer.weight.dtype))
         layer.bias.copy_(torch.as_tensor(b, dtype=layer.bias.dtype))
-    return {"patients": int(len(y)), "per_class": counts.tolist(), "features": int(x.shape[1])}
+
+
+def refit_lda(model: nn.Module, loader, device: torch.device, n_classes: int) -> dict:
+    """Replace the diagnostic layer's weights by LDA fitted on ``loader``'s patients (give it the
+    labelled ones only). Every class needs at least two patients."""
+    x, y = layer_inputs(model, loader, device)
+    stats = FeatureStats.of(x, y, n_classes)
+    if (stats.counts < 2).any():
+        raise ValueError(f"LDA needs at least 2 training patients per class; counts {stats.counts.astype(int).tolist()} "
+                         "(in the order of the classes): keep the trained layer or refit on more patients")
+    set_layer(model, *lda_from_stats(stats))
+    return {"patients": int(len(y)), "per_class": stats.counts.astype(int).tolist(), "features": int(x.shape[1])}
