@@ -70,16 +70,20 @@ def diagnostic_layer(model: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """What the diagnostic layer reads for each patient of ``loader`` (no dropout), and the labels."""
+def layer_inputs(model: nn.Module, loader, device: torch.device, passes: int = 1,
+                 dropout: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """What the diagnostic layer reads for each patient of ``loader``, and the labels: ``passes``
+    rows per patient, with the model's dropout on (the MC-dropout passes of inference) or off."""
     m, seen, labels = core(model), [], []
     hook = diagnostic_layer(m).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().cpu()))
     try:
-        with mc_dropout(m, on=False):
+        with mc_dropout(m, on=dropout):
             for batch in loader:
                 batch = to_device(batch, device)
-                m.head(m.embed(**model_inputs(m, batch, training=False)))
-                labels.append(batch["label"].cpu())
+                h = m.embed(**model_inputs(m, batch, training=False))
+                for _ in range(passes):
+                    m.head(h)
+                    labels.append(batch["label"].cpu())
     finally:
         hook.remove()
     return torch.cat(seen).double().numpy(), torch.cat(labels).numpy().astype(int)
@@ -92,13 +96,18 @@ def set_layer(model: nn.Module, w: np.ndarray, b: np.ndarray) -> None:
         layer.bias.copy_(torch.as_tensor(b, dtype=layer.bias.dtype))
 
 
-def refit_lda(model: nn.Module, loader, device: torch.device, n_classes: int) -> dict:
+def refit_lda(model: nn.Module, loader, device: torch.device, n_classes: int, passes: int = 10) -> dict:
     """Replace the diagnostic layer's weights by LDA fitted on ``loader``'s patients (give it the
-    labelled ones only). Every class needs at least two patients."""
-    x, y = layer_inputs(model, loader, device)
+    labelled ones only). The features are those of ``passes`` MC-dropout passes per patient, each
+    weighing 1/passes: the covariance then holds the dropout noise MC inference will add, which a
+    fit on clean features would amplify along its low-variance directions. Every class needs at
+    least two patients."""
+    x, y = layer_inputs(model, loader, device, passes, dropout=passes > 1)
     stats = FeatureStats.of(x, y, n_classes)
+    stats = FeatureStats(stats.counts / passes, stats.sums / passes, stats.scatter / passes)
     if (stats.counts < 2).any():
         raise ValueError(f"LDA needs at least 2 training patients per class; counts {stats.counts.astype(int).tolist()} "
                          "(in the order of the classes): keep the trained layer or refit on more patients")
     set_layer(model, *lda_from_stats(stats))
-    return {"patients": int(len(y)), "per_class": stats.counts.astype(int).tolist(), "features": int(x.shape[1])}
+    return {"patients": int(round(stats.counts.sum())), "per_class": stats.counts.round().astype(int).tolist(),
+            "features": int(x.shape[1]), "dropout_passes": passes}

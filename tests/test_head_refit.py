@@ -46,12 +46,26 @@ def test_the_refitted_layer_gives_the_lda_posterior_of_the_features_it_reads(nam
     dl = DataLoader(Toy(24), batch_size=8)
     x, y = layer_inputs(m, dl, torch.device("cpu"))
     assert x.shape == (24, 16) and y.tolist() == [i % 2 for i in range(24)]
-    assert refit_lda(m, dl, torch.device("cpu"), 2) == {"patients": 24, "per_class": [12, 12], "features": 16}
+    assert refit_lda(m, dl, torch.device("cpu"), 2, passes=1) == {"patients": 24, "per_class": [12, 12],
+                                                                  "features": 16, "dropout_passes": 1}
     w, b = lda_from_stats(FeatureStats.of(x, y, 2))
     got = predict(m, dl, torch.device("cpu"))["probs"]  # calibration temperature 1: the LDA posterior itself
     assert np.allclose(got, softmax(x @ w.T + b, axis=1), atol=1e-4)
     assert (got.argmax(1) == y).mean() > 0.9  # the blobs' sizes separate the classes
     assert m.training  # the mode found is restored
+
+
+def test_a_fit_on_dropout_passes_expects_the_noise_of_mc_inference():
+    """Fitted on MC-dropout features, the covariance holds the dropout noise: the layer weighs the
+    features less than a fit on clean ones (whose low-variance directions dropout would blow up)."""
+    torch.manual_seed(0)
+    m = build_model("cine-only", 2, S, width=4, dim=16, proj=8, dropout=0.3)
+    dl = DataLoader(Toy(24), batch_size=8)
+    refit_lda(m, dl, torch.device("cpu"), 2, passes=1)
+    clean = m.cls.weight.detach().norm()
+    info = refit_lda(m, dl, torch.device("cpu"), 2, passes=8)
+    assert info["patients"] == 24 and info["per_class"] == [12, 12]  # 8 passes still count as 24 patients
+    assert m.cls.weight.detach().norm() < 0.5 * clean
 
 
 def test_refit_refuses_a_class_with_fewer_than_two_patients():
