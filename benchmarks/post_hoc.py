@@ -1,14 +1,19 @@
-"""Test-time augmentation against the single clean pass, on the very models of a paper-table work folder.
+"""Post-hoc inference variants on the very models of a paper-table work folder: test-time
+augmentation and an LDA refit of the diagnostic layer, against the model as trained.
 
-    python -m benchmarks.test_time_augmentation --workdir DIR   # DIR: a benchmarks.paper_table work folder
+    python -m benchmarks.post_hoc --workdir DIR   # DIR: a benchmarks.paper_table work folder
 
-Each saved model (runs/*/model.pt) is evaluated again with ``model.test_time_augmentation`` on:
-its MC-dropout passes each read a random training augmentation of the cine. The referral
-thresholds are set again on the run's own validation patients with the same passes (each signal
-with its own thresholds); the calibration temperature is the run's. Tested on all of site-c and,
-for the runs with every label, on the external site-x. The comparison is paired: the same models,
-patients and seeds; intervals are percentile bootstraps over test patients of the seed-averaged
-correctness. Evaluations are kept under each run (``tta/``), so a rerun resumes.
+Each saved model (runs/*/model.pt) is evaluated again three ways, beside its own predictions
+("single": 20 MC-dropout passes over the study as it is):
+- tta: ``model.test_time_augmentation``, each MC pass reads a random training augmentation of
+  the cine; the run's calibration temperature;
+- lda: the diagnostic layer refitted as LDA on the features it reads for the run's labelled
+  training patients (``ccmr_core.head_refit``), the temperature refitted on validation;
+- lda+tta: both.
+Each way sets its own referral thresholds on the run's validation patients. Tested on all of
+site-c and, for the runs with every label, on the external site-x. The comparison is paired: the
+same models, patients and seeds; intervals are percentile bootstraps over test patients of the
+seed-averaged correctness. Evaluations are kept under each run (``post_hoc/``), so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from torch.utils.data import Subset
 
 from benchmarks.common import machine, update_block
 from benchmarks.paper_table import SLUG, _ci, _correct, _detection, _read
+from ccmr_core.calibration import fit_temperature, nll_sums
 from ccmr_core.checkpoint import load_classifier
 from ccmr_core.config import validate
 from ccmr_core.data.sources import MultiSite, prepare
+from ccmr_core.data.splits import labelled_subset
 from ccmr_core.engine import predict
+from ccmr_core.head_refit import refit_lda
 from ccmr_core.metrics import expected_calibration_error
 from ccmr_core.referral import thresholds_from_outputs
 from ccmr_core.training import loader, split_indices, write_predictions
@@ -34,30 +42,53 @@ from ccmr_core.training import loader, split_indices, write_predictions
 NAMES = {slug: name for name, slug in SLUG.items()}
 
 
+WAYS = {"single": "as trained", "tta": "test-time augmentation", "lda": "LDA head",
+        "lda+tta": "LDA head + test-time augmentation"}
+
+
+def _csv(run: Path, way: str, site: str) -> Path:
+    if way == "single":
+        return run / ("test_predictions.csv" if site == "site-c" else "external/predictions.csv")
+    return run / "post_hoc" / way / f"{site}.csv"
+
+
 def evaluate_run(run: Path, work: Path) -> None:
-    """Write run/tta/site-c.csv (and site-x.csv for a run with every label) with augmented passes."""
-    tta = run / "tta"
-    external = run.name.split("-f")[1].startswith("1-")
-    if (tta / "site-c.csv").is_file() and (not external or (tta / "site-x.csv").is_file()):
+    """Write run/post_hoc/WAY/site-c.csv (and site-x.csv for a run with every label) for every way
+    but "single" (the run's own predictions)."""
+    external = (run / "external" / "predictions.csv").is_file()
+    sites = ["site-c", "site-x"] if external else ["site-c"]
+    if all(_csv(run, w, s).is_file() for w in WAYS for s in sites):
         return
     model, blob = load_classifier(run / "model.pt")
     cfg = validate(blob["config"], f"{run / 'model.pt'} (embedded config)")
     mc, cpu, classes = cfg.model.mc_samples, torch.device("cpu"), blob["classes"]
     ds = MultiSite(prepare(work / "cohort", cfg, work / "cache", False), cfg)
     idx = split_indices(ds, cfg, "site-c")
-    torch.manual_seed(cfg.train.seed)
-    vo = predict(model, loader(Subset(ds, idx["val"]), cfg, shuffle=False), cpu, mc, augment=True)
-    refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int), vo["uncertainty"], cfg.model.refer_fraction)
-    tta.mkdir(exist_ok=True)
-    (tta / "refer.json").write_text(json.dumps(refer, indent=1))
-    sets = [("site-c", ds, idx["test"])]
+    val = loader(Subset(ds, idx["val"]), cfg, shuffle=False)
+    sets = {"site-c": (ds, idx["test"])}
     if external:
         dx = MultiSite(prepare(work / "external" / "site-x", cfg, work / "cache", False), cfg)
-        sets.append(("site-x", dx, list(range(len(dx)))))
-    for name, d, rows in sets:
+        sets["site-x"] = (dx, list(range(len(dx))))
+    for way in ("tta", "lda", "lda+tta"):
+        if way == "lda":  # from here on the model carries the LDA layer, recalibrated
+            labelled = labelled_subset(ds.labels, idx["train"], cfg.train.label_fraction, cfg.train.seed)
+            info = refit_lda(model, loader(Subset(ds, labelled), cfg, shuffle=False), cpu, len(classes))
+            model.calibration.fill_(fit_temperature(nll_sums(predict(model, val, cpu)["logits"],
+                                                             np.array([ds.labels[i] for i in idx["val"]]))))
+            info["calibration_temperature"] = float(model.calibration)
+        augment = way.endswith("tta")
+        folder = run / "post_hoc" / way
+        folder.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
-        out = predict(model, loader(Subset(d, rows), cfg, shuffle=False), cpu, mc, augment=True)
-        write_predictions(tta / f"{name}.csv", out, d, classes, refer)
+        vo = predict(model, val, cpu, mc, augment=augment)
+        refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int), vo["uncertainty"],
+                                        cfg.model.refer_fraction)
+        (folder / "refer.json").write_text(json.dumps({**refer, **(info if way.startswith("lda") else {})}, indent=1))
+        for site in sites:
+            d, rows = sets[site]
+            torch.manual_seed(cfg.train.seed)
+            out = predict(model, loader(Subset(d, rows), cfg, shuffle=False), cpu, mc, augment=augment)
+            write_predictions(folder / f"{site}.csv", out, d, classes, refer)
 
 
 def _ece(preds: list[dict[str, dict]], classes: list[str]) -> float:
@@ -77,59 +108,65 @@ def _referral(preds: list[dict[str, dict]]) -> str:
 
 
 def table(work: Path) -> str:
-    runs = sorted(p for p in (work / "runs").iterdir() if (p / "tta" / "site-c.csv").is_file())
-    groups: dict[tuple[str, str, str], list[Path]] = {}
-    for r in runs:
+    groups: dict[tuple[str, float, str], list[Path]] = {}
+    for r in sorted((work / "runs").iterdir()):
         slug, rest = r.name.split("-f")
-        frac, seed = rest.split("-s")
-        groups.setdefault((NAMES[slug], frac, "site-c"), []).append(r)
-        if (r / "tta" / "site-x.csv").is_file():
-            groups.setdefault((NAMES[slug], frac, "site-x"), []).append(r)
-    lines, pooled = [], {"single": [], "tta": []}
-    for (name, frac, site), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], -float(kv[0][1]))):
-        base_name = "test_predictions.csv" if site == "site-c" else "external/predictions.csv"
-        single = [_read(r / base_name) for r in rs]
-        tta = [_read(r / "tta" / f"{site}.csv") for r in rs]
-        classes = [k[2:] for k in next(iter(single[0].values())) if k.startswith("p_")]
-        patients = sorted(single[0])
-        a, b = _correct(single, patients).mean(0), _correct(tta, patients).mean(0)
-        if site == "site-c":
-            pooled["single"].append(_correct(single, patients))
-            pooled["tta"].append(_correct(tta, patients))
-        lo, hi = _ci(b - a)
+        for site in ("site-c", "site-x"):
+            if all(_csv(r, w, site).is_file() for w in WAYS):
+                groups.setdefault((NAMES[slug], float(rest.split("-s")[0]), site), []).append(r)
+    lines, pooled = [], {site: {w: [] for w in WAYS} for site in ("site-c", "site-x")}
+    for (name, frac, site), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], -kv[0][1])):
+        preds = {w: [_read(_csv(r, w, site)) for r in rs] for w in WAYS}
+        classes = [k[2:] for k in next(iter(preds["single"][0].values())) if k.startswith("p_")]
+        patients = sorted(preds["single"][0])
+        correct = {w: _correct(p, patients) for w, p in preds.items()}
         seeds = ", ".join(r.name.rsplit("-s", 1)[1] for r in rs)
-        lines.append(f"| {name} | {float(frac):.0%} | {site} | {seeds} | {a.mean():.3f} / {b.mean():.3f} "
-                     f"| {100 * (b - a).mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) "
-                     f"| {_detection(single)} | {_detection(tta)} "
-                     f"| {_ece(single, classes):.3f} / {_ece(tta, classes):.3f} "
-                     f"| {_referral(single)} | {_referral(tta)} |")
-    every = ""
-    if pooled["single"]:
-        s, t = np.concatenate(pooled["single"]), np.concatenate(pooled["tta"])
-        d = (t - s).mean(0)
-        lo, hi = _ci(d)
-        every = (f"\nEvery model above on site-c together ({len(s)} models, the same {s.shape[1]} patients): "
-                 f"accuracy {s.mean():.3f} single pass, {t.mean():.3f} with test-time augmentation, paired difference "
-                 f"{100 * d.mean():+.1f} points ({100 * lo:+.1f} to {100 * hi:+.1f}).\n")
-    return f"""## Test-time augmentation against the single clean pass (`python -m benchmarks.test_time_augmentation --workdir DIR`)
+        for w in WAYS:
+            pooled[site][w].append(correct[w])
+            d = correct[w].mean(0) - correct["single"].mean(0)
+            lo, hi = _ci(d)
+            diff = "" if w == "single" else f"{100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+            lines.append(f"| {name} | {frac:.0%} | {site} | {seeds} | {WAYS[w]} | {correct[w].mean():.3f} | {diff} "
+                         f"| {_detection(preds[w])} | {_ece(preds[w], classes):.3f} | {_referral(preds[w])} |")
+    summary = []
+    for site, ways in pooled.items():
+        if not ways["single"]:
+            continue
+        base = np.concatenate(ways["single"])
+        for w in list(WAYS)[1:]:
+            d = (np.concatenate(ways[w]) - base).mean(0)
+            lo, hi = _ci(d)
+            summary.append(f"| {site} | {len(base)} | {WAYS[w]} | {base.mean():.3f} -> {np.concatenate(ways[w]).mean():.3f} "
+                           f"| {100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) |")
+    return f"""## Post-hoc inference variants on the same models (`python -m benchmarks.post_hoc --workdir DIR`)
 
 Machine: {machine()}. The models of the label-efficiency work folder (`benchmarks.paper_table`, default cohort and
-config), each evaluated twice: as trained (20 MC-dropout passes over the study as it is) and with
-`model.test_time_augmentation` (each of the 20 passes reads its own random training augmentation of the cine: rotation,
-translation, area-preserving stretch, elastic, bias field, gamma and contrast, noise). Each way sets its own referral
-thresholds on the run's validation patients (at most 20%); the calibration temperature is the run's (fitted on clean
-logits). Difference: paired, the same models, patients and seeds (95% percentile bootstrap over test patients).
+config; CC-CMR and its LGE-off ablation), each evaluated four ways: **as trained** (20 MC-dropout passes over the
+study as it is); **test-time augmentation** (each of the 20 passes reads its own random training augmentation of the
+cine: rotation, translation, area-preserving stretch, elastic, bias field, gamma and contrast, noise; the run's
+temperature); **LDA head** (the diagnostic layer refitted as linear discriminant analysis, Ledoit-Wolf shrinkage, on
+the features it reads for the run's labelled training patients; temperature refitted on validation); both. Each way
+sets its own referral thresholds on the run's validation patients (at most 20%). Difference: paired against "as
+trained", the same models, patients and seeds (95% percentile bootstrap over test patients).
 
-| model | labelled share | test site | seeds | accuracy single / TTA | difference (points) | error-detection AUROC (95% CI) single, uncertainty / confidence | TTA | ECE single / TTA | referred / accuracy of the rest, single | TTA |
-|---|---|---|---|---|---|---|---|---|---|---|
+| model | labelled share | test site | seeds | inference | accuracy | difference (points) | error-detection AUROC (95% CI), uncertainty / confidence | ECE | referred / accuracy of the rest |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
-{every}"""
+
+Every model above together, per test site (paired over models and patients):
+
+| test site | models | inference | accuracy as trained -> this way | difference (points) |
+|---|---|---|---|---|
+{chr(10).join(summary)}
+"""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="a benchmarks.paper_table work folder (runs/, cohort/, external/)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--shares", type=float, nargs="+", default=None, help="only the runs with these labelled shares "
+                    "(e.g. 1 0.1; default: every run)")
     ap.add_argument("--summarise-only", action="store_true", help="write the table from the evaluations already made")
     ap.add_argument("--no-block", action="store_true", help="print the table without writing BENCHMARKS.md")
     args = ap.parse_args()
@@ -137,13 +174,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     if not args.summarise_only:
-        done = sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").is_file())
+        done = sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").is_file()
+                      and (args.shares is None or float(p.name.split("-f")[1].split("-s")[0]) in args.shares))
         for k, run in enumerate(done):
             evaluate_run(run, work)
-            print(f"[{k + 1}/{len(done)}] {run.name}: evaluated with test-time augmentation", flush=True)
+            print(f"[{k + 1}/{len(done)}] {run.name}: evaluated {', '.join(list(WAYS)[1:])}", flush=True)
     text = table(work)
     if not args.no_block:
-        update_block("tta", text)
+        update_block("post-hoc", text)
     print(text)
 
 
