@@ -144,8 +144,9 @@ Machine: {machine()}. The models of the label-efficiency work folder (`benchmark
 config; CC-CMR and its LGE-off ablation), each evaluated four ways: **as trained** (20 MC-dropout passes over the
 study as it is); **test-time augmentation** (each of the 20 passes reads its own random training augmentation of the
 cine: rotation, translation, area-preserving stretch, elastic, bias field, gamma and contrast, noise; the run's
-temperature); **LDA head** (the diagnostic layer refitted as linear discriminant analysis, Ledoit-Wolf shrinkage, on
-the features it reads for the run's labelled training patients; temperature refitted on validation); both. Each way
+temperature); **LDA head** (the diagnostic layer refitted as linear discriminant analysis, OAS shrinkage, on the
+features it reads in 10 MC-dropout passes of the run's labelled training patients; temperature refitted on
+validation); both. Each way
 sets its own referral thresholds on the run's validation patients (at most 20%). Difference: paired against "as
 trained", the same models, patients and seeds (95% percentile bootstrap over test patients).
 
