@@ -115,6 +115,14 @@ class ModelConfig(_Section):
                                   "rule sends to a human: half for low confidence, half for high uncertainty")
     bio_length: int = Field(32, ge=4, le=1024, description="biomechanics samples per cycle (dual-path)")
 
+    @model_validator(mode="after")
+    def _augmentation_needs_passes(self) -> "ModelConfig":
+        if self.test_time_augmentation and self.mc_samples < 2:
+            raise ValueError(f"model.test_time_augmentation needs model.mc_samples of at least 2 (it is "
+                             f"{self.mc_samples}): each augmented view is one MC pass; raise mc_samples or switch "
+                             "test_time_augmentation off")
+        return self
+
 
 class TrainConfig(_Section):
     epochs: int = Field(40, ge=1, le=10_000, description="central training: epochs of the schedule (warm-up, then "

@@ -34,6 +34,12 @@ def test_wrong_type_is_not_coerced(tmp_path):
         load_config(p)
 
 
+def test_test_time_augmentation_without_mc_passes_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.test_time_augmentation needs model\.mc_samples of at least 2 \(it is 0\)"):
+        load_config(overrides=["model.test_time_augmentation=true", "model.mc_samples=0"])
+    assert load_config(overrides=["model.test_time_augmentation=true"]).model.mc_samples == 20
+
+
 def test_out_of_range_names_the_bound():
     with pytest.raises(ConfigError, match=r"override.*data\.ingest\.size.*greater than or equal to 16"):
         load_config(overrides=["data.ingest.size=8"])
