@@ -28,7 +28,6 @@ from torch.utils.data import Subset
 
 from benchmarks.common import machine, update_block
 from benchmarks.paper_table import SLUG, _ci, _correct, _detection, _read
-from ccmr_core.calibration import fit_temperature, nll_sums
 from ccmr_core.checkpoint import load_classifier
 from ccmr_core.config import validate
 from ccmr_core.data.sources import MultiSite, prepare
@@ -37,13 +36,20 @@ from ccmr_core.engine import predict
 from ccmr_core.head_refit import refit_lda
 from ccmr_core.metrics import expected_calibration_error
 from ccmr_core.referral import thresholds_from_outputs
-from ccmr_core.training import loader, split_indices, write_predictions
+from ccmr_core.training import calibrate, loader, split_indices, write_predictions
 
 NAMES = {slug: name for name, slug in SLUG.items()}
 
 
 WAYS = {"single": "as trained", "tta": "test-time augmentation", "lda": "LDA head",
         "lda+tta": "LDA head + test-time augmentation"}
+
+
+def _parse(run: Path) -> tuple[str, float, str]:
+    """A paper-table run folder's name (SLUG-fSHARE-sSEED) as (variant name, labelled share, seed)."""
+    slug, rest = run.name.split("-f")
+    share, seed = rest.split("-s")
+    return NAMES[slug], float(share), seed
 
 
 def _csv(run: Path, way: str, site: str) -> Path:
@@ -73,9 +79,7 @@ def evaluate_run(run: Path, work: Path) -> None:
         if way == "lda":  # from here on the model carries the LDA layer, recalibrated
             labelled = labelled_subset(ds.labels, idx["train"], cfg.train.label_fraction, cfg.train.seed)
             info = refit_lda(model, loader(Subset(ds, labelled), cfg, shuffle=False), cpu, len(classes))
-            model.calibration.fill_(fit_temperature(nll_sums(predict(model, val, cpu)["logits"],
-                                                             np.array([ds.labels[i] for i in idx["val"]]))))
-            info["calibration_temperature"] = float(model.calibration)
+            info["calibration_temperature"] = calibrate(model, val, cpu)
         augment = way.endswith("tta")
         folder = run / "post_hoc" / way
         folder.mkdir(parents=True, exist_ok=True)
@@ -110,17 +114,17 @@ def _referral(preds: list[dict[str, dict]]) -> str:
 def table(work: Path) -> str:
     groups: dict[tuple[str, float, str], list[Path]] = {}
     for r in sorted((work / "runs").iterdir()):
-        slug, rest = r.name.split("-f")
+        name, share, _ = _parse(r)
         for site in ("site-c", "site-x"):
             if all(_csv(r, w, site).is_file() for w in WAYS):
-                groups.setdefault((NAMES[slug], float(rest.split("-s")[0]), site), []).append(r)
+                groups.setdefault((name, share, site), []).append(r)
     lines, pooled = [], {site: {w: [] for w in WAYS} for site in ("site-c", "site-x")}
     for (name, frac, site), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], -kv[0][1])):
         preds = {w: [_read(_csv(r, w, site)) for r in rs] for w in WAYS}
         classes = [k[2:] for k in next(iter(preds["single"][0].values())) if k.startswith("p_")]
         patients = sorted(preds["single"][0])
         correct = {w: _correct(p, patients) for w, p in preds.items()}
-        seeds = ", ".join(r.name.rsplit("-s", 1)[1] for r in rs)
+        seeds = ", ".join(_parse(r)[2] for r in rs)
         for w in WAYS:
             pooled[site][w].append(correct[w])
             d = correct[w].mean(0) - correct["single"].mean(0)
@@ -176,7 +180,7 @@ def main() -> None:
     work = Path(args.workdir)
     if not args.summarise_only:
         done = sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").is_file()
-                      and (args.shares is None or float(p.name.split("-f")[1].split("-s")[0]) in args.shares))
+                      and (args.shares is None or _parse(p)[1] in args.shares))
         for k, run in enumerate(done):
             evaluate_run(run, work)
             print(f"[{k + 1}/{len(done)}] {run.name}: evaluated {', '.join(list(WAYS)[1:])}", flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ccmr_core.calibration import fit_temperature, nll_sums
@@ -48,6 +49,13 @@ def split_indices(ds: MultiSite, cfg: ExperimentConfig, test_site: str | None) -
     sub = stratified_split([ds.labels[i] for i in rest], t.val_fraction / (1 - t.test_fraction), 0.0, t.split_seed)
     return {"train": [rest[i] for i in sub["train"]], "val": [rest[i] for i in sub["val"]],
             "test": [i for i, s in enumerate(ds.sites) if s == test_site]}
+
+
+def calibrate(model: nn.Module, val_loader, device: torch.device) -> float:
+    """Fit the model's calibration temperature on the validation patients' raw logits and store it."""
+    vo = predict(model, val_loader, device)
+    model.calibration.fill_(fit_temperature(nll_sums(vo["logits"], vo["labels"].astype(int))))
+    return float(model.calibration)
 
 
 def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None = None,
@@ -104,8 +112,7 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
             if progress:
                 print(msg, flush=True)
     set_stage(model, plan.stages[-1])
-    vo = predict(model, val_loader, device)
-    model.calibration.fill_(fit_temperature(nll_sums(vo["logits"], vo["labels"].astype(int))))
+    calibrate(model, val_loader, device)
     tta = cfg.model.test_time_augmentation
     vo = predict(model, val_loader, device, cfg.model.mc_samples, augment=tta)
     refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int),
