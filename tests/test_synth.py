@@ -236,3 +236,36 @@ def test_a_public_cohort_can_come_from_another_phantom(tmp_path):
     frames = {t["frames"] for s in ("public-1", "public-2")
               for t in json.loads((tmp_path / "pub" / "groundtruth" / f"{s}.json").read_text())}
     assert frames and all(25 <= f <= 30 for f in frames)  # the external protocol's frame counts
+
+
+def test_external_shift_factors_can_be_left_out_patient_by_patient():
+    """benchmarks/external_shift.py: a factor of the external site's shift reverted to the training
+    sites' changes that factor only, for the same patients (same random draws): without papillary
+    muscles the cavity holds more blood at every frame, the heart is otherwise the same."""
+    from ccmr_core.synth.external import external_site, sample_external_heart
+
+    full = sample_external_heart("MINF", np.random.default_rng(5), SPACING)
+    bare = sample_external_heart("MINF", np.random.default_rng(5), SPACING, ("papillary",))
+    assert full.shape.papillary_mm > 0 and bare.shape.papillary_mm == 0
+    assert np.array_equal(full.r_endo_ed, bare.r_endo_ed) and full.shape.ellipticity == bare.shape.ellipticity
+    blood = [render(h, GRID, 20, np.random.default_rng(1), with_masks=True)["cine_mask"] == 1 for h in (full, bare)]
+    assert (blood[1].sum((1, 2, 3)) > blood[0].sum((1, 2, 3))).all()
+    assert external_site(["frames", "contrast", "papillary"]).frames_range is None
+    assert external_site(["contrast"]).contrast == "standard" and external_site().contrast == "external"
+    with pytest.raises(ValueError, match="unknown external shift factor.*papilary.*choose from contrast"):
+        external_site(["papilary"])
+
+
+def test_a_cohort_without_a_shift_factor_is_its_own_cohort(tmp_path):
+    a = generate_cohort(tmp_path / "x", sites=1, patients=2, seed=3, workers=1, progress=False, kind="external")
+    b = generate_cohort(tmp_path / "x-bare", sites=1, patients=2, seed=3, workers=1, progress=False, kind="external",
+                        external_without=["papillary", "sine"])
+    assert b["parameters"]["external_without"] == ["papillary", "sine"] and "external_without" not in a["parameters"]
+    assert a["sites"][0]["classes"] == b["sites"][0]["classes"]  # the same patients
+    assert _tree_hash(tmp_path / "x") != _tree_hash(tmp_path / "x-bare")
+    with pytest.raises(CohortExistsError):  # the folder of the full site is not taken for a variant
+        generate_cohort(tmp_path / "x", sites=1, patients=2, seed=3, workers=1, progress=False, kind="external",
+                        external_without=["papillary"])
+    with pytest.raises(ValueError, match="external cohort only"):
+        generate_cohort(tmp_path / "y", sites=2, patients=2, seed=3, workers=1, progress=False,
+                        external_without=["papillary"])

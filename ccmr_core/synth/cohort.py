@@ -32,7 +32,7 @@ from ccmr_core.proc import worker_pool
 from ccmr_core.synth.anatomy import Heart, lv_volume_ml, sample_heart, scar_extent, scar_transmurality
 from ccmr_core.synth.reports import aha_segments, habits_for, write_report
 from ccmr_core.synth.biomechanics import SIGNALS, biomechanics
-from ccmr_core.synth.external import CINE_CONTRAST, LGE_CONTRAST, EXTERNAL_SITE, sample_external_heart
+from ccmr_core.synth.external import CINE_CONTRAST, LGE_CONTRAST, external_site, sample_external_heart
 from ccmr_core.synth.dicom_writer import SeriesTemplate, base_dataset, stable_uid, write_bytes
 from ccmr_core.synth.render import Grid, render, rv_edv_ml, scanner_effects
 from ccmr_core.synth.sites import SiteProfile, allocate, public_profiles, site_diagnoses, site_profiles
@@ -110,8 +110,10 @@ def generate_patient(job: PatientJob) -> dict:
     site = job.site
     rng = np.random.default_rng([job.seed, job.site_index, job.index])
     external = site.anatomy == "external"
-    sample = sample_external_heart if external else sample_heart
-    heart: Heart = sample(job.diagnosis, rng, site.slice_spacing)
+    if external:
+        heart: Heart = sample_external_heart(job.diagnosis, rng, site.slice_spacing, site.anatomy_without)
+    else:
+        heart = sample_heart(job.diagnosis, rng, site.slice_spacing)
     heart = dataclasses.replace(heart, has_lge=bool(rng.uniform() >= site.no_lge_share))
     grid = Grid(site.matrix, site.pixel_spacing)
     frames = int(rng.integers(site.frames_range[0], site.frames_range[1] + 1)) if site.frames_range else site.frames
@@ -234,14 +236,17 @@ def generate_patient(job: PatientJob) -> dict:
     }
 
 
-def _params(sites: int, patients: int, seed: int, with_masks: bool, kind: str = "sites") -> dict:
+def _params(sites: int, patients: int, seed: int, with_masks: bool, kind: str = "sites",
+            without: tuple[str, ...] = ()) -> dict:
     out = {"generator_version": GENERATOR_VERSION, "sites": sites, "patients": patients, "seed": seed,
            "masks": with_masks}
+    if without:
+        out["external_without"] = sorted(without)
     return {**out, "kind": kind} if kind != "sites" else out
 
 
 def cohort_matches(out: Path, sites: int, patients: int, seed: int, with_masks: bool = False,
-                   kind: str = "sites") -> bool:
+                   kind: str = "sites", without: tuple[str, ...] = ()) -> bool:
     """True when ``out`` already holds a complete cohort generated from these parameters."""
     meta = out / "cohort.json"
     if not meta.is_file():
@@ -250,7 +255,7 @@ def cohort_matches(out: Path, sites: int, patients: int, seed: int, with_masks: 
         got = json.loads(meta.read_text())["parameters"]
     except (ValueError, KeyError):
         return False
-    want = _params(sites, patients, seed, with_masks, kind)
+    want = _params(sites, patients, seed, with_masks, kind, without)
     return got == want or (got == {**want, "masks": True} and not with_masks)
 
 
@@ -264,14 +269,22 @@ def generate_cohort(
     force: bool = False,
     progress: bool = True,
     kind: str = "sites",
+    external_without: tuple[str, ...] | list[str] = (),
 ) -> dict:
     """Write the cohort to ``out``; returns the cohort description (also in cohort.json).
 
     ``kind``: "sites" (the federation's hospitals), "external" (one independent external site,
     ccmr_core/synth/external.py), "public" (a stand-in for public data, with scanners of its own,
     for pretraining at no privacy cost) or "public-external" (the same, drawn by the external
-    site's phantom: public data that differ from the sites')."""
+    site's phantom: public data that differ from the sites'). ``external_without`` (kind "external"
+    only): factors of the external site's shift reverted to the training sites'
+    (ccmr_core/synth/external.py, ``SHIFT_FACTORS``), to measure what each costs a model."""
     out = Path(out).absolute()
+    without = tuple(sorted(set(external_without)))
+    if without and kind != "external":
+        raise ValueError(f"external_without {list(without)} applies to the external cohort only (kind 'external'), "
+                         f"not {kind!r}")
+    external_site(without)  # names an unknown factor before anything is written
     if kind not in ("sites", "external", "public", "public-external"):
         raise ValueError(f"cohort kind {kind!r}: choose sites, external, public or public-external")
     if kind == "external" and sites != 1:
@@ -279,14 +292,14 @@ def generate_cohort(
     if patients < sites:
         raise ValueError(f"--patients {patients} is less than --sites {sites}: every site needs a patient")
     if out.exists():
-        if cohort_matches(out, sites, patients, seed, with_masks, kind):
+        if cohort_matches(out, sites, patients, seed, with_masks, kind, without):
             return json.loads((out / "cohort.json").read_text())
         if not force:
             raise CohortExistsError(
                 f"{out} already exists and was not generated with these parameters; "
                 "choose another --out or pass --force to replace it"
             )
-    profiles = {"external": lambda: [EXTERNAL_SITE], "public": lambda: public_profiles(sites, seed),
+    profiles = {"external": lambda: [external_site(without)], "public": lambda: public_profiles(sites, seed),
                 "public-external": lambda: public_profiles(sites, seed, "external"),
                 "sites": lambda: site_profiles(sites, seed)}[kind]()
     counts = allocate(patients, [p.weight for p in profiles])
@@ -314,7 +327,7 @@ def generate_cohort(
                     results.append(r)
                     bar.update()
         bar.close()
-        description = _write_tables(tmp, profiles, counts, results, _params(sites, patients, seed, with_masks, kind))
+        description = _write_tables(tmp, profiles, counts, results, _params(sites, patients, seed, with_masks, kind, without))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -55,15 +55,51 @@ EXTERNAL_SITE = SiteProfile(
 )
 
 
-def sample_external_heart(diagnosis: str, rng: np.random.Generator, slice_spacing_mm: float) -> Heart:
-    """A heart of ``diagnosis`` from the external anatomy model."""
+SHIFT_FACTORS = {
+    "contrast": "another sequence's tissue contrasts",
+    "frames": "25-30 cine frames varying per patient (else 28 for all)",
+    "obliquity": "steeper obliquity of the short-axis planes",
+    "size": "another population's body size (cavity x 0.92-1.08)",
+    "ellipse": "elliptical cross-sections",
+    "roughness": "trabeculated endocardium",
+    "papillary": "papillary muscles",
+    "sine": "another ejection curve",
+}
+ANATOMY_FACTORS = ("size", "ellipse", "roughness", "papillary", "sine")
+
+
+def external_site(without: tuple[str, ...] | list[str] = ()) -> SiteProfile:
+    """The external site with the named factors of its shift (:data:`SHIFT_FACTORS`) reverted to
+    the training sites' (standard contrast, one frame count, their obliquity, the standard anatomy's
+    size, circles, smooth endocardium, no papillary muscles, the standard ejection curve), to
+    measure what each factor costs a model. Every patient draws the same random numbers whatever
+    is left out, so the variants are paired patient by patient."""
+    unknown = sorted(set(without) - set(SHIFT_FACTORS))
+    if unknown:
+        raise ValueError(f"unknown external shift factor(s) {', '.join(unknown)}: choose from {', '.join(SHIFT_FACTORS)}")
+    w = set(without)
+    standard = {f.name: f.default for f in dataclasses.fields(SiteProfile)}
+    return dataclasses.replace(
+        EXTERNAL_SITE,
+        contrast=standard["contrast"] if "contrast" in w else EXTERNAL_SITE.contrast,
+        frames_range=None if "frames" in w else EXTERNAL_SITE.frames_range,
+        obliquity=standard["obliquity"] if "obliquity" in w else EXTERNAL_SITE.obliquity,
+        anatomy_without=tuple(f for f in ANATOMY_FACTORS if f in w))
+
+
+def sample_external_heart(diagnosis: str, rng: np.random.Generator, slice_spacing_mm: float,
+                          without: tuple[str, ...] = ()) -> Heart:
+    """A heart of ``diagnosis`` from the external anatomy model, less the anatomy factors named in
+    ``without`` (:data:`ANATOMY_FACTORS`); the random draws are the same whatever is left out."""
     h = sample_heart(diagnosis, rng, slice_spacing_mm)
     size = rng.uniform(0.92, 1.08)  # another population: body size scales the cavity (EF is unchanged)
     k = np.arange(8, 13)
     phase = rng.uniform(0, 2 * np.pi, (h.n_slices, len(k)))
     amp = rng.uniform(0.02, 0.05)  # endocardial irregularity of about 4-11% of the radius
     rough = 1 + amp * np.cos(SECTOR_ANGLES[None, :, None] * k[None, None, :] + phase[:, None, :]).mean(-1) * np.sqrt(len(k))
-    shape = Shape(ellipticity=float(rng.uniform(0.78, 0.92)), ellipse_angle=float(rng.uniform(0, np.pi)),
-                  roughness=np.clip(rough, 0.85, 1.15).reshape(h.n_slices, N_SECTORS),
-                  papillary_mm=float(rng.uniform(2.5, 4.0)), curve="sine")
-    return dataclasses.replace(h, r_endo_ed=h.r_endo_ed * size, shape=shape)
+    ellipticity, angle, papillary = float(rng.uniform(0.78, 0.92)), float(rng.uniform(0, np.pi)), float(rng.uniform(2.5, 4.0))
+    shape = Shape(ellipticity=1.0 if "ellipse" in without else ellipticity, ellipse_angle=angle,
+                  roughness=None if "roughness" in without else np.clip(rough, 0.85, 1.15).reshape(h.n_slices, N_SECTORS),
+                  papillary_mm=0.0 if "papillary" in without else papillary,
+                  curve="standard" if "sine" in without else "sine")
+    return dataclasses.replace(h, r_endo_ed=h.r_endo_ed * (1.0 if "size" in without else size), shape=shape)

@@ -39,6 +39,7 @@ class SiteProfile:
     frames_range: tuple[int, int] | None = None  # cine frames drawn per patient instead of ``frames``
     obliquity: float = 0.12  # spread of the short-axis plane's orientation
     contrast: str = "standard"  # tissue intensities ("external": another sequence's)
+    anatomy_without: tuple[str, ...] = ()  # external anatomy factors left out (ccmr_core/synth/external.py)
 
     @property
     def slice_spacing(self) -> float:
