@@ -1,10 +1,11 @@
+import math
 import pytest
 import torch
 
 from ccmr_core.classes import DEFAULT_CLASSES
 from ccmr_core.data.dataset import CacheDataset
 from ccmr_core.data.ingest import ingest
-from ccmr_core.data.transforms import RandomBiasField, RandomGeometry, default_augmentation
+from ccmr_core.data.transforms import RandomBiasField, RandomCavityMuscle, RandomGeometry, default_augmentation
 
 from .conftest import SMALL, labels_of
 
@@ -121,19 +122,39 @@ def test_geometry_is_shared_by_cine_and_lge_and_keeps_areas():
         assert float(elastic.sum()) == pytest.approx(float(img.sum()), rel=0.1)
 
 
-def test_no_flip_slice_reversal_or_time_change():
-    """Slices stay base to apex and frame 0 stays end-diastole: a sample whose slices and frames
-    differ keeps each in its place (only the in-plane geometry and intensities change)."""
+def test_no_flip_slice_reversal_or_time_reversal():
+    """Slices stay base to apex and frame 0 stays end-diastole, the largest cavity of the cycle: a
+    sample whose cavity shrinks from base to apex and contracts and relaxes over the cycle keeps both
+    orders through the whole training augmentation (cavity muscle, geometry, intensity)."""
     torch.manual_seed(2)
     x = torch.zeros(4, 8, 64, 64)
     for k in range(4):
         for t in range(8):
-            x[k, t] = _disc(4 + k + 0.5 * t)
+            x[k, t] = _disc(16 - 3 * k - 2 * math.sin(math.pi * t / 8))
     s = {"cine": x, "lge": torch.zeros(4, 64, 64), "has_lge": torch.tensor(False)}
-    for _ in range(5):
-        out = default_augmentation()(s)["cine"]
-        sizes = out.sum((-1, -2))
-        assert (sizes[1:] > sizes[:-1]).all() and (sizes[:, 1:] > sizes[:, :-1]).all()
+    for _ in range(20):
+        sizes = default_augmentation()(s)["cine"].sum((-1, -2))  # (slices, frames)
+        assert (sizes[:-1] > sizes[1:]).all()  # base to apex
+        assert (sizes[:, :1] > sizes[:, 1:]).all()  # frame 0 is still end-diastole
+
+
+def test_cavity_muscle_darkens_small_discs_near_the_centre_of_cine_only():
+    """The discs sit within ``spread`` + their radius of the image centre, on a run of adjacent
+    slices, are largest mid-cycle, and leave LGE and everything else untouched."""
+    for seed in range(8):
+        torch.manual_seed(seed)
+        s = {"cine": torch.ones(8, 16, 64, 64), "lge": torch.ones(8, 64, 64), "has_lge": torch.tensor(True)}
+        out = RandomCavityMuscle(p=1.0, spread=6.0, radius_px=(1.0, 2.0))(s)
+        changed = out["cine"] < 1 - 1e-6  # (S, T, H, W)
+        assert torch.equal(out["lge"], s["lge"])
+        assert changed.any() and float(out["cine"].min()) >= 0.15 - 1e-6
+        yy, xx = torch.nonzero(changed.any(0).any(0), as_tuple=True)
+        assert float(torch.hypot(yy - 31.5, xx - 31.5).max()) <= 6.0 + 2.0 * 1.35 + 1.0
+        one = RandomCavityMuscle(p=1.0, count=(1, 1))(s)["cine"] < 1 - 1e-6
+        slices = torch.nonzero(one.flatten(1).any(1)).flatten()
+        assert int(slices.max() - slices.min()) + 1 == len(slices)  # one disc: a run of adjacent slices
+        area = changed.sum((-1, -2)).amax(0)  # (T,) per frame, over slices
+        assert area[8] >= area[0]  # a contracting muscle is thickest mid-cycle
 
 
 def test_bias_field_changes_intensity_smoothly_within_range():

@@ -4,8 +4,10 @@ Each transform takes and returns a sample dict (``cine`` (S, T, H, W), ``lge`` (
 and touches only its ``keys``. The geometry changes the shape of a heart but not what defines
 its class: rotation, translation, an area-preserving stretch (cross-sections are not circles) and
 a gentle elastic deformation, the same for every slice, frame and key of a sample, so volumes,
-ejection fraction, regional motion and the cine/LGE correspondence are kept. What is deliberately
-absent: any change of size (the grid is in millimetres and cavity size separates DCM, NOR and
+ejection fraction, regional motion and the cine/LGE correspondence are kept. Small dark discs in
+the cavity (``RandomCavityMuscle``) stand for papillary muscles and trabeculae, which every heart
+has and the training sites' phantom lacks: the external phantom's papillary muscles were its
+costliest difference (BENCHMARKS.md, external-shift). What is deliberately absent: any change of size (the grid is in millimetres and cavity size separates DCM, NOR and
 HCM), left-right or up-down flips (they would put the right ventricle on the wrong side, a
 chirality no heart has), large rotations, reversing the slices (ingest orders them base to apex),
 and time reversal or phase shifts (systole and diastole are not symmetric, and frame 0 is the
@@ -132,7 +134,50 @@ class RandomBiasField:
         return out
 
 
+class RandomCavityMuscle:
+    """Small dark discs near the image centre, where ingest puts the left ventricle: what papillary
+    muscles and trabeculae look like inside the bright blood pool, which a phantom without them
+    never shows and every real heart has. Each of 1-3 discs has its own place (within ``spread``
+    pixels of the centre), radius and tissue level, over a random run of adjacent slices, and grows
+    towards mid-cycle as a contracting muscle does. Cine only (each frame is blended towards the
+    disc's level with a soft edge), so what is outside the discs is untouched."""
+
+    def __init__(self, keys=("cine",), count=(1, 3), radius_px=(0.8, 2.0), spread=10.0, level=(0.15, 0.45),
+                 growth=0.35, p=0.5):
+        self.keys, self.count, self.radius, self.spread = keys, count, radius_px, spread
+        self.level, self.growth, self.p = level, growth, p
+
+    def __call__(self, sample: Sample) -> Sample:
+        keys = [k for k in _present(sample, self.keys) if sample[k].ndim == 4]  # (S, T, H, W) only
+        if not keys or torch.rand(()) >= self.p:
+            return sample
+        out = dict(sample)
+        for key in keys:
+            x = sample[key]
+            s, t, h, w = x.shape
+            yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+            swell = 1 + self.growth * torch.sin(math.pi * torch.arange(t, dtype=x.dtype) / t) ** 2  # (T,)
+            alpha = torch.zeros(s, t, h, w, dtype=x.dtype)
+            level = torch.zeros_like(alpha)
+            for _ in range(int(torch.randint(self.count[0], self.count[1] + 1, ()))):
+                r = float(torch.empty(()).uniform_(*self.radius))
+                ang, dist = float(torch.rand(())) * 2 * math.pi, self.spread * math.sqrt(float(torch.rand(())))
+                cy, cx = (h - 1) / 2 + dist * math.sin(ang), (w - 1) / 2 + dist * math.cos(ang)
+                n = int(torch.randint(1, s + 1, ()))
+                first = int(torch.randint(0, s - n + 1, ()))
+                d = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()  # (H, W)
+                disc = (r * swell[:, None, None] - d[None] + 0.5).clamp(0, 1)  # (T, H, W), one-pixel edge
+                a = torch.zeros(s, t, h, w, dtype=x.dtype)
+                a[first:first + n] = disc
+                new = torch.maximum(alpha, a)
+                level = torch.where(a >= alpha, torch.full_like(level, float(torch.empty(()).uniform_(*self.level))), level)
+                alpha = new
+            out[key] = x * (1 - alpha) + level * alpha
+        return out
+
+
 def default_augmentation(keys: Sequence[str] = ("cine", "lge")) -> Compose:
     """The training augmentation; ``keys=("cine",)`` is the test-time one (inference reads cine only)."""
     keys = tuple(keys)
-    return Compose([RandomGeometry(keys), RandomBiasField(keys), RandomIntensity(keys), RandomNoise(keys)])
+    return Compose([RandomCavityMuscle(), RandomGeometry(keys), RandomBiasField(keys), RandomIntensity(keys),
+                    RandomNoise(keys)])
