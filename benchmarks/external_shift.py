@@ -1,0 +1,131 @@
+"""What the external site's shift costs a model, factor by factor: saved models evaluated on the
+external phantom as it is and with one factor of its shift reverted to the training sites' (leave
+one factor out; ``ccmr_core/synth/external.py``, ``SHIFT_FACTORS``).
+
+    python -m benchmarks.external_shift --runs "LABEL=DIR" ["LABEL=DIR" ...] --workdir W
+
+DIR: a ``benchmarks.paper_table`` work folder; its models trained with every label
+(``runs/<variant>-f1-s<seed>/model.pt``) of ``--variants`` and ``--seeds`` are evaluated, under the
+column "variant, LABEL" (e.g. two work folders trained with two recipes). The external cohort is
+drawn with a seed of its own (default 200, 80 patients), not site-x's of the paper table (seed
+100, 40 patients), so this diagnostic is not that table's test set. Paired: every cohort variant
+holds the same patients (the same random draws, one factor changed), and each difference is
+against the full shift, over the column's models and the patients (95% percentile bootstrap over
+patients of the model-averaged difference). Cohorts and evaluations are kept in W (a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.common import machine, update_block
+from benchmarks.paper_table import SLUG, _ci, _read
+from ccmr_core.synth.cohort import generate_cohort
+from ccmr_core.synth.external import ANATOMY_FACTORS, SHIFT_FACTORS
+from ccmr_core.training import evaluate_saved
+
+COHORTS = {"full shift": (), **{f"without {k}": (k,) for k in SHIFT_FACTORS},
+           "without the anatomy model (its 5 factors)": ANATOMY_FACTORS,
+           "without any factor (another scanner only)": tuple(SHIFT_FACTORS)}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def _runs(spec: list[str], variants: list[str], seeds: list[int]) -> dict[str, list[Path]]:
+    """Column name -> the models it averages over; an absent model is named with what to do."""
+    columns = {}
+    for item in spec:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise SystemExit(f"--runs {item!r}: write LABEL=DIR (DIR: a benchmarks.paper_table work folder)")
+        for v in variants:
+            models = [Path(folder) / "runs" / f"{SLUG[v]}-f1-s{s}" / "model.pt" for s in seeds]
+            missing = [str(m) for m in models if not m.is_file()]
+            if missing:
+                raise SystemExit(f"--runs {item!r}: no saved model {', '.join(missing)}; train it with "
+                                 f"python -m benchmarks.paper_table --workdir {folder} --seeds {' '.join(map(str, seeds))}")
+            columns[f"{v}, {label}"] = models
+    return columns
+
+
+def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int) -> dict:
+    """(cohort, column) -> (models, patients) 0/1 correctness, in the cohorts' patient order."""
+    out = {}
+    jobs = [(c, col, m) for c in COHORTS for col, models in columns.items() for m in models]
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="model")
+    for cohort, without in COHORTS.items():
+        data = work / "cohorts" / _slug(cohort)
+        generate_cohort(data, sites=1, patients=patients, seed=seed, progress=False, kind="external",
+                        external_without=without)
+        for col, models in columns.items():
+            rows = []
+            for m in models:
+                ev = work / "eval" / _slug(cohort) / _slug(col) / m.parent.name
+                if not (ev / "predictions.csv").is_file():
+                    evaluate_saved(m, data / "site-x", ev, progress=False, cache_root=work / "cache")
+                preds = _read(ev / "predictions.csv")
+                rows.append([float(preds[k]["label"] == preds[k]["predicted"]) for k in sorted(preds)])
+                bar.update()
+            out[(cohort, col)] = np.array(rows)
+    bar.close()
+    return out
+
+
+def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: list[int]) -> str:
+    head = "| external cohort | " + " | ".join(f"{c}: accuracy | difference (points)" for c in columns) + " |"
+    lines = [head, "|---|" + "---|---|" * len(columns)]
+    for cohort in COHORTS:
+        cells = []
+        for col in columns:
+            x, full = correct[(cohort, col)], correct[("full shift", col)]
+            acc = f"{x.mean():.3f}"
+            if cohort == "full shift":
+                cells += [acc, ""]
+                continue
+            d = (x - full).mean(0)
+            lo, hi = _ci(d)
+            cells += [acc, f"{100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"]
+        lines.append(f"| {cohort} | " + " | ".join(cells) + " |")
+    factors = "; ".join(f"**{k}**: {v}" for k, v in SHIFT_FACTORS.items())
+    return f"""## What the external site's shift costs, factor by factor (`python -m benchmarks.external_shift`)
+
+Machine: {machine()}. The models of `benchmarks.paper_table` work folders (default cohort and config, trained on
+site-a + site-b with every label; seeds {', '.join(map(str, seeds))}), each column averaging its models. The external
+phantom (`ccmr synth --external`) is drawn with seed {seed} ({patients} patients; not site-x of the table above, seed 100) as it
+is, and again with one factor of its shift reverted to the training sites' (the same patients and random draws):
+{factors}. Difference: against the full shift, paired over the column's models and the patients (95% percentile
+bootstrap over patients of the model-averaged difference); a positive difference is what that factor costs.
+
+{chr(10).join(lines)}
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="LABEL=DIR: a paper_table work folder and its column label")
+    ap.add_argument("--variants", nargs="+", default=["cc-cmr", "cc-cmr, LGE terms off"], choices=list(SLUG))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--patients", type=int, default=80)
+    ap.add_argument("--seed", type=int, default=200, help="the external cohort's seed (site-x of the paper table: 100)")
+    ap.add_argument("--workdir", required=True, help="cohorts and evaluations are kept here (a rerun resumes)")
+    ap.add_argument("--no-block", action="store_true", help="print the table, do not write BENCHMARKS.md")
+    args = ap.parse_args()
+    columns = _runs(args.runs, args.variants, args.seeds)
+    work = Path(args.workdir)
+    correct = run(work, columns, args.patients, args.seed)
+    text = table(correct, list(columns), args.patients, args.seed, args.seeds)
+    (work / "correct.json").write_text(json.dumps({f"{c} | {col}": v.tolist() for (c, col), v in correct.items()}))
+    if not args.no_block:
+        update_block("external-shift", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
