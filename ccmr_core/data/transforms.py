@@ -7,11 +7,12 @@ a gentle elastic deformation, the same for every slice, frame and key of a sampl
 ejection fraction, regional motion and the cine/LGE correspondence are kept. Small dark discs in
 the cavity (``RandomCavityMuscle``) stand for papillary muscles and trabeculae, which every heart
 has and the training sites' phantom lacks: the external phantom's papillary muscles were its
-costliest difference (BENCHMARKS.md, external-shift). What is deliberately absent: any change of size (the grid is in millimetres and cavity size separates DCM, NOR and
-HCM), left-right or up-down flips (they would put the right ventricle on the wrong side, a
-chirality no heart has), large rotations, reversing the slices (ingest orders them base to apex),
-and time reversal or phase shifts (systole and diastole are not symmetric, and frame 0 is the
-R-wave-triggered end-diastole).
+costliest difference (BENCHMARKS.md, external-shift). What is deliberately absent: any change of
+size (the grid is in millimetres and cavity size separates DCM, NOR and HCM), left-right or
+up-down flips (they would put the right ventricle on the wrong side, a chirality no heart has),
+large rotations, reversing the slices (ingest orders them base to apex), and time reversal or
+phase shifts (systole and diastole are not symmetric, and frame 0 is the R-wave-triggered
+end-diastole); a monotone warp of the cycle was piloted and did worse.
 """
 
 from __future__ import annotations
