@@ -168,11 +168,9 @@ class RandomCavityMuscle:
                 first = int(torch.randint(0, s - n + 1, ()))
                 d = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()  # (H, W)
                 disc = (r * swell[:, None, None] - d[None] + 0.5).clamp(0, 1)  # (T, H, W), one-pixel edge
-                a = torch.zeros(s, t, h, w, dtype=x.dtype)
-                a[first:first + n] = disc
-                new = torch.maximum(alpha, a)
-                level = torch.where(a >= alpha, torch.full_like(level, float(torch.empty(()).uniform_(*self.level))), level)
-                alpha = new
+                run = slice(first, first + n)  # the disc's slices; where discs overlap the stronger one's level
+                level[run] = torch.where(disc >= alpha[run], float(torch.empty(()).uniform_(*self.level)), level[run])
+                alpha[run] = torch.maximum(alpha[run], disc)
             out[key] = x * (1 - alpha) + level * alpha
         return out
 
