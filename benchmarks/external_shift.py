@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import machine, update_block
-from benchmarks.paper_table import SLUG, _ci, _read
+from benchmarks.paper_table import SLUG, _ci, _read, run_dir
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.synth.external import ANATOMY_FACTORS, SHIFT_FACTORS
 from ccmr_core.training import evaluate_saved
@@ -46,7 +46,7 @@ def _runs(spec: list[str], variants: list[str], seeds: list[int]) -> dict[str, l
         if not sep or not label or not folder:
             raise SystemExit(f"--runs {item!r}: write LABEL=DIR (DIR: a benchmarks.paper_table work folder)")
         for v in variants:
-            models = [Path(folder) / "runs" / f"{SLUG[v]}-f1-s{s}" / "model.pt" for s in seeds]
+            models = [run_dir(Path(folder), v, 1.0, s) / "model.pt" for s in seeds]
             missing = [str(m) for m in models if not m.is_file()]
             if missing:
                 raise SystemExit(f"--runs {item!r}: no saved model {', '.join(missing)}; train it with "

@@ -94,6 +94,11 @@ def throughput(cfg, stage: str | None, steps: int = 4) -> tuple[float, float]:
     return b / dt, flops / dt
 
 
+def run_dir(work: Path, variant: str, frac: float, seed: int) -> Path:
+    """The folder of one training run in a work folder: variant, labelled share and seed."""
+    return work / "runs" / f"{SLUG[variant]}-f{frac:g}-s{seed}"
+
+
 def _read(path: Path) -> dict[str, dict]:
     with open(path) as f:
         return {r["patient_id"]: r for r in csv.DictReader(f)}
@@ -131,7 +136,7 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
     else:
         jobs = [(v, 1.0, s) for s in seeds for v in variants] + eff
     for k, (v, frac, seed) in enumerate(jobs):
-        out = work / "runs" / f"{SLUG[v]}-f{frac:g}-s{seed}"
+        out = run_dir(work, v, frac, seed)
         if not (out / "metrics.json").is_file():
             t0 = time.perf_counter()
             cfg = load_config(preset=preset,
@@ -148,14 +153,13 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
 
 def summarise(work: Path, seeds: list[int], fractions: list[float], variants: list[str],
               efficiency_seeds: list[int] | None = None) -> str:
-    runs = work / "runs"
 
     def preds(v: str, frac: float = 1.0, external: bool = False, only: list[int] | None = None) -> list[dict[str, dict]]:
         name = "external/predictions.csv" if external else "test_predictions.csv"
-        return [_read(runs / f"{SLUG[v]}-f{frac:g}-s{s}" / name) for s in (only or seeds)]
+        return [_read(run_dir(work, v, frac, s) / name) for s in (only or seeds)]
 
     def metrics(v: str, frac: float = 1.0) -> list[dict]:
-        return [json.loads((runs / f"{SLUG[v]}-f{frac:g}-s{s}" / "metrics.json").read_text())["test"] for s in seeds]
+        return [json.loads((run_dir(work, v, frac, s) / "metrics.json").read_text())["test"] for s in seeds]
 
     rows = []
     for v in variants:
@@ -230,17 +234,15 @@ measured in the same process):
 
 def efficiency_table(work: Path, fractions: list[float], variants: list[str], eff_seeds: list[int]) -> str:
     """The label-efficiency curve: site-c accuracy of CC-CMR and its LGE-off ablation per labelled share."""
-    runs = work / "runs"
 
     def preds(v: str, frac: float, only: list[int]) -> list[dict[str, dict]]:
-        return [_read(runs / f"{SLUG[v]}-f{frac:g}-s{s}" / "test_predictions.csv") for s in only]
+        return [_read(run_dir(work, v, frac, s) / "test_predictions.csv") for s in only]
 
     eff = []
     shown = [v for v in EFFICIENCY if v in variants]
     for frac in [*fractions, 1.0]:
         # the seeds for which every compared variant has this point (a partly run curve shows what it has)
-        have = [s for s in eff_seeds if all((runs / f"{SLUG[v]}-f{frac:g}-s{s}" / "test_predictions.csv").is_file()
-                                            for v in shown)]
+        have = [s for s in eff_seeds if all((run_dir(work, v, frac, s) / "test_predictions.csv").is_file() for v in shown)]
         if not have:
             continue
         cells = []
@@ -255,7 +257,7 @@ def efficiency_table(work: Path, fractions: list[float], variants: list[str], ef
             d = accs[EFFICIENCY[0]] - accs[EFFICIENCY[1]]
             lo, hi = _ci(d)
             cells.append(f"{100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})")
-        n_lab = json.loads((runs / f"{SLUG[shown[0]]}-f{frac:g}-s{have[0]}" / "metrics.json").read_text())
+        n_lab = json.loads((run_dir(work, shown[0], frac, have[0]) / "metrics.json").read_text())
         eff.append(f"| {frac:.0%} ({n_lab['n_train_labelled']}) | {', '.join(map(str, have))} | " + " | ".join(cells) + " |")
     return f"""## Label efficiency: CC-CMR and its ablation with part of the labels (`python -m benchmarks.paper_table --efficiency-only`)
 
