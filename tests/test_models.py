@@ -48,6 +48,38 @@ def test_opacus_accepts_every_model_as_is(name):
     assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
 
 
+def channels_last(p):
+    return p.stride(1) == 1  # (out, in, depth, height, width) stored with the input channels innermost
+
+
+def kernels(m):
+    return [p for p in m.parameters() if p.dim() == 5 and p.shape[2:].numel() > 1]  # 1x1x1: both layouts alike
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_convolution_kernels_are_channels_last_also_after_loading_a_default_layout_checkpoint(name):
+    m = build_model(name, 5, S, **KW)
+    assert kernels(m) and all(channels_last(p) for p in kernels(m))
+    plain = {k: v.clone(memory_format=torch.contiguous_format) for k, v in m.state_dict().items()}
+    assert not any(channels_last(v) for v in plain.values() if v.dim() == 5 and v.shape[2:].numel() > 1)
+    other = build_model(name, 5, S, **KW)
+    other.load_state_dict(plain)  # a checkpoint of an older release or another site's layout
+    assert all(channels_last(p) for p in kernels(other))
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_channels_last_computes_what_the_default_layout_computes(name):
+    m = build_model(name, 5, S, **KW).eval()
+    reference = build_model(name, 5, S, **KW)._apply(lambda t: t.clone(memory_format=torch.contiguous_format))
+    reference.load_state_dict(m.state_dict())
+    reference.eval()
+    assert not any(channels_last(p) for p in kernels(reference))
+    inputs = model_inputs(m, batch(), training=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m.head(m.embed(**inputs)), reference.head(reference.embed(**inputs)),
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_shapes_and_per_sample_losses_in_every_stage(name):
     for stage, m in stages(name):
