@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 from ccmr_core.calibration import TEMPERATURES, nll_sums
@@ -70,17 +70,23 @@ def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0
 def bootstrap_auroc_ci(scores: np.ndarray, positive: np.ndarray, n_boot: int = 2000,
                        seed: int = 0) -> tuple[float, float]:
     """95% stratified percentile-bootstrap interval of ``roc_auc``: positives and negatives are
-    resampled separately, so every resample keeps their counts (with few errors, e.g. 11 among
-    300 predictions, the AUROC of an error detector is itself uncertain)."""
+    resampled separately (scipy's two-sample bootstrap), so every resample keeps their counts
+    (with few errors, e.g. 11 among 300 predictions, the AUROC of an error detector is itself
+    uncertain). The AUROC of a resample is the Mann-Whitney U over the product of the counts."""
     scores, positive = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
     pos, neg = scores[positive], scores[~positive]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    labels = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
-    aucs = [roc_auc_score(labels, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)]
-    lo, hi = np.percentile(aucs, [2.5, 97.5])
-    return float(lo), float(hi)
+    if pos.min() > neg.max() or pos.max() < neg.min() or len(pos) == len(neg) == 1:
+        auc = roc_auc(scores, positive)  # every resample scores the same (scipy would warn)
+        return auc, auc
+
+    def auroc(p, n, axis=-1):
+        return mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
+
+    r = bootstrap((pos, neg), auroc, n_resamples=n_boot, method="percentile", random_state=seed, vectorized=True,
+                  batch=200)
+    return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
 def per_class(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:

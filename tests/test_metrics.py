@@ -68,6 +68,7 @@ def test_auroc_interval_brackets_the_estimate_and_narrows_with_more_errors():
     width = lambda w: np.subtract(*bootstrap_auroc_ci(w + rng.normal(0, 1.0, 300), w)[::-1])  # noqa: E731
     assert width(many) < width(few) / 2
     assert bootstrap_auroc_ci(few.astype(float), few) == (1.0, 1.0)  # a perfect detector stays perfect
+    assert bootstrap_auroc_ci(np.ones(300), few) == (0.5, 0.5)  # ties count half, as in roc_auc
     assert all(np.isnan(bootstrap_auroc_ci(np.ones(5), np.zeros(5, bool))))  # no error: nothing to detect
 
 
