@@ -159,8 +159,7 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
     return {"cohort": cohort, "external": external}
 
 
-def summarise(work: Path, seeds: list[int], fractions: list[float], variants: list[str],
-              efficiency_seeds: list[int] | None = None) -> str:
+def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
 
     def preds(v: str, frac: float = 1.0, external: bool = False, only: list[int] | None = None) -> list[dict[str, dict]]:
         name = "external/predictions.csv" if external else "test_predictions.csv"
@@ -297,6 +296,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
     ap.add_argument("--efficiency-only", action="store_true", help="only the label-efficiency runs (--fractions "
                     "and 100%% for --efficiency-seeds) and their table")
+    ap.add_argument("--tables", nargs="+", default=["paper", "efficiency"], choices=["paper", "efficiency"],
+                    help="which blocks to write (e.g. --summarise-only --tables paper while the curve's runs are "
+                    "not all there)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-paper-"))
     print(f"work folder {work} (rerun with --workdir to resume)", flush=True)
@@ -305,9 +307,12 @@ def main() -> None:
                 args.efficiency_only)
     if args.runs_only:
         return
-    texts = {"efficiency": efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds)}
-    if not args.efficiency_only:
-        texts["paper"] = summarise(work, args.seeds, args.fractions, args.variants, args.efficiency_seeds)
+    tables = ["efficiency"] if args.efficiency_only else args.tables
+    texts = {}
+    if "efficiency" in tables:
+        texts["efficiency"] = efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds)
+    if "paper" in tables:
+        texts["paper"] = summarise(work, args.seeds, args.variants)
     for block, text in texts.items():
         if args.preset == "default":
             update_block(block, text)
