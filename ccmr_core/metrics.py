@@ -67,6 +67,30 @@ def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0
     return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
+def bootstrap_seeds_patients_ci(values: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of a (seeds, patients) table (per-patient correctness, or
+    paired differences), resampling the training seeds and the test patients independently (a
+    crossed bootstrap). ``bootstrap_accuracy_ci`` of the seed-averaged row holds the trained models
+    fixed; this one also asks what other training runs of the same recipe would give, which is what
+    a claim about the recipe needs (it is somewhat conservative: a patient-by-seed interaction is
+    counted in both resamplings). With one seed it is the patient bootstrap."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 2 or v.size == 0:
+        raise ValueError(f"expected a (seeds, patients) table, got shape {v.shape}")
+    n_s, n_p = v.shape
+    if np.allclose(v, v.flat[0]):
+        return float(v.mean()), float(v.mean())
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, 1000):  # counts of each seed and patient in a resample: mean = w_s V w_p / (S P)
+        b = min(1000, n_boot - start)
+        ws = rng.multinomial(n_s, np.full(n_s, 1 / n_s), size=b)
+        wp = rng.multinomial(n_p, np.full(n_p, 1 / n_p), size=b)
+        out[start:start + b] = np.einsum("bs,sp,bp->b", ws, v, wp) / (n_s * n_p)
+    lo, hi = np.percentile(out, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def bootstrap_auroc_ci(scores: np.ndarray, positive: np.ndarray, n_boot: int = 2000,
                        seed: int = 0) -> tuple[float, float]:
     """95% stratified percentile-bootstrap interval of ``roc_auc``: positives and negatives are

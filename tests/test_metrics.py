@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, bootstrap_auroc_ci, classification_metrics, ece_floor,
+from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, bootstrap_auroc_ci, bootstrap_seeds_patients_ci, classification_metrics, ece_floor,
                                expected_calibration_error, metrics_from_stats, per_class, roc_auc)
 
 CLASSES = ["NOR", "MINF", "DCM"]
@@ -55,6 +55,22 @@ def test_bootstrap_ci_brackets_accuracy_and_narrows():
     lo, hi = bootstrap_accuracy_ci(small)
     blo, bhi = bootstrap_accuracy_ci(big)
     assert lo < 0.5 < hi and blo < 0.5 < bhi and (bhi - blo) < (hi - lo) / 4
+
+
+def test_seed_and_patient_interval_widens_with_training_noise_only():
+    rng = np.random.default_rng(1)
+    patients = rng.normal(0.05, 0.3, 60)  # a paired difference per patient
+    steady = np.tile(patients, (5, 1))  # five training runs that agree
+    noisy = steady + rng.normal(0, 0.15, (5, 1))  # the same patients, runs that move the mean by several points
+    lo, hi = bootstrap_seeds_patients_ci(steady)
+    plo, phi = bootstrap_accuracy_ci(steady.mean(0), n_boot=10_000)
+    assert abs(lo - plo) < 0.01 and abs(hi - phi) < 0.01  # nothing to add when every run agrees
+    nlo, nhi = bootstrap_seeds_patients_ci(noisy)
+    assert nlo < noisy.mean() < nhi and (nhi - nlo) > 1.3 * (phi - plo)  # the run-to-run spread widens it
+    assert (nlo, nhi) == bootstrap_seeds_patients_ci(noisy)  # deterministic for a seed
+    assert bootstrap_seeds_patients_ci(np.ones((3, 4))) == (1.0, 1.0)
+    with pytest.raises(ValueError, match=r"\(seeds, patients\) table, got shape \(4,\)"):
+        bootstrap_seeds_patients_ci(np.ones(4))
 
 
 def test_auroc_interval_brackets_the_estimate_and_narrows_with_more_errors():
