@@ -59,7 +59,8 @@ def row(preset: str, seed: int, cache: str, wall: float, rounds: int, m: dict) -
     refer = f"{ref['referred']:.0%} / {ref['accuracy_kept']:.3f}" if ref else "-"
     val = f"{v['accuracy']:.3f} / {v['macro_auc']:.3f}" if v else "-"
     return (f"| {preset} | {seed} | {cache} | {rounds} | {wall / 60:.1f} min | {t['accuracy']:.3f} ({lo:.2f}-{hi:.2f}) "
-            f"| {t['macro_auc']:.3f} | {t['ece']:.3f} ({t['ece_floor']:.3f}) | {detect} ({errors} errors) | {refer} "
+            f"| {t['macro_auc']:.3f} | {t['ece']:.3f} ({t['ece_floor']:.3f}) | {detect} ({errors} error{'s' * (errors != 1)}) "
+            f"| {refer} "
             f"| {m['calibration_temperature']:.2f} | {val} |")
 
 

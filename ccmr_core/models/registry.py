@@ -42,9 +42,11 @@ def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
 
 def channels_last(model: nn.Module) -> nn.Module:
     """Store the model's 3D convolution kernels channels-last: oneDNN then runs the convolutions
-    (most of a training step) with channels-last activations too, 1.2-1.5x faster forward and
-    backward on CPU (``benchmarks.paper_table``'s throughput rows). Values agree with the default
-    layout to float rounding; a state dict loads into either layout."""
+    (most of a training step) with channels-last activations too. Whether that is faster depends
+    on the machine's oneDNN kernels: a training step was 1.2-1.5x faster for every model on one
+    2-core virtual machine, 1.2x for the CNN-LSTM and 0.8-0.95x for CC-CMR on another (BENCHMARKS.md,
+    paper block). Values agree with the default layout to float rounding; a state dict loads into
+    either layout."""
     return model._apply(lambda t: t.to(memory_format=torch.channels_last_3d) if t.dim() == 5 else t)
 
 
