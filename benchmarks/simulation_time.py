@@ -82,12 +82,13 @@ def main() -> None:
                 cache = work / (f"cache-{seed}" if args.cold else "cache")
                 wall, m, rounds = run_once(work, cache, preset, seed, work / f"run-{seed}")
                 rows.append(row(preset, seed, "cold" if args.cold or k == 0 else "warm", wall, rounds, m))
-                results.append((wall, m["test"]["accuracy"], m["test"]["macro_auc"], m["test"]["ece"]))
+                results.append((wall, m["test"]))
                 print(rows[-1], flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if len(results) > 1:
-            walls, accs, aucs, eces = zip(*results)
+            walls = [w for w, _ in results]
+            accs, aucs, eces = ([t[k] for _, t in results] for k in ("accuracy", "macro_auc", "ece"))
             summary.append(f"- {preset}: accuracy {statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} over seeds "
                            f"{', '.join(map(str, args.seeds))} (lowest {min(accs):.3f}), macro AUC {min(aucs):.3f}-"
                            f"{max(aucs):.3f}, ECE {min(eces):.3f}-{max(eces):.3f}, wall time {min(walls) / 60:.1f}-"
