@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,16 @@ def machine() -> str:
     return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
             f"pydicom {pydicom.__version__}")
+
+
+def code_version() -> str:
+    """The commit a benchmark runs, read when it starts: the short hash, marked when tracked files differ
+    from it (then the figures are not that commit's), or "unknown" outside a git checkout."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def update_block(name: str, text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, machine, update_block
+from benchmarks.common import ROOT, code_version, machine, update_block
 from ccmr_core.flwr_env import child_env
 
 PORT = "39491"  # the local SuperLink's HTTP API, away from the default so a user's own is not touched
@@ -71,8 +71,7 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="a fresh cache for every run (each generates and ingests)")
     ap.add_argument("--no-block", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = code_version()
     rows, summary = [], []
     for preset in args.presets:
         work = Path(tempfile.mkdtemp(prefix="ccmr-sim-", dir="/tmp"))
