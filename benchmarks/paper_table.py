@@ -161,9 +161,18 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
 
 def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
 
+    read: dict[Path, dict[str, dict]] = {}  # each prediction file is read once (rows and paired differences)
+
     def preds(v: str, frac: float = 1.0, external: bool = False, only: list[int] | None = None) -> list[dict[str, dict]]:
         name = "external/predictions.csv" if external else "test_predictions.csv"
-        return [_read(run_dir(work, v, frac, s) / name) for s in (only or seeds)]
+        files = [run_dir(work, v, frac, s) / name for s in (only or seeds)]
+        return [read[f] if f in read else read.setdefault(f, _read(f)) for f in files]
+
+    def interval(correct: np.ndarray) -> str:
+        """Patients only (these runs) / seeds and patients (the recipe), as in the paired differences."""
+        lo, hi = _ci(correct.mean(0))
+        slo, shi = bootstrap_seeds_patients_ci(correct)
+        return f"{lo:.2f}-{hi:.2f} / {slo:.2f}-{shi:.2f}"
 
     def metrics(v: str, frac: float = 1.0) -> list[dict]:
         return [json.loads((run_dir(work, v, frac, s) / "metrics.json").read_text())["test"] for s in seeds]
@@ -173,17 +182,17 @@ def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
         p, ms = preds(v), metrics(v)
         patients = sorted(p[0])
         acc = _correct(p, patients)
-        lo, hi = _ci(acc.mean(0))
         ref = [m.get("referral") or {} for m in ms]
         ext = "n/a (needs LGE)"
         if VARIANTS[v][1] != "LGE":
             ep = preds(v, external=True)
-            ea = _correct(ep, sorted(ep[0])).mean(1)
-            ext = f"{ea.mean():.3f} ± {ea.std(ddof=1) if len(ea) > 1 else 0:.3f}"
+            ec = _correct(ep, sorted(ep[0]))
+            ea = ec.mean(1)
+            ext = f"{ea.mean():.3f} ± {ea.std(ddof=1) if len(ea) > 1 else 0:.3f} ({interval(ec)})"
         per_seed = acc.mean(1)
         rows.append(
             f"| {v} | {VARIANTS[v][1]} | {per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(seeds) > 1 else 0:.3f} "
-            f"| {lo:.3f}-{hi:.3f} | {statistics.mean(m['macro_auc'] for m in ms):.3f} "
+            f"| {interval(acc)} | {statistics.mean(m['macro_auc'] for m in ms):.3f} "
             f"| {statistics.mean(m['ece'] for m in ms):.3f} ({statistics.mean(m.get('ece_floor', float('nan')) for m in ms):.3f}) "
             f"| {_detection(p)} "
             f"| {statistics.mean(r.get('referred', float('nan')) for r in ref):.0%} / "
@@ -217,11 +226,13 @@ Default synthetic cohort (3 sites, 231 patients, seed 0): trained on site-a + si
 held out as all of **site-c**: another scanner and case mix); **site-x**: `ccmr synth --external` (seed 100, 40 patients,
 another vendor, protocol and anatomy model; never seen in training). Seeds {seeds}; default config (40 epochs, warm-up then
 cosine, final model kept; CC-CMR: 20 teacher + 20 student epochs); temperature scaling and referral thresholds set on the
-validation patients. Intervals: 95% percentile bootstrap over test patients of the seed-averaged correctness.
+validation patients. Accuracy intervals (95%, percentile bootstrap): over test patients of the seed-averaged correctness,
+which holds these training runs fixed / over seeds and patients (`bootstrap_seeds_patients_ci`), which asks what other
+runs of the same recipe would give.
 ECE: 20 bins, mean over seeds; in brackets the ECE a perfectly calibrated model with the same confidences would score on
 this many patients (`ccmr_core.metrics.ece_floor`): ECE is biased upwards on few patients.
 
-| model | reads at inference | site-c accuracy (mean ± sd over seeds) | 95% CI | macro AUC | ECE (calibrated model's) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest | site-x accuracy | test n |
+| model | reads at inference | site-c accuracy (mean ± sd over seeds) | 95% CI, patients / seeds and patients | macro AUC | ECE (calibrated model's) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest | site-x accuracy (95% CIs as for site-c) | test n |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
