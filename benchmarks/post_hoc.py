@@ -5,8 +5,8 @@ augmentation and an LDA refit of the diagnostic layer, against the model as trai
 
 Each saved model (runs/*/model.pt) is evaluated again three ways, beside its own predictions
 ("single": 20 MC-dropout passes over the study as it is):
-- tta: ``model.test_time_augmentation``, each MC pass reads a random training augmentation of
-  the cine; the run's calibration temperature;
+- tta: ``model.test_time_augmentation``, each MC pass reads a random view of the cine (the
+  training augmentation without its cavity discs); the run's calibration temperature;
 - lda: the diagnostic layer refitted as LDA on the features it reads for the run's labelled
   training patients (``ccmr_core.head_refit``), the temperature refitted on validation;
 - lda+tta: both.
@@ -144,11 +144,11 @@ def table(work: Path) -> str:
                            f"| {100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) |")
     return f"""## Post-hoc inference variants on the same models (`python -m benchmarks.post_hoc --workdir DIR`)
 
-Machine: {machine()}. The models of the label-efficiency work folder (`benchmarks.paper_table`, default cohort and
+Machine: {machine()}. The models of a `benchmarks.paper_table` work folder (default cohort and
 config; CC-CMR and its LGE-off ablation), each evaluated four ways: **as trained** (20 MC-dropout passes over the
-study as it is); **test-time augmentation** (each of the 20 passes reads its own random training augmentation of the
-cine: rotation, translation, area-preserving stretch, elastic, bias field, gamma and contrast, noise; the run's
-temperature); **LDA head** (the diagnostic layer refitted as linear discriminant analysis, OAS shrinkage, on the
+study as it is); **test-time augmentation** (each of the 20 passes reads its own random view of the cine: the training
+augmentation without its cavity discs, i.e. rotation, translation, area-preserving stretch, elastic, bias field, gamma
+and contrast, noise; the run's temperature); **LDA head** (the diagnostic layer refitted as linear discriminant analysis, OAS shrinkage, on the
 features it reads in 10 MC-dropout passes of the run's labelled training patients; temperature refitted on
 validation); both. Each way
 sets its own referral thresholds on the run's validation patients (at most 20%). Difference: paired against "as

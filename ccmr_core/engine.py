@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ccmr_core.config import TrainConfig
-from ccmr_core.data.transforms import default_augmentation
+from ccmr_core.data.transforms import inference_augmentation
 from ccmr_core.frozen_views import view_batches
 from ccmr_core.metrics import classification_metrics
 from ccmr_core.models.registry import model_inputs
@@ -175,13 +175,13 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
     epistemic uncertainty (mutual information between the prediction and the dropout mask, in
     nats; 0 without MC), the loss, the raw logits (no dropout), measurement estimates
     (standardised, for models that make them), labels and dataset indices. With ``augment``
-    (test-time augmentation) each MC pass reads its own random training augmentation of the cine,
-    so the mean and the mutual information are over augmented, dropout-perturbed passes; the raw
+    (test-time augmentation) each MC pass reads its own random view of the cine
+    (``inference_augmentation``), so the mean and the mutual information are over augmented, dropout-perturbed passes; the raw
     logits and measurements stay those of the study as it is. Models that need LGE skip patients
     without it."""
     m = core(model)
     t_cal = float(getattr(m, "calibration", torch.ones(())))
-    views = default_augmentation(keys=("cine",)) if augment and mc_samples > 1 else None
+    views = inference_augmentation() if augment and mc_samples > 1 else None
     probs, labels, unc, losses, index, logits, meas = [], [], [], [], [], [], []
     with mc_dropout(m, on=mc_samples > 1):
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):

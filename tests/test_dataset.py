@@ -5,7 +5,8 @@ import torch
 from ccmr_core.classes import DEFAULT_CLASSES
 from ccmr_core.data.dataset import CacheDataset
 from ccmr_core.data.ingest import ingest
-from ccmr_core.data.transforms import RandomBiasField, RandomCavityMuscle, RandomGeometry, default_augmentation
+from ccmr_core.data.transforms import (RandomBiasField, RandomCavityMuscle, RandomGeometry, default_augmentation,
+                                       inference_augmentation)
 
 from .conftest import SMALL, labels_of
 
@@ -136,6 +137,28 @@ def test_no_flip_slice_reversal_or_time_reversal():
         sizes = default_augmentation()(s)["cine"].sum((-1, -2))  # (slices, frames)
         assert (sizes[:-1] > sizes[1:]).all()  # base to apex
         assert (sizes[:, :1] > sizes[:, 1:]).all()  # frame 0 is still end-diastole
+
+
+def test_inference_augmentation_adds_no_cavity_muscle():
+    """Test-time views vary pose, contrast and noise but add no dark discs to the blood pool (the
+    training augmentation does, in about half of its draws): the cavity's centre stays uniformly
+    bright in every view."""
+    img = _disc(16.0)
+    s = {"cine": img.expand(4, 8, 64, 64).clone(), "lge": torch.zeros(4, 64, 64), "has_lge": torch.tensor(False)}
+    yy, xx = torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")
+    centre = torch.hypot(yy, xx) < 8
+
+    def dark(aug) -> list[int]:  # per draw: centre pixels far darker than the centre's median
+        out = []
+        for seed in range(30):
+            torch.manual_seed(seed)
+            c = aug(s)["cine"][..., centre]  # (S, T, pixels)
+            out.append(int((c < 0.6 * c.median()).sum()))
+        return out
+
+    assert max(dark(inference_augmentation())) == 0
+    assert sum(d > 0 for d in dark(default_augmentation())) >= 5  # what the test would catch
+    assert "lge" not in {k for t in inference_augmentation().transforms for k in getattr(t, "keys", ())}
 
 
 def test_cavity_muscle_darkens_small_discs_near_the_centre_of_cine_only():
