@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,15 @@ def _slug(text: str) -> str:
 
 def _runs(spec: list[str], variants: list[str], seeds: list[int]) -> dict[str, list[Path]]:
     """Column name -> the models it averages over; an absent model is named with what to do."""
-    columns = {}
+    columns, labels = {}, set()
     for item in spec:
         label, sep, folder = item.partition("=")
         if not sep or not label or not folder:
             raise SystemExit(f"--runs {item!r}: write LABEL=DIR (DIR: a benchmarks.paper_table work folder)")
+        if label in labels:
+            raise SystemExit(f"--runs {item!r}: the label {label!r} is given twice; give each work folder its own "
+                             "(a column and its evaluations are kept under the label)")
+        labels.add(label)
         for v in variants:
             models = [run_dir(Path(folder), v, 1.0, s) / "model.pt" for s in seeds]
             missing = [str(m) for m in models if not m.is_file()]
@@ -53,6 +58,10 @@ def _runs(spec: list[str], variants: list[str], seeds: list[int]) -> dict[str, l
                                  f"python -m benchmarks.paper_table --workdir {folder} --seeds {' '.join(map(str, seeds))}")
             columns[f"{v}, {label}"] = models
     return columns
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int) -> dict:
@@ -68,8 +77,11 @@ def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int) ->
             rows = []
             for m in models:
                 ev = work / "eval" / _slug(cohort) / _slug(col) / m.parent.name
-                if not (ev / "predictions.csv").is_file():
+                source = f"{m.resolve()} {m.stat().st_mtime_ns}"  # an evaluation is reused for this model file only
+                if not (ev / "predictions.csv").is_file() or _read_text(ev / "model.txt") != source:
+                    shutil.rmtree(ev, ignore_errors=True)
                     evaluate_saved(m, data / "site-x", ev, progress=False, cache_root=work / "cache")
+                    (ev / "model.txt").write_text(source)
                 preds = _read(ev / "predictions.csv")
                 rows.append([float(preds[k]["label"] == preds[k]["predicted"]) for k in sorted(preds)])
                 bar.update()
