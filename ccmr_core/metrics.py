@@ -105,6 +105,12 @@ def bootstrap_auroc_ci(scores: np.ndarray, positive: np.ndarray, n_boot: int = 2
         auc = roc_auc(scores, positive)  # every resample scores the same (scipy would warn)
         return auc, auc
 
+    if min(len(pos), len(neg)) == 1:  # scipy resamples samples of two or more: the AUROC is then a mean
+        one, many, side = (pos[0], neg, 1.0) if len(pos) == 1 else (neg[0], pos, -1.0)
+        wins = np.where(side * (one - many) > 0, 1.0, np.where(one == many, 0.5, 0.0))  # ties count half
+        r = bootstrap((wins,), np.mean, n_resamples=n_boot, method="percentile", random_state=seed, vectorized=True)
+        return float(r.confidence_interval.low), float(r.confidence_interval.high)
+
     def auroc(p, n, axis=-1):
         return mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
 

@@ -86,6 +86,12 @@ def test_auroc_interval_brackets_the_estimate_and_narrows_with_more_errors():
     assert bootstrap_auroc_ci(few.astype(float), few) == (1.0, 1.0)  # a perfect detector stays perfect
     assert bootstrap_auroc_ci(np.ones(300), few) == (0.5, 0.5)  # ties count half, as in roc_auc
     assert all(np.isnan(bootstrap_auroc_ci(np.ones(5), np.zeros(5, bool))))  # no error: nothing to detect
+    one = np.zeros(300, bool)
+    one[0] = True  # a single error, ranked above 270 of the 299 right answers
+    score = np.r_[0.9, np.linspace(0, 1, 299)]
+    lo, hi = bootstrap_auroc_ci(score, one)
+    assert lo < roc_auc(score, one) < hi and 0.8 < lo and hi < 0.96
+    assert bootstrap_auroc_ci(-score, ~one) == pytest.approx((lo, hi))  # one right answer among errors: the same
 
 
 def test_per_class_from_known_confusion():
