@@ -128,8 +128,16 @@ def _detection(preds: list[dict[str, dict]]) -> str:
     wrong = np.array([r["label"] != r["predicted"] for r in rows])
     unc = np.array([float(r["uncertainty"]) for r in rows])
     conf = np.array([float(r["confidence"]) for r in rows])
+    return _detection_cells(unc, conf, wrong)
+
+
+def _detection_cells(unc: np.ndarray, conf: np.ndarray, wrong: np.ndarray) -> str:
+    """'AUROC (95% CI) / AUROC (95% CI), N errors' of high uncertainty and of low confidence."""
+    n = f"{int(wrong.sum())} error{'' if wrong.sum() == 1 else 's'}"
+    if not 0 < wrong.sum() < len(wrong):
+        return f"n/a ({n})"
     cell = lambda s: "{:.2f} ({:.2f}-{:.2f})".format(roc_auc(s, wrong), *bootstrap_auroc_ci(s, wrong))  # noqa: E731
-    return f"{cell(unc)} / {cell(-conf)}, {int(wrong.sum())} errors"
+    return f"{cell(unc)} / {cell(-conf)}, {n}"
 
 
 def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list[str], preset: str = "default",
@@ -296,6 +304,71 @@ correctness); difference: paired, the same patients and seeds.
 """
 
 
+def _probs(preds: dict[str, dict], patients: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(patients, classes) calibrated probabilities and the labels' class indices, in ``patients`` order."""
+    classes = [k[2:] for k in next(iter(preds.values())) if k.startswith("p_")]
+    probs = np.array([[float(preds[k][f"p_{c}"]) for c in classes] for k in patients])
+    return probs, np.array([classes.index(preds[k]["label"]) for k in patients])
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+
+
+def ensemble_table(work: Path, seeds: list[int], variants: list[str], size: int) -> str:
+    """Deep ensembles from the runs already made: the seeds in disjoint groups of ``size`` (in the
+    order given, a remainder left out), each group's calibrated probabilities averaged, against the
+    same runs alone. Training cost: ``size`` runs per model."""
+    groups = [seeds[i:i + size] for i in range(0, len(seeds) - size + 1, size)]
+    rows = []
+    for v in variants:
+        sites = [("site-c", "test_predictions.csv")]
+        if VARIANTS[v][1] != "LGE":
+            sites.append(("site-x", "external/predictions.csv"))
+        cells, detect = [], ""
+        for site, name in sites:
+            ens, members = [], []  # (groups, patients) correctness of the ensemble / mean of its members
+            scores = []  # (disagreement, confidence, wrong) per patient, pooled over groups
+            for g in groups:
+                preds = [_read(run_dir(work, v, 1.0, s) / name) for s in g]
+                patients = sorted(preds[0])
+                p, y = zip(*(_probs(x, patients) for x in preds))
+                p, y = np.stack(p), y[0]  # (members, patients, classes)
+                mean = p.mean(0)
+                ens.append(mean.argmax(1) == y)
+                members.append((p.argmax(2) == y).mean(0))
+                if site == "site-c":
+                    scores.append((_entropy(mean) - _entropy(p).mean(0), mean.max(1), mean.argmax(1) != y))
+            ens, members = np.array(ens, dtype=float), np.array(members)
+            lo, hi = bootstrap_seeds_patients_ci(ens)
+            d = ens - members
+            dlo, dhi = bootstrap_seeds_patients_ci(d)
+            sd = ens.mean(1).std(ddof=1) if len(groups) > 1 else 0.0
+            cells.append(f"{ens.mean():.3f} ± {sd:.3f} ({lo:.2f}-{hi:.2f}) | {members.mean():.3f} | "
+                         f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})")
+            if scores:
+                detect = _detection_cells(*(np.concatenate(x) for x in zip(*scores)))
+        if len(cells) == 1:
+            cells.append("n/a (needs LGE) | | ")
+        rows.append(f"| {v} | {size} | {'; '.join('+'.join(map(str, g)) for g in groups)} | {' | '.join(cells)} "
+                    f"| {detect} |")
+    return f"""## Deep ensembles of the paper table's runs (`python -m benchmarks.paper_table --summarise-only --tables ensembles --ensemble-size {size}`)
+
+Machine: {machine()}. The runs of the paper table's work folder (the same models, cohort and test patients),
+their training seeds taken in disjoint groups of {size}: each group is one model whose calibrated probabilities are
+the mean of its {size} members' (each member: its own temperature, 20 MC-dropout passes); it costs {size} training runs.
+Accuracy: mean ± sd over the ensembles (95% CI over ensembles and patients, `bootstrap_seeds_patients_ci`); "members":
+the mean accuracy of the same runs alone; difference: ensemble minus its members, paired (the same runs and
+patients), with the interval over ensembles and patients. Error detection (site-c, pooled over the ensembles):
+AUROC of the members' disagreement (mutual information between the prediction and the member) and of low
+confidence. No referral column: the runs keep no validation predictions to set an ensemble's thresholds on.
+
+| model | members | ensembles (seeds) | site-c accuracy (95% CI) | members alone | ensemble minus members (points) | site-x accuracy (95% CI) | members alone | ensemble minus members (points) | error-detection AUROC (95% CI), disagreement / confidence |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -312,7 +385,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
     ap.add_argument("--efficiency-only", action="store_true", help="only the label-efficiency runs (--fractions "
                     "and 100%% for --efficiency-seeds) and their table")
-    ap.add_argument("--tables", nargs="+", default=["paper", "efficiency"], choices=["paper", "efficiency"],
+    ap.add_argument("--ensemble-size", type=int, default=3, help="members of each ensemble (--tables ensembles)")
+    ap.add_argument("--tables", nargs="+", default=["paper", "efficiency"], choices=["paper", "efficiency", "ensembles"],
                     help="which blocks to write (e.g. --summarise-only --tables paper while the curve's runs are "
                     "not all there)")
     args = ap.parse_args()
@@ -329,6 +403,10 @@ def main() -> None:
         texts["efficiency"] = efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds)
     if "paper" in tables:
         texts["paper"] = summarise(work, args.seeds, args.variants)
+    if "ensembles" in tables:
+        if not 2 <= args.ensemble_size <= len(args.seeds):
+            raise SystemExit(f"--ensemble-size {args.ensemble_size}: give 2 to {len(args.seeds)} (the number of --seeds)")
+        texts["ensembles"] = ensemble_table(work, args.seeds, args.variants, args.ensemble_size)
     for block, text in texts.items():
         if args.preset == "default":
             update_block(block, text)
