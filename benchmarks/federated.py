@@ -43,6 +43,7 @@ from ccmr_core.config import load_config
 from ccmr_core.data.sources import MultiSite, prepare
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.engine import make_optimizer, predict, train_epoch
+from ccmr_core.metrics import bootstrap_seeds_patients_ci
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import train_central
@@ -270,9 +271,10 @@ def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -
         seeds = sorted(set(results[row]) & set(results.get(ref, {})))
         if row == ref or not seeds:
             return ""
-        d = acc(row, seeds).mean(0) - acc(ref, seeds).mean(0)
-        dlo, dhi = _ci(d)
-        return f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})"
+        d = acc(row, seeds) - acc(ref, seeds)  # (seeds, patients), paired
+        dlo, dhi = _ci(d.mean(0))
+        slo, shi = bootstrap_seeds_patients_ci(d)
+        return f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f} / {100 * slo:+.1f} to {100 * shi:+.1f})"
 
     overhead_text = "" if fl is None else f"""Framework overhead (train-only FedAvg rounds of one local epoch, after the first): Flower apps {fl:.2f} s per round vs
 the same local training without Flower {bare:.2f} s: **ratio {fl / bare:.2f}**. Bytes per site per round (Flower
@@ -282,6 +284,9 @@ protobuf message of a train reply) / fp32 parameter bytes: **{bytes_ratio:.3f}**
               "from a hospital's patients" if args.public_generator == "project" else
               "from the external phantom (`federated.public_generator: external`: another anatomy model, contrast "
               "and acquisition protocols than the sites'), so the sites' data have something to add to it")
+    dp_text = ("" if not any(r.startswith("public") for r in results) else f""" DP: patient-level DP-SGD (Opacus, RDP,
+clipping norm 1, delta 1e-5; epsilon = the most any site spent) on the heads of a model the coordinator pretrained
+on a synthetic public cohort (150 patients, scanners of its own). That public cohort comes {public}.""")
     title = ("Federated learning and DP on non-IID sites" if not args.dp_only else
              f"DP fine-tuning from a public cohort of the {args.public_generator} phantom")
     cmd = "python -m benchmarks.federated" + (f" --dp-only --public-generator {args.public_generator}"
@@ -292,10 +297,11 @@ protobuf message of a train reply) / fp32 parameter bytes: **{bytes_ratio:.3f}**
         a = acc(row, seeds)
         per_seed = a.mean(1)
         lo, hi = _ci(a.mean(0))
+        slo, shi = bootstrap_seeds_patients_ci(a)
         eps = f"{max(eps_spent[row]):.2f}" if row in eps_spent else ""
         vs_no_dp = paired(row, no_dp) if row in eps_spent else ""
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "
-                     f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} | "
+                     f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} / {slo:.3f}-{shi:.3f} | "
                      f"{paired(row, central)} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
     return f"""## {title} (`{cmd}`)
 
@@ -304,12 +310,12 @@ Default synthetic cohort (3 sites with different scanners and class mixes, 231 p
 job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's schedule, each
 site keeping its optimiser state{server}; centralised and site-local: {rounds * local} epochs, the same schedule). Test
 patients in every row: each site's held-out test patients, pooled ({len(names)} patients, the same in every row and
-seed). Accuracy mean ± sd over the row's seeds; 95% CI: percentile bootstrap over patients of the seed-averaged
-correctness; differences are paired (same patients, the seeds both rows have). DP: patient-level DP-SGD (Opacus, RDP,
-clipping norm 1, delta 1e-5; epsilon = the most any site spent) on the heads of a model the coordinator pretrained
-on a synthetic public cohort (150 patients, scanners of its own). That public cohort comes {public}.
+seed). Accuracy mean ± sd over the row's seeds; 95% CIs (percentile bootstrap): over patients of the seed-averaged
+correctness, which holds the runs fixed / over seeds and patients (`bootstrap_seeds_patients_ci`), which asks what
+other runs of the same recipe would give; differences are paired (same patients, the seeds both rows have), with
+the same two intervals.{dp_text}
 
-| training | seeds | accuracy | 95% CI | minus centralised (95% CI) | minus the same run without DP (95% CI) | epsilon | minutes per run |
+| training | seeds | accuracy | 95% CI, patients / seeds and patients | minus centralised (95% CIs) | minus the same run without DP (95% CIs) | epsilon | minutes per run |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
