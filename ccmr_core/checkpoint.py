@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ccmr_core.files import atomic_path
+from ccmr_core.models.ensemble import DeepEnsemble
 from ccmr_core.models.registry import build_model
 
 FORMAT = 1
@@ -48,9 +49,23 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
                          f"damaged ({first}); use a model.pt written by 'ccmr train' or a federated run") from None
     if not isinstance(blob, dict) or blob.get("kind") != "ccmr-model":
         raise ValueError(f"{path} is not a CC-CMR model file (expected one written by 'ccmr train' or a federated run)")
-    model = build_model(blob["model"], **blob["model_kwargs"])
+    model = _build(path, blob["model"], blob["model_kwargs"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), blob
+
+
+def _build(path: Path, name: str, kwargs: dict) -> nn.Module:
+    """The model a file describes; a deep ensemble (``ccmr ensemble``) lists its members' own."""
+    if name != DeepEnsemble.name:
+        return build_model(name, **kwargs)
+    members = kwargs.get("members") if isinstance(kwargs, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("model"), str)
+                                                and isinstance(m.get("model_kwargs"), dict) for m in members):
+        raise ValueError(f"{path} says it is an ensemble but does not list its members' architectures; make it "
+                         "again with 'ccmr ensemble'")
+    if any(m["model"] == DeepEnsemble.name for m in members):
+        raise ValueError(f"{path} is an ensemble of ensembles; make one ensemble of the runs' own model files")
+    return DeepEnsemble([build_model(m["model"], **m["model_kwargs"]) for m in members])
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

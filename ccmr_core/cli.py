@@ -18,6 +18,7 @@ EPILOG = """examples:
   ccmr ingest cohort/site-a --out cache/site-a   # DICOM folder -> cache + manifest.json
   ccmr train --data cohort --model cc-cmr --out runs/ccmr --test-site site-c
   ccmr evaluate --model runs/ccmr/model.pt --data cohort/site-c
+  ccmr ensemble runs/s0/model.pt runs/s1/model.pt runs/s2/model.pt --data cohort --out ensemble.pt
   ccmr predict STUDY --model runs/ccmr/model.pt --out pred/   # one patient, cine only
   ccmr train --data cohort --preset cmr-clip --out runs/clip --test-site site-c  # studies + reports
   ccmr search cohort/site-c --model runs/clip/model.pt --text "dilated LV with mid-wall LGE"
@@ -128,6 +129,18 @@ def cmd_evaluate(args) -> int:
 
     m = evaluate_saved(args.model, args.data, args.out, progress=not args.quiet)
     print(f"{m['model']} on {args.data}: " + _metrics_line(m["test"]))
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from ccmr_core.ensemble import make_ensemble
+
+    r = make_ensemble(args.models, args.data, args.out, force=args.force, progress=not args.quiet)
+    refer = r["refer"]
+    u = refer.get("uncertainty")
+    print(f"ensemble of {len(r['members'])} ({', '.join(m['architecture'] for m in r['members'])}) -> {r['file']}: "
+          f"validation accuracy {r['validation_accuracy']:.3f} on {r['n_val']} patients; refers below confidence "
+          f"{refer['confidence']:.2f}" + (f" or above uncertainty {u:.3g}" if u is not None else ""))
     return 0
 
 
@@ -252,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ensemble", help="one model file from several finished runs (a deep ensemble)",
+                       description="Average the calibrated probabilities of MODELS (model.pt files of runs for the "
+                       "same classes and grid, trained on the same sites and split, e.g. with different "
+                       "train.seed): every member reads every study, and the uncertainty also counts the members' "
+                       "disagreement. Referral thresholds are set again on the validation patients of DATA (the "
+                       "cohort the runs were trained on). OUT works wherever a model.pt does (evaluate, predict, "
+                       "export).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="two or more model.pt files")
+    p.add_argument("--data", required=True, help="the cohort the members were trained on")
+    p.add_argument("--out", required=True, help="the ensemble's model file (e.g. ensemble.pt)")
+    p.add_argument("--force", action="store_true", help="replace --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("predict", help="read one patient's cine study with a trained model",
                        description="Read STUDY (one patient's DICOM folder; cine is enough, LGE is ignored) with "

@@ -167,13 +167,21 @@ def _augmented(inputs: dict, views) -> dict:
     return {**inputs, "cine": cine}
 
 
+def _pass_probs(m: nn.Module, h, t_cal: float) -> torch.Tensor:
+    """One inference pass: (1, B, C) calibrated probabilities, or (members, B, C) for an ensemble."""
+    if hasattr(m, "pass_probs"):
+        return m.pass_probs(h)
+    return F.softmax(m.head(h) / t_cal, dim=-1)[None]
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0, progress: bool = False,
             augment: bool = False) -> dict:
     """Per-patient outputs of the inference path: mean class probabilities over ``mc_samples``
     MC-dropout passes of the head (logits divided by the model's calibration temperature),
     epistemic uncertainty (mutual information between the prediction and the dropout mask, in
-    nats; 0 without MC), the loss, the raw logits (no dropout), measurement estimates
+    nats; 0 without MC; for a deep ensemble the passes are every member's, so it also counts their
+    disagreement), the loss, the raw logits (no dropout), measurement estimates
     (standardised, for models that make them), labels and dataset indices. With ``augment``
     (test-time augmentation) each MC pass reads its own random view of the cine
     (``inference_augmentation``), so the mean and the mutual information are over augmented, dropout-perturbed passes; the raw
@@ -198,8 +206,8 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
                 if est is not None:
                     meas.append(est.cpu())
             k = max(1, mc_samples)
-            sample = (lambda: m.head(h)) if views is None else (lambda: m.head(m.embed(**_augmented(inputs, views))))
-            p = torch.stack([F.softmax(sample() / t_cal, dim=-1) for _ in range(k)])  # (K, B, C)
+            sample = (lambda: h) if views is None else (lambda: m.embed(**_augmented(inputs, views)))
+            p = torch.cat([_pass_probs(m, sample(), t_cal) for _ in range(k)])  # (K x members, B, C)
             mean = p.mean(0)
             ent = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
             exp_ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(0)

@@ -129,7 +129,8 @@ class Predictor:
         self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": name,
                          "classes": self.classes, "training_run": info.get("run"), "saved": info.get("saved"),
                          "federated": bool(info.get("federated", False)), "sites": info.get("sites"),
-                         "round_or_epoch": info.get("round", info.get("epochs"))}
+                         "round_or_epoch": info.get("round", info.get("epochs")),
+                         **({"members": info["members"]} if "members" in info else {})}
 
     def check_grid(self, cine: np.ndarray) -> None:
         want = (self.ingest.slices, self.ingest.frames, self.ingest.size, self.ingest.size)
