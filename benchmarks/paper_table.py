@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import machine, update_block
 from ccmr_core.config import load_config
+from ccmr_core.ensemble import make_ensemble
 from ccmr_core.metrics import bootstrap_accuracy_ci, bootstrap_auroc_ci, bootstrap_seeds_patients_ci, roc_auc
 from ccmr_core.models.registry import build_model, model_inputs, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
@@ -304,67 +305,68 @@ correctness); difference: paired, the same patients and seeds.
 """
 
 
-def _probs(preds: dict[str, dict], patients: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(patients, classes) calibrated probabilities and the labels' class indices, in ``patients`` order."""
-    classes = [k[2:] for k in next(iter(preds.values())) if k.startswith("p_")]
-    probs = np.array([[float(preds[k][f"p_{c}"]) for c in classes] for k in patients])
-    return probs, np.array([classes.index(preds[k]["label"]) for k in patients])
-
-
-def _entropy(p: np.ndarray) -> np.ndarray:
-    return -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+def ensemble_runs(work: Path, v: str, group: list[int]) -> Path:
+    """``ccmr ensemble`` of the variant's runs with these seeds (thresholds on their validation
+    patients), evaluated on all of site-c and on site-x; kept in the work folder. Returns its folder."""
+    folder = work / "ensembles" / f"{SLUG[v]}-s{'-'.join(map(str, group))}"
+    if not (folder / "model.pt").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        make_ensemble([run_dir(work, v, 1.0, s) / "model.pt" for s in group], work / "cohort", folder / "model.pt",
+                      progress=False, cache_root=work / "cache")
+    sites = {"site-c": work / "cohort" / "site-c"}
+    if VARIANTS[v][1] != "LGE":
+        sites["site-x"] = work / "external" / "site-x"
+    for site, data in sites.items():
+        if not (folder / site / "predictions.csv").is_file():
+            evaluate_saved(folder / "model.pt", data, folder / site, progress=False, cache_root=work / "cache")
+    return folder
 
 
 def ensemble_table(work: Path, seeds: list[int], variants: list[str], size: int) -> str:
-    """Deep ensembles from the runs already made: the seeds in disjoint groups of ``size`` (in the
-    order given, a remainder left out), each group's calibrated probabilities averaged, against the
-    same runs alone. Training cost: ``size`` runs per model."""
+    """Deep ensembles (``ccmr ensemble``) of the runs already made: the seeds in disjoint groups of
+    ``size`` (in the order given, a remainder left out), against the same runs alone."""
     groups = [seeds[i:i + size] for i in range(0, len(seeds) - size + 1, size)]
     rows = []
     for v in variants:
+        folders = [ensemble_runs(work, v, g) for g in groups]
         sites = [("site-c", "test_predictions.csv")]
         if VARIANTS[v][1] != "LGE":
             sites.append(("site-x", "external/predictions.csv"))
-        cells, detect = [], ""
+        cells, extra = [], ""
         for site, name in sites:
-            ens, members = [], []  # (groups, patients) correctness of the ensemble / mean of its members
-            scores = []  # (disagreement, confidence, wrong) per patient, pooled over groups
-            for g in groups:
-                preds = [_read(run_dir(work, v, 1.0, s) / name) for s in g]
-                patients = sorted(preds[0])
-                p, y = zip(*(_probs(x, patients) for x in preds))
-                p, y = np.stack(p), y[0]  # (members, patients, classes)
-                mean = p.mean(0)
-                ens.append(mean.argmax(1) == y)
-                members.append((p.argmax(2) == y).mean(0))
-                if site == "site-c":
-                    scores.append((_entropy(mean) - _entropy(p).mean(0), mean.max(1), mean.argmax(1) != y))
-            ens, members = np.array(ens, dtype=float), np.array(members)
+            preds = [_read(f / site / "predictions.csv") for f in folders]
+            patients = sorted(preds[0])
+            ens = _correct(preds, patients)  # (ensembles, patients)
+            members = np.array([_correct([_read(run_dir(work, v, 1.0, s) / name) for s in g], patients).mean(0)
+                                for g in groups])
             lo, hi = bootstrap_seeds_patients_ci(ens)
             d = ens - members
             dlo, dhi = bootstrap_seeds_patients_ci(d)
             sd = ens.mean(1).std(ddof=1) if len(groups) > 1 else 0.0
             cells.append(f"{ens.mean():.3f} ± {sd:.3f} ({lo:.2f}-{hi:.2f}) | {members.mean():.3f} | "
                          f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})")
-            if scores:
-                detect = _detection_cells(*(np.concatenate(x) for x in zip(*scores)))
+            if site == "site-c":
+                rows_c = [r for p in preds for r in p.values()]
+                kept = [r for r in rows_c if r["referred"] == "0"]
+                extra = (f"{_detection(preds)} | {1 - len(kept) / len(rows_c):.0%} / "
+                         f"{np.mean([r['label'] == r['predicted'] for r in kept]):.3f}")
         if len(cells) == 1:
             cells.append("n/a (needs LGE) | | ")
         rows.append(f"| {v} | {size} | {'; '.join('+'.join(map(str, g)) for g in groups)} | {' | '.join(cells)} "
-                    f"| {detect} |")
+                    f"| {extra} |")
     return f"""## Deep ensembles of the paper table's runs (`python -m benchmarks.paper_table --summarise-only --tables ensembles --ensemble-size {size}`)
 
 Machine: {machine()}. The runs of the paper table's work folder (the same models, cohort and test patients),
-their training seeds taken in disjoint groups of {size}: each group is one model whose calibrated probabilities are
-the mean of its {size} members' (each member: its own temperature, 20 MC-dropout passes); it costs {size} training runs.
-Accuracy: mean ± sd over the ensembles (95% CI over ensembles and patients, `bootstrap_seeds_patients_ci`); "members":
-the mean accuracy of the same runs alone; difference: ensemble minus its members, paired (the same runs and
-patients), with the interval over ensembles and patients. Error detection (site-c, pooled over the ensembles):
-AUROC of the members' disagreement (mutual information between the prediction and the member) and of low
-confidence. No referral column: the runs keep no validation predictions to set an ensemble's thresholds on.
+their training seeds taken in disjoint groups of {size}: each group is one model made by `ccmr ensemble` (the mean of
+its members' calibrated probabilities; every MC-dropout pass reads each member, so the uncertainty also counts their
+disagreement; referral thresholds set again on the members' validation patients), evaluated with `ccmr evaluate`;
+it costs {size} training runs and {size} encoder passes per study. Accuracy: mean ± sd over the ensembles (95% CI over
+ensembles and patients, `bootstrap_seeds_patients_ci`); "members alone": the mean accuracy of the same runs;
+difference: ensemble minus its members, paired (the same runs and patients), with the interval over ensembles and
+patients. Error detection and referral: site-c, pooled over the ensembles.
 
-| model | members | ensembles (seeds) | site-c accuracy (95% CI) | members alone | ensemble minus members (points) | site-x accuracy (95% CI) | members alone | ensemble minus members (points) | error-detection AUROC (95% CI), disagreement / confidence |
-|---|---|---|---|---|---|---|---|---|---|
+| model | members | ensembles (seeds) | site-c accuracy (95% CI) | members alone | ensemble minus members (points) | site-x accuracy (95% CI) | members alone | ensemble minus members (points) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest |
+|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 

@@ -44,6 +44,8 @@ def make_ensemble(models: list[str | Path], data: str | Path, out: str | Path, f
     out, paths = Path(out), [Path(m) for m in models]
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"folder {out.parent} does not exist (--out names the ensemble's file)")
     if len(paths) < 2:
         raise ValueError(f"an ensemble needs two or more model files, got {len(paths)}")
     if len(set(p.resolve() for p in paths)) < len(paths):

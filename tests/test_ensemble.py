@@ -89,7 +89,7 @@ def test_ensemble_file_is_read_by_evaluate_predict_and_export(trained_run, cohor
     assert meta["source_model"]["architecture"] == "ensemble"
 
 
-@pytest.mark.parametrize("case", ["one", "twice", "classes", "grid", "nested", "sites"])
+@pytest.mark.parametrize("case", ["one", "twice", "classes", "grid", "nested", "sites", "folder"])
 def test_mismatched_members_are_refused_and_nothing_is_written(trained_run, cohort, tmp_path, monkeypatch, capsys, case):
     monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
     run, _ = trained_run
@@ -110,9 +110,11 @@ def test_mismatched_members_are_refused_and_nothing_is_written(trained_run, coho
         assert main(["ensemble", str(a), str(_other_member(run, tmp_path / "b.pt")), "--data", str(cohort), "--out",
                      str(ens), "--quiet"]) == 0
         models, expect = [ens, a], "already an ensemble"
-    else:
+    elif case == "sites":
         data, models, expect = cohort / "site-c", [a, _other_member(run, tmp_path / "b.pt")], "trained on"
-    out = tmp_path / "out.pt"
+    else:
+        models, expect = [a, _other_member(run, tmp_path / "b.pt")], "does not exist"
+    out = tmp_path / ("missing/out.pt" if case == "folder" else "out.pt")
     capsys.readouterr()
     assert main(["ensemble", *map(str, models), "--data", str(data), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
