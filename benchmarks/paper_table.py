@@ -324,10 +324,15 @@ def ensemble_runs(work: Path, v: str, group: list[int]) -> Path:
 
 def ensemble_table(work: Path, seeds: list[int], variants: list[str], size: int) -> str:
     """Deep ensembles (``ccmr ensemble``) of the runs already made: the seeds in disjoint groups of
-    ``size`` (in the order given, a remainder left out), against the same runs alone."""
-    groups = [seeds[i:i + size] for i in range(0, len(seeds) - size + 1, size)]
+    ``size`` (in the order given, a remainder left out; per variant, the groups it has every run of),
+    against the same runs alone."""
+    every = [seeds[i:i + size] for i in range(0, len(seeds) - size + 1, size)]
     rows = []
     for v in variants:
+        # the groups whose runs are all there (a variant run with fewer seeds shows what it has)
+        groups = [g for g in every if all((run_dir(work, v, 1.0, s) / "model.pt").is_file() for s in g)]
+        if not groups:
+            continue
         folders = [ensemble_runs(work, v, g) for g in groups]
         sites = [("site-c", "test_predictions.csv")]
         if VARIANTS[v][1] != "LGE":
