@@ -359,7 +359,7 @@ def ensemble_table(work: Path, seeds: list[int], variants: list[str], size: int)
             cells.append("n/a (needs LGE) | | ")
         rows.append(f"| {v} | {size} | {'; '.join('+'.join(map(str, g)) for g in groups)} | {' | '.join(cells)} "
                     f"| {extra} |")
-    return f"""## Deep ensembles of the paper table's runs (`python -m benchmarks.paper_table --summarise-only --tables ensembles --ensemble-size {size}`)
+    return f"""## Deep ensembles of the paper table's runs (`python -m benchmarks.paper_table --summarise-only --tables ensembles --ensemble-size {size} --seeds {' '.join(map(str, seeds))}`)
 
 Machine: {machine()}. The runs of the paper table's work folder (the same models, cohort and test patients),
 their training seeds taken in disjoint groups of {size}: each group is one model made by `ccmr ensemble` (the mean of
