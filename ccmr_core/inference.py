@@ -275,7 +275,8 @@ def predict_study(study_dir: str | Path, model_path: str | Path, out: str | Path
            **result, "model": pred.identity,
            "ingestion": {"files": n_files, "files_used": study.files, "cine_grid": list(cine.shape),
                          "notes": notes, "skipped_files": _problems(problems)},
-           "saliency": {"file": "saliency.png", "method": "absolute gradient of the predicted class's logit "
+           "saliency": {"file": "saliency.png", "method": f"absolute gradient of the predicted class's "
+                        f"{'log-probability (ensemble)' if pred.identity['architecture'] == 'ensemble' else 'logit'} "
                         "with respect to the cine input, 3x3 smoothed", "end_systole_frame": end_systole(cine)}}
     if findings is not None:
         doc["zero_shot_findings"] = {"scores": findings.score(study, cine, pred.ingest), "prompts": findings.prompts,

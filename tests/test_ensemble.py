@@ -9,9 +9,10 @@ from ccmr_core.checkpoint import load_classifier, load_model, save_model
 from ccmr_core.cli import main
 from ccmr_core.engine import predict
 from ccmr_core.export import load_exported
-from ccmr_core.inference import Predictor
+from ccmr_core.inference import Predictor, predict_study
 from ccmr_core.models.ensemble import DeepEnsemble
 from ccmr_core.training import evaluate_saved
+from tests.conftest import labels_of
 
 
 def _other_member(run, path, scale=0.5, **blob_changes):
@@ -58,7 +59,8 @@ def test_probabilities_are_the_members_mean_and_uncertainty_their_disagreement(t
     assert mc["uncertainty"].mean() > 0 and alone["uncertainty"].mean() > 0  # MC dropout still counts
 
 
-def test_ensemble_file_is_read_by_evaluate_predict_and_export(trained_run, cohort, tmp_path, monkeypatch, capsys):
+def test_ensemble_file_is_read_by_evaluate_predict_and_export(trained_run, cohort, make_site, tmp_path, monkeypatch,
+                                                             capsys):
     monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
     run, _ = trained_run
     b = _other_member(run, tmp_path / "b.pt")
@@ -81,6 +83,10 @@ def test_ensemble_file_is_read_by_evaluate_predict_and_export(trained_run, cohor
     r = pred.predict(np.random.default_rng(0).random((4, 8, 32, 32), dtype=np.float32))
     assert abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["epistemic_uncertainty"] > 0
     assert pred.identity["architecture"] == "ensemble" and len(pred.identity["members"]) == 2
+    study = make_site([("site-c", sorted(labels_of(cohort / "site-c"))[0])], name="study")
+    doc = predict_study(study, out, tmp_path / "p")
+    assert doc["model"]["architecture"] == "ensemble" and "log-probability (ensemble)" in doc["saliency"]["method"]
+    assert (tmp_path / "p" / "saliency.png").is_file()
     assert main(["export", str(out), "--format", "torchscript", "--out", str(tmp_path / "e.ts")]) == 0
     run_exported, meta = load_exported(tmp_path / "e.ts")
     x = np.random.default_rng(1).random((2, 4, 8, 32, 32), dtype=np.float32)
