@@ -10,7 +10,6 @@ first member's. What it costs: every member reads every study.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,10 @@ from ccmr_core.checkpoint import load_classifier, save_model
 from ccmr_core.config import validate
 from ccmr_core.data.sources import MultiSite, prepare
 from ccmr_core.engine import predict
+from ccmr_core.files import sha256_file
 from ccmr_core.models.ensemble import DeepEnsemble
 from ccmr_core.referral import thresholds_from_outputs
 from ccmr_core.training import loader, split_indices
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _same(key: str, values: list, paths: list[Path], what: str) -> None:
@@ -81,7 +77,7 @@ def make_ensemble(models: list[str | Path], data: str | Path, out: str | Path, f
     refer = thresholds_from_outputs(vo["probs"], vo["labels"].astype(int), vo["uncertainty"] if mc > 1 else None,
                                     cfg.model.refer_fraction)
     accuracy = float(np.mean(vo["probs"].argmax(1) == vo["labels"]))
-    members = [{"file": str(p.resolve()), "sha256": _sha256(p), "architecture": b["model"], "run": i.get("run")}
+    members = [{"file": str(p.resolve()), "sha256": sha256_file(p), "architecture": b["model"], "run": i.get("run")}
                for p, b, i in zip(paths, blobs, infos)]
     info = {"members": members, "sites": infos[0].get("sites"), "test_site": test_site, "n_val": len(val),
             "validation_accuracy": accuracy}

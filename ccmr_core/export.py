@@ -11,14 +11,13 @@ travel inside the file: TorchScript as the extra file ``ccmr.json``, ONNX as the
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ccmr_core.files import atomic_path
+from ccmr_core.files import atomic_path, sha256_file
 from ccmr_core.inference import Predictor
 
 FORMATS = ("torchscript", "onnx")
@@ -89,7 +88,7 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path, force: bool 
             m.metadata_props.add(key=METADATA_KEY, value=text)
             m.doc_string = "CC-CMR cine-only inference: cine (B,S,T,H,W) in [0,1] -> class probabilities"
             onnx.save(m, str(p))
-    meta["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    meta["sha256"] = sha256_file(out)
     return meta
 
 

@@ -7,11 +7,21 @@ skips a line torn by a crash, and the next append ends it first so it cannot swa
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB chunks: how a model file is identified."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextmanager

@@ -13,7 +13,6 @@ figure. Everything is computed before anything is written, and every file is wri
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from ccmr_core.data.ingest import list_files, read_files
 from ccmr_core.data.resample import resample_study
 from ccmr_core.data.stacks import StudyError, find_stacks
 from ccmr_core.engine import predict
-from ccmr_core.files import write_atomic, write_csv
+from ccmr_core.files import sha256_file, write_atomic, write_csv
 from ccmr_core.measurements import from_outputs
 from ccmr_core.models.text import encode
 from ccmr_core.referral import refer
@@ -91,14 +90,6 @@ def prepare_cine(study: Study, ingest: IngestConfig) -> tuple[np.ndarray, list[s
 # --- the model -----------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Predictor:
     """A model file, checked and ready to read cine studies."""
 
@@ -126,7 +117,7 @@ class Predictor:
         self.augment = cfg.model.test_time_augmentation
         self.thresholds = blob.get("refer")
         info = blob.get("info") or {}
-        self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": name,
+        self.identity = {"file": str(path.resolve()), "sha256": sha256_file(path), "architecture": name,
                          "classes": self.classes, "training_run": info.get("run"), "saved": info.get("saved"),
                          "federated": bool(info.get("federated", False)), "sites": info.get("sites"),
                          "round_or_epoch": info.get("round", info.get("epochs")),
@@ -187,7 +178,7 @@ class FindingScorer:
         self.prompts = FINDING_PROMPTS
         with torch.no_grad():
             self.prompt_emb = {f: self.model.embed_text(encode(p)) for f, p in FINDING_PROMPTS.items()}
-        self.identity = {"file": str(path.resolve()), "sha256": _sha256(path), "architecture": "cmr-clip"}
+        self.identity = {"file": str(path.resolve()), "sha256": sha256_file(path), "architecture": "cmr-clip"}
 
     def score(self, study: Study, cine: np.ndarray, grid: IngestConfig) -> dict:
         """Each finding's score for ``study``; ``cine`` is it prepared on ``grid`` (the classifier's),

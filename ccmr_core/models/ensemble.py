@@ -39,14 +39,17 @@ class DeepEnsemble(nn.Module):
     def embed(self, cine=None, lge=None, bio=None) -> tuple[torch.Tensor, ...]:
         return tuple(m.embed(cine=cine, lge=lge, bio=bio) for m in self.members)
 
+    def _logits(self, hs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(members, B, classes): each member's logits over its own calibration temperature."""
+        return torch.stack([m.head(h) / m.calibration for m, h in zip(self.members, hs)])
+
     def pass_probs(self, hs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(members, B, classes): each member's calibrated probabilities for one pass."""
-        return torch.stack([F.softmax(m.head(h) / m.calibration, dim=-1) for m, h in zip(self.members, hs)])
+        return F.softmax(self._logits(hs), dim=-1)
 
     def head(self, hs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """log of the members' mean calibrated probability (B, classes)."""
-        return torch.logsumexp(torch.stack([F.log_softmax(m.head(h) / m.calibration, dim=-1)
-                                            for m, h in zip(self.members, hs)]), 0) - math.log(len(self.members))
+        return torch.logsumexp(F.log_softmax(self._logits(hs), dim=-1), 0) - math.log(len(self.members))
 
     def measure(self, hs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         est = [m.measure(h) if hasattr(m, "measure") else None for m, h in zip(self.members, hs)]
