@@ -37,13 +37,12 @@ from flwr.common.serde import message_to_proto
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.common import ROOT, machine, update_block
-from benchmarks.paper_table import _ci
+from benchmarks.paper_table import _cis
 from ccmr_core.checkpoint import load_model
 from ccmr_core.config import load_config
 from ccmr_core.data.sources import MultiSite, prepare
 from ccmr_core.data.splits import stratified_split
 from ccmr_core.engine import make_optimizer, predict, train_epoch
-from ccmr_core.metrics import bootstrap_seeds_patients_ci
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import train_central
@@ -272,8 +271,7 @@ def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -
         if row == ref or not seeds:
             return ""
         d = acc(row, seeds) - acc(ref, seeds)  # (seeds, patients), paired
-        dlo, dhi = _ci(d.mean(0))
-        slo, shi = bootstrap_seeds_patients_ci(d)
+        dlo, dhi, slo, shi = _cis(d)
         return f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f} / {100 * slo:+.1f} to {100 * shi:+.1f})"
 
     overhead_text = "" if fl is None else f"""Framework overhead (train-only FedAvg rounds of one local epoch, after the first): Flower apps {fl:.2f} s per round vs
@@ -296,8 +294,7 @@ on a synthetic public cohort (150 patients, scanners of its own). That public co
         seeds = sorted(results[row])
         a = acc(row, seeds)
         per_seed = a.mean(1)
-        lo, hi = _ci(a.mean(0))
-        slo, shi = bootstrap_seeds_patients_ci(a)
+        lo, hi, slo, shi = _cis(a)
         eps = f"{max(eps_spent[row]):.2f}" if row in eps_spent else ""
         vs_no_dp = paired(row, no_dp) if row in eps_spent else ""
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "

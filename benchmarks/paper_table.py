@@ -132,6 +132,19 @@ def _detection(preds: list[dict[str, dict]]) -> str:
     return _detection_cells(unc, conf, wrong)
 
 
+def _referral(preds: list[dict[str, dict]]) -> str:
+    """'referred share / accuracy of the rest', pooled over the prediction files."""
+    rows = [r for p in preds for r in p.values()]
+    kept = [r for r in rows if r["referred"] == "0"]
+    return f"{1 - len(kept) / len(rows):.0%} / {np.mean([r['label'] == r['predicted'] for r in kept]):.3f}"
+
+
+def _cis(table: np.ndarray) -> tuple[float, float, float, float]:
+    """95% intervals of the mean of a (seeds, patients) table: over patients of the seed-averaged row
+    (these runs fixed), then over seeds and patients (what other runs of the recipe would give)."""
+    return (*_ci(table.mean(0)), *bootstrap_seeds_patients_ci(table))
+
+
 def _detection_cells(unc: np.ndarray, conf: np.ndarray, wrong: np.ndarray) -> str:
     """'AUROC (95% CI) / AUROC (95% CI), N errors' of high uncertainty and of low confidence."""
     n = f"{int(wrong.sum())} error{'' if wrong.sum() == 1 else 's'}"
@@ -175,13 +188,14 @@ def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
     def preds(v: str, frac: float = 1.0, external: bool = False, only: list[int] | None = None) -> list[dict[str, dict]]:
         name = "external/predictions.csv" if external else "test_predictions.csv"
         files = [run_dir(work, v, frac, s) / name for s in (only or seeds)]
-        return [read[f] if f in read else read.setdefault(f, _read(f)) for f in files]
+        for f in files:
+            if f not in read:
+                read[f] = _read(f)
+        return [read[f] for f in files]
 
     def interval(correct: np.ndarray) -> str:
         """Patients only (these runs) / seeds and patients (the recipe), as in the paired differences."""
-        lo, hi = _ci(correct.mean(0))
-        slo, shi = bootstrap_seeds_patients_ci(correct)
-        return f"{lo:.2f}-{hi:.2f} / {slo:.2f}-{shi:.2f}"
+        return "{:.2f}-{:.2f} / {:.2f}-{:.2f}".format(*_cis(correct))
 
     def metrics(v: str, frac: float = 1.0) -> list[dict]:
         return [json.loads((run_dir(work, v, frac, s) / "metrics.json").read_text())["test"] for s in seeds]
@@ -214,8 +228,7 @@ def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
             pa, pb = preds(a, external=ext), preds(b, external=ext)
             patients = sorted(pa[0])
             table = _correct(pa, patients) - _correct(pb, patients)  # (seeds, patients), paired
-            lo, hi = _ci(table.mean(0))
-            slo, shi = bootstrap_seeds_patients_ci(table)
+            lo, hi, slo, shi = _cis(table)
             verdict = ("gain" if slo > 0 else "loss" if shi < 0 else
                        "for these runs only" if lo > 0 or hi < 0 else "no difference shown")
             diffs.append(f"| {a} minus {b} | {label} | {100 * table.mean():+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} "
@@ -351,10 +364,7 @@ def ensemble_table(work: Path, seeds: list[int], variants: list[str], size: int)
             cells.append(f"{ens.mean():.3f} ± {sd:.3f} ({lo:.2f}-{hi:.2f}) | {members.mean():.3f} | "
                          f"{100 * d.mean():+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})")
             if site == "site-c":
-                rows_c = [r for p in preds for r in p.values()]
-                kept = [r for r in rows_c if r["referred"] == "0"]
-                extra = (f"{_detection(preds)} | {1 - len(kept) / len(rows_c):.0%} / "
-                         f"{np.mean([r['label'] == r['predicted'] for r in kept]):.3f}")
+                extra = f"{_detection(preds)} | {_referral(preds)}"
         if len(cells) == 1:
             cells.append("n/a (needs LGE) | | ")
         rows.append(f"| {v} | {size} | {'; '.join('+'.join(map(str, g)) for g in groups)} | {' | '.join(cells)} "

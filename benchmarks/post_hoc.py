@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Subset
 
 from benchmarks.common import machine, update_block
-from benchmarks.paper_table import SLUG, _ci, _correct, _detection, _read
+from benchmarks.paper_table import SLUG, _ci, _correct, _detection, _read, _referral
 from ccmr_core.checkpoint import load_classifier
 from ccmr_core.config import validate
 from ccmr_core.data.sources import MultiSite, prepare
@@ -103,12 +103,6 @@ def _ece(preds: list[dict[str, dict]], classes: list[str]) -> float:
         probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
         out.append(expected_calibration_error(probs, np.array([classes.index(r["label"]) for r in rows])))
     return float(np.mean(out))
-
-
-def _referral(preds: list[dict[str, dict]]) -> str:
-    rows = [r for p in preds for r in p.values()]
-    kept = [r for r in rows if r["referred"] == "0"]
-    return f"{1 - len(kept) / len(rows):.0%} / {np.mean([r['label'] == r['predicted'] for r in kept]):.3f}"
 
 
 def table(work: Path) -> str:
