@@ -29,7 +29,7 @@ def _other_member(run, path, scale=0.5, **blob_changes):
     return path
 
 
-def _batch(model, n=4, seed=0, x=None):
+def _batch(n=4, seed=0, x=None):
     g = torch.Generator().manual_seed(seed)
     s, t, h = 4, 8, 32
     cine = torch.rand(n, s, t, h, h, generator=g) if x is None else torch.from_numpy(x)
@@ -43,19 +43,19 @@ def test_probabilities_are_the_members_mean_and_uncertainty_their_disagreement(t
     a, _ = load_classifier(run / "model.pt")
     b, _ = load_classifier(_other_member(run, tmp_path / "b.pt"))
     cpu = torch.device("cpu")
-    pa, pb = (predict(m, _batch(m), cpu, 0) for m in (a, b))
+    pa, pb = (predict(m, _batch(), cpu, 0) for m in (a, b))
     assert np.abs(pa["probs"] - pb["probs"]).max() > 0.01  # the members differ
-    pe = predict(DeepEnsemble([a, b]), _batch(a), cpu, 0)
+    pe = predict(DeepEnsemble([a, b]), _batch(), cpu, 0)
     np.testing.assert_allclose(pe["probs"], (pa["probs"] + pb["probs"]) / 2, atol=1e-5)
     np.testing.assert_allclose(np.exp(pe["logits"]), pe["probs"], atol=1e-5)  # head: log of the mean
     assert (pa["uncertainty"] == 0).all() and (pe["uncertainty"] > 1e-4).all()  # without MC: disagreement only
-    twins = predict(DeepEnsemble([a, a]), _batch(a), cpu, 0)
+    twins = predict(DeepEnsemble([a, a]), _batch(), cpu, 0)
     np.testing.assert_allclose(twins["probs"], pa["probs"], atol=1e-5)
     assert np.abs(twins["uncertainty"]).max() < 1e-5  # members that agree add no uncertainty
     torch.manual_seed(0)
-    mc = predict(DeepEnsemble([a, a]), _batch(a), cpu, 6)
+    mc = predict(DeepEnsemble([a, a]), _batch(), cpu, 6)
     torch.manual_seed(0)
-    alone = predict(a, _batch(a), cpu, 6)
+    alone = predict(a, _batch(), cpu, 6)
     assert mc["uncertainty"].mean() > 0 and alone["uncertainty"].mean() > 0  # MC dropout still counts
 
 
@@ -74,7 +74,7 @@ def test_ensemble_file_is_read_by_evaluate_predict_and_export(trained_run, cohor
     assert [m["architecture"] for m in blob["info"]["members"]] == ["cc-cmr", "cc-cmr"]
     # the file holds both members' weights: the first member's outputs are the trained run's
     a, _ = load_classifier(run / "model.pt")
-    batch = _batch(a)
+    batch = _batch()
     np.testing.assert_allclose(predict(model.members[0], batch, torch.device("cpu"), 0)["probs"],
                                predict(a, batch, torch.device("cpu"), 0)["probs"], atol=1e-6)
     m = evaluate_saved(out, cohort / "site-c", tmp_path / "eval", progress=False)
@@ -90,7 +90,7 @@ def test_ensemble_file_is_read_by_evaluate_predict_and_export(trained_run, cohor
     assert main(["export", str(out), "--format", "torchscript", "--out", str(tmp_path / "e.ts")]) == 0
     run_exported, meta = load_exported(tmp_path / "e.ts")
     x = np.random.default_rng(1).random((2, 4, 8, 32, 32), dtype=np.float32)
-    np.testing.assert_allclose(run_exported(x), predict(model, _batch(a, x=x), torch.device("cpu"), 0)["probs"],
+    np.testing.assert_allclose(run_exported(x), predict(model, _batch(x=x), torch.device("cpu"), 0)["probs"],
                                atol=1e-5)  # the exported file is the ensemble's mean probability
     assert meta["source_model"]["architecture"] == "ensemble"
 
