@@ -43,14 +43,18 @@ from ccmr_core.training import evaluate_saved, train_central
 VARIANTS = {
     "cc-cmr": (["model.name=cc-cmr"], "cine"),
     "cc-cmr, LGE terms off": (["model.name=cc-cmr", "model.use_lge=false"], "cine"),
+    # the report's wall motion score index as one more auxiliary target (ccmr_core/measurements.py)
+    "cc-cmr, wall motion score": (["model.name=cc-cmr", "data.measurements=[lvef, lvedv_ml, lvesv_ml, rvef, rvedv_ml, "
+                                   "max_wall_mm, wmsi]"], "cine"),
     "cine-only CNN-LSTM": (["model.name=cine-only"], "cine"),
     "dual-path": (["model.name=dual-path"], "cine + biomechanics"),
     "lge-only": (["model.name=lge-only"], "LGE"),
 }
-SLUG = {"cc-cmr": "ccmr", "cc-cmr, LGE terms off": "ccmr-nolge", "cine-only CNN-LSTM": "cnnlstm",
+SLUG = {"cc-cmr": "ccmr", "cc-cmr, LGE terms off": "ccmr-nolge", "cc-cmr, wall motion score": "ccmr-wmsi",
+        "cine-only CNN-LSTM": "cnnlstm",
         "dual-path": "dualpath", "lge-only": "lgeonly"}
 PAIRS = [("cc-cmr", "cc-cmr, LGE terms off"), ("cc-cmr, LGE terms off", "cine-only CNN-LSTM"),
-         ("cc-cmr", "cine-only CNN-LSTM")]
+         ("cc-cmr", "cine-only CNN-LSTM"), ("cc-cmr, wall motion score", "cc-cmr")]
 EFFICIENCY = ["cc-cmr", "cc-cmr, LGE terms off"]
 
 

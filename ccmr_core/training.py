@@ -58,6 +58,11 @@ def calibrate(model: nn.Module, val_loader, device: torch.device) -> float:
     return float(model.calibration)
 
 
+def unstated_measurements(ds: MultiSite, rows: list[int], names: tuple[str, ...]) -> list[str]:
+    """The measurements of ``names`` that no patient of ``rows`` has a value for."""
+    return [m for m in names if not any(m in ds.measurement_values(i) for i in rows)]
+
+
 def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None = None,
                   progress: bool = True, cache_root: Path | None = None,
                   splits: dict[str, list[int]] | None = None) -> dict:
@@ -77,6 +82,10 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     if not idx["train"] or not idx["val"]:
         raise SourceError(f"not enough patients to split ({len(ds)} usable); add data or lower train.val_fraction")
     classes = list(cfg.data.classes)
+    if absent := unstated_measurements(ds, idx["train"], cfg.data.measurements):
+        log.warning("no training patient's labels.csv states %s, so the model learns no target for it (a "
+                    "synthetic cohort made before the column existed lacks it: regenerate it with ccmr synth "
+                    "--force, or leave it out of data.measurements)", ", ".join(absent))
     kwargs = model_kwargs(cfg, ds.bio_channels)
     model = build_model(cfg.model.name, **kwargs).to(device)
     train_ds = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)

@@ -188,6 +188,34 @@ def test_cohort_dicom_and_site_effects(cohort):
     assert not list((cohort / "site-a").rglob("*.npz"))  # masks stay outside the DICOM tree
 
 
+def test_report_states_the_wall_motion_score_index_as_its_text_grades_segments(cohort):
+    """labels.csv's wmsi: 1.0 without a regional abnormality, above it exactly when the report's
+    text names hypokinetic or akinetic segments, and higher for infarcts than for normal hearts."""
+    import csv
+
+    from ccmr_core.synth.reports import AKINETIC, HYPOKINETIC, wall_motion_score_index
+
+    by_dx: dict[str, list[float]] = {}
+    stated = 0
+    for s in ("site-a", "site-b", "site-c"):
+        truth = {t["patient_id"]: t for t in json.loads((cohort / "groundtruth" / f"{s}.json").read_text())}
+        for row in csv.DictReader(open(cohort / s / "labels.csv")):
+            t = truth[row["patient_id"]]
+            segs = {k: tuple(v) for k, v in t["segments"].items()}
+            exact = wall_motion_score_index(segs)
+            hypo = sum(AKINETIC <= m < HYPOKINETIC for m, _ in segs.values())
+            akin = sum(m < AKINETIC for m, _ in segs.values())
+            assert exact == pytest.approx((16 + hypo + 2 * akin) / 16)
+            assert t["measurements"]["wmsi"] == pytest.approx(exact, abs=1e-3)
+            if row["wmsi"]:
+                stated += 1
+                assert float(row["wmsi"]) == pytest.approx(exact, abs=0.006)
+            by_dx.setdefault(t["diagnosis"], []).append(exact)
+    assert stated >= 10  # about 90% of 15 reports state it
+    assert all(v == 1.0 for v in by_dx["NOR"])
+    assert max(by_dx["MINF"]) > 1.2
+
+
 def _tree_hash(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):

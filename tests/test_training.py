@@ -7,7 +7,8 @@ import torch
 from ccmr_core.checkpoint import load_model
 from ccmr_core.config import load_config
 from ccmr_core.data.splits import stratified_split
-from ccmr_core.training import evaluate_saved, train_central
+from ccmr_core.data.sources import MultiSite, prepare
+from ccmr_core.training import evaluate_saved, train_central, unstated_measurements
 
 
 def test_stratified_split_is_patient_level_and_balanced():
@@ -90,6 +91,24 @@ def test_a_model_file_that_would_run_code_is_refused_before_it_runs(tmp_path):
     with pytest.raises(ValueError, match="holds more than weights"):
         load_model(p)
     assert not marker.exists()
+
+
+def test_report_measurements_as_stated_and_those_no_training_patient_has(cohort, shared_cache):
+    """Each row's measurements are its labels.csv values; a measurement that no training row states
+    (a cohort made before the column existed, a site whose reports lack it) is named."""
+    import csv
+
+    cfg = load_config(preset="smoke", overrides=["data.measurements=[lvef, wmsi]"])
+    ds = MultiSite(prepare(cohort, cfg, shared_cache, progress=False), cfg)  # the federation tests' ingest
+    rows = {f"{s}/{r['patient_id']}": r for s in ds.site_names for r in csv.DictReader(open(cohort / s / "labels.csv"))}
+    for i, pid in enumerate(ds.patient_ids):
+        want = {k: float(rows[pid][k]) for k in ("lvef", "wmsi") if rows[pid][k]}
+        assert {k: v for k, v in ds.measurement_values(i).items() if k in want} == want
+        assert set(ds.measurement_values(i)) <= {"lvef", "lvedv_ml", "lvesv_ml", "rvef", "rvedv_ml", "max_wall_mm", "wmsi"}
+    everyone = list(range(len(ds)))
+    assert unstated_measurements(ds, everyone, ("lvef", "wmsi")) == []
+    silent = [i for i in everyone if "wmsi" not in ds.measurement_values(i)]
+    assert silent and unstated_measurements(ds, silent, ("lvef", "wmsi")) == ["wmsi"]
 
 
 def test_small_site_with_rare_classes_still_gets_validation_and_test_patients():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -77,6 +78,12 @@ class MultiSite(ConcatDataset):
         self.cine_shape = shapes.pop() if shapes else None
 
     hidden_labels: frozenset[int] = frozenset()  # rows whose diagnosis training may not use
+
+    def measurement_values(self, i: int) -> dict[str, float]:
+        """Row ``i``'s report measurements as labels.csv states them (unstandardised)."""
+        k = bisect.bisect_right(self.cumulative_sizes, i)
+        start = self.cumulative_sizes[k - 1] if k else 0
+        return self.parts[k].studies[i - start].get("measurements", {})
 
     def __getitem__(self, i: int) -> dict:
         item = super().__getitem__(i)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ccmr_core.measurements import MEASUREMENTS
 from ccmr_core.proc import worker_pool
 from ccmr_core.synth.anatomy import Heart, lv_volume_ml, sample_heart, scar_extent, scar_transmurality
-from ccmr_core.synth.reports import aha_segments, habits_for, write_report
+from ccmr_core.synth.reports import aha_segments, habits_for, wall_motion_score_index, write_report
 from ccmr_core.synth.biomechanics import SIGNALS, biomechanics
 from ccmr_core.synth.external import CINE_CONTRAST, LGE_CONTRAST, external_site, sample_external_heart
 from ccmr_core.synth.dicom_writer import SeriesTemplate, base_dataset, stable_uid, write_bytes
@@ -205,6 +205,11 @@ def generate_patient(job: PatientJob) -> dict:
     segments = aha_segments(heart)
     text_rng = np.random.default_rng([job.seed, job.site_index, job.index, 31])  # its own stream: images unchanged
     text, blind = write_report(heart, segments, report, habits_for(job.site_index, job.kind), text_rng)
+    # the wall motion score index, graded as the text grades the segments; stated or not from a stream
+    # of its own, so that every other value and image of the cohort is what it was before it existed
+    exact["wmsi"] = round(wall_motion_score_index(segments), 3)
+    if np.random.default_rng([job.seed, job.site_index, job.index, 19]).uniform() >= REPORT_MISSING:
+        report["wmsi"] = round(exact["wmsi"], 2)
     return {
         "site": site.name,
         "patient_id": job.patient_id,

@@ -73,6 +73,14 @@ def aha_segments(heart: Heart) -> dict[str, tuple[float, float]]:
     return out
 
 
+def wall_motion_score_index(segs: dict[str, tuple[float, float]]) -> float:
+    """The AHA wall motion score index of ``segs`` (from ``aha_segments``): the mean over the
+    segments of 1 normal, 2 hypokinetic, 3 akinetic, 4 dyskinetic, graded as the report's text
+    grades them (the same reader)."""
+    scores = [1 if m >= HYPOKINETIC else 2 if m >= AKINETIC else 3 if m >= 0 else 4 for m, _ in segs.values()]
+    return float(np.mean(scores))
+
+
 def findings(truth: dict) -> dict[str, bool | None]:
     """Ground truth per finding (None where it cannot be known: LGE without contrast)."""
     m = truth["measurements"]
