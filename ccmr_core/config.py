@@ -101,6 +101,9 @@ class ModelConfig(_Section):
         "auto", description="CC-CMR contrastive negatives: other patients (in the batch while the teacher learns, "
         "then a bank of the site's patients), the patient's own slices (the per-patient form DP-SGD requires), or "
         "auto: slice under patient-level DP, else bank")
+    region_pool: Literal["mean", "mean+max"] = Field(
+        "mean", description="CC-CMR: how the cine encoder summarises a slice's locations (its wall segments): "
+        "their mean, or mean plus maximum, so that one abnormal region is not averaged away")
     use_lge: bool = Field(True, description="CC-CMR: learn from LGE during training (false: the same cine model "
                           "with every LGE term off, the ablation)")
     teacher_share: float = Field(0.5, gt=0.0, lt=1.0, description="CC-CMR: share of the epochs (rounds) spent "

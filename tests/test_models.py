@@ -149,6 +149,34 @@ def test_ablation_has_no_lge_path_at_all():
     assert set(parts) == {"cls", "measure"}
 
 
+def test_region_pool_adds_the_locations_maximum_to_their_mean_with_the_same_parameters():
+    """CC-CMR's ``region_pool``: the same parameters either way (a state dict moves between them);
+    with "mean+max" a slice's feature is its locations' mean plus their maximum (one akinetic
+    segment is not averaged away), with "mean" their mean; an unknown value is refused by name."""
+    from ccmr_core.config import ConfigError, load_config
+    from ccmr_core.models.encoders import CineEncoder
+
+    torch.manual_seed(0)
+    mean, both = CineEncoder(S, 4, 32), CineEncoder(S, 4, 32, region_pool="mean+max")
+    both.load_state_dict(mean.state_dict())
+    assert [n for n, _ in mean.named_parameters()] == [n for n, _ in both.named_parameters()]
+    maps = []
+    for enc in (mean, both):
+        enc.eval()
+        enc.regions.register_forward_hook(lambda _m, _i, out: maps.append(out))
+    x = torch.rand(2, S, T, H, H)
+    with torch.no_grad():
+        fm, fb = mean.slice_features(x), both.slice_features(x)
+    r = maps[0]  # (B, C, S, h, w): the same map in both (same weights, same input)
+    assert torch.equal(maps[0], maps[1]) and r.shape[-1] > 1
+    assert torch.allclose(fm, r.mean((-1, -2)).transpose(1, 2))
+    assert torch.allclose(fb, (r.mean((-1, -2)) + r.amax((-1, -2))).transpose(1, 2))
+    m = build_model("cc-cmr", 5, S, **KW, region_pool="mean+max")
+    assert m.cine.region_pool == m.teacher.cine.region_pool == "mean+max"
+    with pytest.raises(ConfigError, match="region_pool"):
+        load_config(overrides=["model.region_pool=max"])
+
+
 def test_patients_without_lge_have_no_lge_terms():
     m = build_model("cc-cmr", 5, S, **KW)
     b = batch()

@@ -90,10 +90,10 @@ def _encode(encoder: CineEncoder, heads: CineHeads, cine: torch.Tensor) -> tuple
 
 class Teacher(nn.Module):
     def __init__(self, n_classes: int, slices: int, width: int, dim: int, proj: int, n_measurements: int,
-                 dropout: float, alignment: str):
+                 dropout: float, alignment: str, region_pool: str = "mean"):
         super().__init__()
         self.alignment = alignment
-        self.cine = CineEncoder(slices, width, dim)
+        self.cine = CineEncoder(slices, width, dim, region_pool=region_pool)
         self.lge = LGEEncoder(slices, width, dim, pooled=alignment != "slice")
         c = self.cine.channels
         self.heads = CineHeads(dim, n_classes, n_measurements, proj, c, dropout, alignment)
@@ -134,15 +134,16 @@ class CCCMR(Classifier):
 
     def __init__(self, n_classes: int, slices: int, width: int = 8, dim: int = 128, proj: int = 64,
                  dropout: float = 0.2, alignment: str = "bank", temperature: float = 0.1,
-                 learn_temperature: bool = True, n_measurements: int = 0, use_lge: bool = True):
+                 learn_temperature: bool = True, n_measurements: int = 0, use_lge: bool = True,
+                 region_pool: str = "mean"):
         super().__init__()
         if alignment not in ("bank", "slice"):
             raise ValueError(f"alignment must be 'bank' or 'slice', got {alignment!r}")
         self.alignment = alignment
         self.use_lge = use_lge
-        self.cine = CineEncoder(slices, width, dim)
+        self.cine = CineEncoder(slices, width, dim, region_pool=region_pool)
         self.heads = CineHeads(dim, n_classes, n_measurements, proj, self.cine.channels, dropout, alignment)
-        self.teacher = (Teacher(n_classes, slices, width, dim, proj, n_measurements, dropout, alignment)
+        self.teacher = (Teacher(n_classes, slices, width, dim, proj, n_measurements, dropout, alignment, region_pool)
                         if use_lge else None)
         self.temperature = Temperature(temperature, learn_temperature)
         self.weighting = TaskWeighting(TEACHER_TASKS + STUDENT_TASKS)

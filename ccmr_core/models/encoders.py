@@ -26,11 +26,16 @@ class CineEncoder(nn.Module):
     dilations 1 and 2), which is where volumes, ejection, wall thickening and regional motion
     live. Each location is summarised by its end-diastolic value, its cycle mean and its peak;
     a strided convolution compares neighbouring segments; slices are pooled with learned
-    base-to-apex weightings.
+    base-to-apex weightings. ``region_pool``: a slice's locations are averaged ("mean") or
+    averaged plus their maximum ("mean+max": one akinetic segment among normal ones is not
+    averaged away); either way no parameter is added and the feature size stays C.
     """
 
-    def __init__(self, slices: int, width: int = 8, dim: int = 128, pools: int = 4):
+    def __init__(self, slices: int, width: int = 8, dim: int = 128, pools: int = 4, region_pool: str = "mean"):
         super().__init__()
+        if region_pool not in ("mean", "mean+max"):
+            raise ValueError(f"region_pool must be 'mean' or 'mean+max', got {region_pool!r}")
+        self.region_pool = region_pool
         self.frames = FrameEncoder(width)
         c = self.frames.channels
         self.mix = nn.Sequential(nn.Conv3d(2 * c, c, 1, bias=False), gn(c), nn.SiLU())
@@ -49,7 +54,10 @@ class CineEncoder(nn.Module):
         g = self.cycle(self.mix(torch.cat([f, f - f[:, :, :1]], 1)))
         summary = torch.cat([g[:, :, 0], g.mean(2), g.amax(2)], 1)  # (B, 3C, S*h', w')
         r = self.regions(summary.reshape(b, 3 * c, s, hh, ww))  # (B, C, S, h'/2, w'/2)
-        return r.mean((-1, -2)).transpose(1, 2)  # (B, S, C)
+        pooled = r.mean((-1, -2))
+        if self.region_pool == "mean+max":
+            pooled = pooled + r.amax((-1, -2))
+        return pooled.transpose(1, 2)  # (B, S, C)
 
     def pool(self, slice_feats: torch.Tensor) -> torch.Tensor:
         return self.proj(self.slices(slice_feats.transpose(1, 2)))
