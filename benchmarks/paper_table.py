@@ -189,7 +189,8 @@ def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list
     return {"cohort": cohort, "external": external}
 
 
-def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
+def summarise(work: Path, seeds: list[int], variants: list[str],
+              heading: str = "CC-CMR vs baselines and its ablation; external sites (`python -m benchmarks.paper_table`)") -> str:
 
     read: dict[Path, dict[str, dict]] = {}  # each prediction file is read once (rows and paired differences)
 
@@ -249,7 +250,7 @@ def summarise(work: Path, seeds: list[int], variants: list[str]) -> str:
         for st in stages:
             pps, fps = throughput(cfg, st)
             tp.append(f"| {v}{f' ({st} stage)' if st else ''} | {pps:.1f} | {fps / 1e9:.1f} | {fps / peak:.3f} |")
-    return f"""## CC-CMR vs baselines and its ablation; external sites (`python -m benchmarks.paper_table`)
+    return f"""## {heading}
 
 Machine: {machine()}. No GPU was lent to this task (the `device` tool had none), so there is no CUDA row.
 Default synthetic cohort (3 sites, 231 patients, seed 0): trained on site-a + site-b ({metrics(variants[0])[0]['n']} test patients
@@ -410,6 +411,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
     ap.add_argument("--efficiency-only", action="store_true", help="only the label-efficiency runs (--fractions "
                     "and 100%% for --efficiency-seeds) and their table")
+    ap.add_argument("--block", default="paper", help="the BENCHMARKS.md block of the paper table (another name: "
+                    "a table of its own, e.g. variants piloted in another work folder, headed by its command)")
     ap.add_argument("--ensemble-size", type=int, default=3, help="members of each ensemble (--tables ensembles)")
     ap.add_argument("--tables", nargs="+", default=["paper", "efficiency"], choices=["paper", "efficiency", "ensembles"],
                     help="which blocks to write (e.g. --summarise-only --tables paper while the curve's runs are "
@@ -427,7 +430,13 @@ def main() -> None:
     if "efficiency" in tables:
         texts["efficiency"] = efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds)
     if "paper" in tables:
-        texts["paper"] = summarise(work, args.seeds, args.variants)
+        if args.block == "paper":
+            texts["paper"] = summarise(work, args.seeds, args.variants)
+        else:
+            command = (f"python -m benchmarks.paper_table --summarise-only --tables paper --block {args.block} "
+                       f"--seeds {' '.join(map(str, args.seeds))} --variants {' '.join(repr(v) for v in args.variants)}")
+            texts[args.block] = summarise(work, args.seeds, args.variants,
+                                          f"CC-CMR variants against it, the same seeds and patients (`{command}`)")
     if "ensembles" in tables:
         if not 2 <= args.ensemble_size <= len(args.seeds):
             raise SystemExit(f"--ensemble-size {args.ensemble_size}: give 2 to {len(args.seeds)} (the number of --seeds)")
