@@ -289,7 +289,7 @@ def generate_cohort(
     if without and kind != "external":
         raise ValueError(f"external_without {list(without)} applies to the external cohort only (kind 'external'), "
                          f"not {kind!r}")
-    external_site(without)  # names an unknown factor before anything is written
+    external = external_site(without)  # names an unknown factor before anything is written
     if kind not in ("sites", "external", "public", "public-external"):
         raise ValueError(f"cohort kind {kind!r}: choose sites, external, public or public-external")
     if kind == "external" and sites != 1:
@@ -304,7 +304,7 @@ def generate_cohort(
                 f"{out} already exists and was not generated with these parameters; "
                 "choose another --out or pass --force to replace it"
             )
-    profiles = {"external": lambda: [external_site(without)], "public": lambda: public_profiles(sites, seed),
+    profiles = {"external": lambda: [external], "public": lambda: public_profiles(sites, seed),
                 "public-external": lambda: public_profiles(sites, seed, "external"),
                 "sites": lambda: site_profiles(sites, seed)}[kind]()
     counts = allocate(patients, [p.weight for p in profiles])
