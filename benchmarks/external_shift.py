@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import machine, update_block
-from benchmarks.paper_table import SLUG, _ci, _read, run_dir
+from benchmarks.paper_table import SLUG, _ci, _cis, _read, run_dir
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.synth.external import ANATOMY_FACTORS, SHIFT_FACTORS
 from ccmr_core.training import evaluate_saved
@@ -64,12 +64,13 @@ def _read_text(path: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int) -> dict:
+def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int, cohorts: list[str]) -> dict:
     """(cohort, column) -> (models, patients) 0/1 correctness, in the cohorts' patient order."""
     out = {}
-    jobs = [(c, col, m) for c in COHORTS for col, models in columns.items() for m in models]
+    jobs = [(c, col, m) for c in cohorts for col, models in columns.items() for m in models]
     bar = tqdm(total=len(jobs), desc="evaluating", unit="model")
-    for cohort, without in COHORTS.items():
+    for cohort in cohorts:
+        without = COHORTS[cohort]
         data = work / "cohorts" / _slug(cohort)
         generate_cohort(data, sites=1, patients=patients, seed=seed, progress=False, kind="external",
                         external_without=without)
@@ -91,9 +92,10 @@ def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int) ->
 
 
 def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: list[int]) -> str:
+    cohorts = [c for c in COHORTS if ("full shift", columns[0]) in correct and (c, columns[0]) in correct]
     head = "| external cohort | " + " | ".join(f"{c}: accuracy | difference (points)" for c in columns) + " |"
     lines = [head, "|---|" + "---|---|" * len(columns)]
-    for cohort in COHORTS:
+    for cohort in cohorts:
         cells = []
         for col in columns:
             x, full = correct[(cohort, col)], correct[("full shift", col)]
@@ -116,6 +118,28 @@ is, and again with one factor of its shift reverted to the training sites' (the 
 bootstrap over patients of the model-averaged difference); a positive difference is what that factor costs.
 
 {chr(10).join(lines)}
+{_against_first(correct, columns)}"""
+
+
+def _against_first(correct: dict, columns: list[str]) -> str:
+    """With the full shift, every column minus the first, paired over the seeds (the columns' models
+    in --seeds order) and patients: intervals over patients / over seeds and patients."""
+    if len(columns) < 2:
+        return ""
+    first = correct[("full shift", columns[0])]
+    rows = []
+    for col in columns[1:]:
+        d = correct[("full shift", col)] - first  # (seeds, patients), paired
+        lo, hi, slo, shi = _cis(d)
+        rows.append(f"| {col} minus {columns[0]} | {100 * d.mean():+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} "
+                    f"| {100 * slo:+.1f} to {100 * shi:+.1f} |")
+    return f"""
+Columns against the first, full shift (paired: the same seeds and patients; 95% intervals over patients of the
+seed-averaged difference / over seeds and patients):
+
+| comparison | difference (points) | 95% CI, patients | 95% CI, seeds and patients |
+|---|---|---|---|
+{chr(10).join(rows)}
 """
 
 
@@ -127,15 +151,21 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=80)
     ap.add_argument("--seed", type=int, default=200, help="the external cohort's seed (site-x of the paper table: 100)")
     ap.add_argument("--workdir", required=True, help="cohorts and evaluations are kept here (a rerun resumes)")
+    ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=list(COHORTS),
+                    help="which draws of the external cohort (default: every one; 'full shift' alone compares "
+                    "the columns on one more external site)")
+    ap.add_argument("--block", default="external-shift", help="the BENCHMARKS.md block it writes")
     ap.add_argument("--no-block", action="store_true", help="print the table, do not write BENCHMARKS.md")
     args = ap.parse_args()
+    if "full shift" not in args.cohorts:
+        raise SystemExit("--cohorts: include 'full shift' (every other draw is compared with it)")
     columns = _runs(args.runs, args.variants, args.seeds)
     work = Path(args.workdir)
-    correct = run(work, columns, args.patients, args.seed)
+    correct = run(work, columns, args.patients, args.seed, args.cohorts)
     text = table(correct, list(columns), args.patients, args.seed, args.seeds)
     (work / "correct.json").write_text(json.dumps({f"{c} | {col}": v.tolist() for (c, col), v in correct.items()}))
     if not args.no_block:
-        update_block("external-shift", text)
+        update_block(args.block, text)
     print(text)
 
 
