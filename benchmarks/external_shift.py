@@ -91,7 +91,8 @@ def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int, co
     return out
 
 
-def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: list[int]) -> str:
+def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: list[int],
+          heading: str = "What the external site's shift costs, factor by factor (`python -m benchmarks.external_shift`)") -> str:
     cohorts = [c for c in COHORTS if ("full shift", columns[0]) in correct and (c, columns[0]) in correct]
     head = "| external cohort | " + " | ".join(f"{c}: accuracy | difference (points)" for c in columns) + " |"
     lines = [head, "|---|" + "---|---|" * len(columns)]
@@ -108,14 +109,16 @@ def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: li
             cells += [acc, f"{100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"]
         lines.append(f"| {cohort} | " + " | ".join(cells) + " |")
     factors = "; ".join(f"**{k}**: {v}" for k, v in SHIFT_FACTORS.items())
-    return f"""## What the external site's shift costs, factor by factor (`python -m benchmarks.external_shift`)
+    drawn = (f"""is, and again with one factor of its shift reverted to the training sites' (the same patients and random draws):
+{factors}. Difference: against the full shift, paired over the column's models and the patients (95% percentile
+bootstrap over patients of the model-averaged difference); a positive difference is what that factor costs."""
+             if len(cohorts) > 1 else "is (no factor reverted): one more external site for the columns' models.")
+    return f"""## {heading}
 
 Machine: {machine()}. The models of `benchmarks.paper_table` work folders (default cohort and config, trained on
 site-a + site-b with every label; seeds {', '.join(map(str, seeds))}), each column averaging its models. The external
-phantom (`ccmr synth --external`) is drawn with seed {seed} ({patients} patients; not site-x of the table above, seed 100) as it
-is, and again with one factor of its shift reverted to the training sites' (the same patients and random draws):
-{factors}. Difference: against the full shift, paired over the column's models and the patients (95% percentile
-bootstrap over patients of the model-averaged difference); a positive difference is what that factor costs.
+phantom (`ccmr synth --external`) is drawn with seed {seed} ({patients} patients; not site-x of the paper table, seed 100) as it
+{drawn}
 
 {chr(10).join(lines)}
 {_against_first(correct, columns)}"""
@@ -162,7 +165,14 @@ def main() -> None:
     columns = _runs(args.runs, args.variants, args.seeds)
     work = Path(args.workdir)
     correct = run(work, columns, args.patients, args.seed, args.cohorts)
-    text = table(correct, list(columns), args.patients, args.seed, args.seeds)
+    if args.cohorts == ["full shift"]:
+        command = ("python -m benchmarks.external_shift --cohorts 'full shift' --seed "
+                   f"{args.seed} --seeds {' '.join(map(str, args.seeds))} --variants {' '.join(repr(v) for v in args.variants)}"
+                   f" --block {args.block}")
+        text = table(correct, list(columns), args.patients, args.seed, args.seeds,
+                     f"Variants on one more draw of the external phantom, seed {args.seed} (`{command}`)")
+    else:
+        text = table(correct, list(columns), args.patients, args.seed, args.seeds)
     (work / "correct.json").write_text(json.dumps({f"{c} | {col}": v.tolist() for (c, col), v in correct.items()}))
     if not args.no_block:
         update_block(args.block, text)
