@@ -27,8 +27,8 @@ def model_kwargs(cfg, bio_channels: int = 4) -> dict:
     m = cfg.model
     return dict(n_classes=len(cfg.data.classes), slices=cfg.data.ingest.slices, width=m.width, dim=m.dim,
                 proj=m.proj, dropout=m.dropout, alignment=cfg.alignment, temperature=m.temperature,
-                learn_temperature=m.learn_temperature, use_lge=m.use_lge, region_pool=m.region_pool, n_measurements=len(cfg.data.measurements),
-                bio_channels=bio_channels, bio_length=m.bio_length)
+                learn_temperature=m.learn_temperature, use_lge=m.use_lge, region_pool=m.region_pool,
+                n_measurements=len(cfg.data.measurements), bio_channels=bio_channels, bio_length=m.bio_length)
 
 
 def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
