@@ -60,7 +60,7 @@ def calibrate(model: nn.Module, val_loader, device: torch.device) -> float:
 
 def unstated_measurements(ds: MultiSite, rows: list[int], names: tuple[str, ...]) -> list[str]:
     """The measurements of ``names`` that no patient of ``rows`` has a value for."""
-    return [m for m in names if not any(m in ds.measurement_values(i) for i in rows)]
+    return [m for m in names if not any(m in ds.stated_measurements[i] for i in rows)]
 
 
 def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None = None,

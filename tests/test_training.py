@@ -103,11 +103,11 @@ def test_report_measurements_as_stated_and_those_no_training_patient_has(cohort,
     rows = {f"{s}/{r['patient_id']}": r for s in ds.site_names for r in csv.DictReader(open(cohort / s / "labels.csv"))}
     for i, pid in enumerate(ds.patient_ids):
         want = {k: float(rows[pid][k]) for k in ("lvef", "wmsi") if rows[pid][k]}
-        assert {k: v for k, v in ds.measurement_values(i).items() if k in want} == want
-        assert set(ds.measurement_values(i)) <= {"lvef", "lvedv_ml", "lvesv_ml", "rvef", "rvedv_ml", "max_wall_mm", "wmsi"}
+        assert {k: v for k, v in ds.stated_measurements[i].items() if k in want} == want
+        assert set(ds.stated_measurements[i]) <= {"lvef", "lvedv_ml", "lvesv_ml", "rvef", "rvedv_ml", "max_wall_mm", "wmsi"}
     everyone = list(range(len(ds)))
     assert unstated_measurements(ds, everyone, ("lvef", "wmsi")) == []
-    silent = [i for i in everyone if "wmsi" not in ds.measurement_values(i)]
+    silent = [i for i in everyone if "wmsi" not in ds.stated_measurements[i]]
     assert silent and unstated_measurements(ds, silent, ("lvef", "wmsi")) == ["wmsi"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
@@ -71,6 +70,8 @@ class MultiSite(ConcatDataset):
         self.patient_ids = [f"{n}/{p}" for (n, _), d in zip(caches, self.parts) for p in d.patient_ids]
         self.labels = [y for d in self.parts for y in d.labels]
         self.splits = [s for d in self.parts for s in d.splits]
+        # each row's report measurements as labels.csv states them (unstandardised)
+        self.stated_measurements = [s.get("measurements", {}) for d in self.parts for s in d.studies]
         self.bio_channels = max((len(d.signals) for d in self.parts), default=0) or 1
         shapes = {d.cine_shape for d in self.parts if d.cine_shape}
         if len(shapes) > 1:
@@ -78,12 +79,6 @@ class MultiSite(ConcatDataset):
         self.cine_shape = shapes.pop() if shapes else None
 
     hidden_labels: frozenset[int] = frozenset()  # rows whose diagnosis training may not use
-
-    def measurement_values(self, i: int) -> dict[str, float]:
-        """Row ``i``'s report measurements as labels.csv states them (unstandardised)."""
-        k = bisect.bisect_right(self.cumulative_sizes, i)
-        start = self.cumulative_sizes[k - 1] if k else 0
-        return self.parts[k].studies[i - start].get("measurements", {})
 
     def __getitem__(self, i: int) -> dict:
         item = super().__getitem__(i)
