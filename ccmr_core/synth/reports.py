@@ -73,12 +73,17 @@ def aha_segments(heart: Heart) -> dict[str, tuple[float, float]]:
     return out
 
 
+def segment_score(contractility: float) -> int:
+    """A segment's AHA wall motion score as the reader grades it: 1 normal, 2 hypokinetic,
+    3 akinetic, 4 dyskinetic (moving outwards)."""
+    m = contractility
+    return 1 if m >= HYPOKINETIC else 2 if m >= AKINETIC else 3 if m >= 0 else 4
+
+
 def wall_motion_score_index(segs: dict[str, tuple[float, float]]) -> float:
-    """The AHA wall motion score index of ``segs`` (from ``aha_segments``): the mean over the
-    segments of 1 normal, 2 hypokinetic, 3 akinetic, 4 dyskinetic, graded as the report's text
-    grades them (the same reader)."""
-    scores = [1 if m >= HYPOKINETIC else 2 if m >= AKINETIC else 3 if m >= 0 else 4 for m, _ in segs.values()]
-    return float(np.mean(scores))
+    """The AHA wall motion score index of ``segs`` (from ``aha_segments``): the mean of their
+    ``segment_score``, the grading the report's text uses (the same reader)."""
+    return float(np.mean([segment_score(m) for m, _ in segs.values()]))
 
 
 def findings(truth: dict) -> dict[str, bool | None]:
@@ -137,8 +142,8 @@ def write_report(heart: Heart, segs: dict[str, tuple[float, float]], stated: dic
     vol = (lambda v: None if v is None else int(round(v / habits.round_to) * habits.round_to))
     edv, ef = vol(stated.get("lvedv_ml")), stated.get("lvef")
     rvedv, rvef, wall = vol(stated.get("rvedv_ml")), stated.get("rvef"), stated.get("max_wall_mm")
-    hypo = [k for k, (m, _) in segs.items() if AKINETIC <= m < HYPOKINETIC]
-    akin = [k for k, (m, _) in segs.items() if m < AKINETIC]
+    hypo = [k for k, (m, _) in segs.items() if segment_score(m) == 2]
+    akin = [k for k, (m, _) in segs.items() if segment_score(m) >= 3]  # the text calls dyskinesis akinesis too
     sentences: list[str] = []
 
     # left ventricle
