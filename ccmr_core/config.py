@@ -102,7 +102,7 @@ class ModelConfig(_Section):
         "then a bank of the site's patients), the patient's own slices (the per-patient form DP-SGD requires), or "
         "auto: slice under patient-level DP, else bank")
     region_pool: Literal["mean", "mean+max"] = Field(
-        "mean", description="CC-CMR: how the cine encoder summarises a slice's locations (its wall segments): "
+        "mean+max", description="CC-CMR: how the cine encoder summarises a slice's locations (its wall segments): "
         "their mean, or mean plus maximum, so that one abnormal region is not averaged away")
     use_lge: bool = Field(True, description="CC-CMR: learn from LGE during training (false: the same cine model "
                           "with every LGE term off, the ablation)")
