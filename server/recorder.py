@@ -27,6 +27,35 @@ def _clean(x):
     return x
 
 
+def read_checkpoint(out: Path) -> dict | None:
+    """The run folder's checkpoint (None if there is none); a damaged or code-carrying file is refused."""
+    p = out / CHECKPOINT
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"resume: {p} is not a readable checkpoint ({type(e).__name__}); "
+                         "start a new run folder, or restore the file from a backup") from None
+
+
+def check_resume(out: Path, name: str, kwargs: dict) -> None:
+    """A resume continues the model its checkpoint holds: a run config that builds another one (another
+    model, or an architecture setting such as ``model.region_pool`` changed, e.g. by a new default) is
+    refused before anything in the folder is touched. Checkpoints of earlier versions do not record
+    their model and are continued with this run config's."""
+    ck = read_checkpoint(out)
+    if ck is None or "model_kwargs" not in ck:
+        return
+    was, now = {"model": ck.get("model"), **ck["model_kwargs"]}, {"model": name, **kwargs}
+    changed = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(was) | set(now))
+               if was.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"resume: {out / CHECKPOINT} holds another model than this run config builds ("
+                         + "; ".join(changed) + f"). Resume with the settings the run was started with ({out}/"
+                         "config.yaml, e.g. --run-config \"config='...'\"), or start a new run folder")
+
+
 class MessageAudit:
     """The coordinator's audit log: one line per message sent or received, written the way a site
     writes its own (protocol.messages.audit_entry), so the two can be compared. Under secure
@@ -58,14 +87,9 @@ class RunRecorder:
 
     # --- resume -------------------------------------------------------------------------------
     def load_checkpoint(self) -> dict | None:
-        p = self.out / CHECKPOINT
-        if not p.is_file():
+        ck = read_checkpoint(self.out)
+        if ck is None:
             return None
-        try:
-            ck = torch.load(p, map_location="cpu", weights_only=True)  # never runs code from the file
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"resume: {p} is not a readable checkpoint ({type(e).__name__}); "
-                             "start a new run folder, or restore the file from a backup") from None
         self._align_metrics(int(ck["round"]), ck.get("row"))
         return ck
 
@@ -98,7 +122,8 @@ class RunRecorder:
         self.flush()  # the round before, complete or not, goes first: metrics.jsonl stays in order
         # the checkpoint first (with its row): a crash in between is repaired on resume
         with atomic_path(self.out / CHECKPOINT) as tmp:
-            torch.save({"round": rnd, "state": state, "row": _clean(row),
+            torch.save({"round": rnd, "state": state, "row": _clean(row), "model": self.cfg.model.name,
+                        "model_kwargs": self.kwargs,
                         **({"average": average} if average is not None else {})}, tmp)
         if validation_follows:
             self._pending = row

@@ -28,7 +28,7 @@ from server.aggregation import (aggregate_train_metrics, evaluate_aggr_fn, poole
                                 retrieval_summary, summarize_stats)
 from server.local_superlink import schedule_stop_if_auto_started
 from server.provision import ensure_cohort, initial_state, run_dir, run_key, validation_set
-from server.recorder import MessageAudit, RunRecorder
+from server.recorder import MessageAudit, RunRecorder, check_resume
 from server.packing_grid import PackingGrid
 from server.robust_rounds import FastPollGrid, RetryGrid
 from server.secure_aggregation import SecAggPlusGrid
@@ -138,6 +138,8 @@ def open_run(rc) -> Run:
     # the coordinator's labelled validation patients judge a classifier; CMR-CLIP is judged at the sites
     val = None if reads_reports(cfg.model.name) else validation_set(cfg)
     kwargs = model_kwargs(cfg, val.bio_channels if val is not None else len(SIGNALS))
+    if resume:  # before the run folder's config.yaml is rewritten
+        check_resume(out, cfg.model.name, kwargs)
     return Run(cfg, out, site_names, cohort, bool(deployed), bool(resume), val, kwargs,
                RunRecorder(out, cfg, kwargs, site_names))
 

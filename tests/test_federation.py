@@ -226,6 +226,14 @@ def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
     first = train[0].content["arrays"].to_torch_state_dict()
     assert set(first) == set(after_one["state"])
     assert all(torch.equal(first[k], after_one["state"][k]) for k in first)
+    # a run config that builds another model (here the cine pooling of the default before) is refused
+    # before the folder is touched: the checkpoint's weights would load into it and silently mean another model
+    before = {f: (out / f).read_bytes() for f in ("config.yaml", "metrics.jsonl", "checkpoint.pt")}
+    (env / "mean-pool.yaml").write_text("model: {region_pool: mean}\n")
+    rc.update({"num-server-rounds": 4, "config": str(env / "mean-pool.yaml")})
+    with pytest.raises(ValueError, match=r"region_pool: 'mean\+max' in the checkpoint, 'mean' now.*config.yaml"):
+        run_inprocess(server_app, client_app, 3, rc)
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 def test_tail_averaging_ends_with_the_mean_of_the_last_rounds_across_a_resume(env, cohort, capsys):
