@@ -45,7 +45,12 @@ def check_resume(out: Path, name: str, kwargs: dict) -> None:
     refused before anything in the folder is touched. Checkpoints of earlier versions do not record
     their model and are continued with this run config's."""
     ck = read_checkpoint(out)
-    if ck is None or "model_kwargs" not in ck:
+    if ck is None:
+        return
+    if "model_kwargs" not in ck:
+        print(f"resume: {out / CHECKPOINT} comes from an earlier version that does not record its model; it is "
+              "continued with this run config's model settings (a run begun before model.region_pool defaulted to "
+              "mean+max needs 'model: {region_pool: mean}' in a --run-config config file)", flush=True)
         return
     was, now = {"model": ck.get("model"), **ck["model_kwargs"]}, {"model": name, **kwargs}
     changed = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(was) | set(now))
