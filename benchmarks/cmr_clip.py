@@ -30,9 +30,14 @@ from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.synth.reports import FINDINGS
 
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis",
-           "no diagnosis word, sentence sampling 0.5": "report_without_diagnosis"}
-# what a column changes besides the report column, and the suffix of its run folders
-RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5")}
+           "no diagnosis word, sentence sampling 0.5": "report_without_diagnosis",
+           "no diagnosis word, no negation marks": "report_without_diagnosis"}
+# what a column changes besides the report column, the suffix of its run folders, and what its
+# paired difference with "no diagnosis word" is called
+RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5",
+                                                        "sentence sampling 0.5 minus whole reports"),
+           "no diagnosis word, no negation marks": (["model.text_negation=false"], "-noneg",
+                                                    "no negation marks minus negation marks (the default)")}
 FEDERATED = "no diagnosis word, federated (2 sites)"
 
 
@@ -160,7 +165,7 @@ def _finish(out: Path, m: dict, t0: float, label: str) -> dict:
 
 
 def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, threads: int, batch: int) -> dict:
-    extra, suffix = RECIPES.get(variant, ([], ""))
+    extra, suffix, _ = RECIPES.get(variant, ([], "", ""))
     out = work / "runs" / f"{COLUMNS[variant]}{suffix}-s{seed}"
     cfg = load_config(preset="cmr-clip", overrides=[f"train.seed={seed}", f"train.epochs={epochs}",
                                                     f"train.threads={threads}", f"train.batch_size={batch}",
@@ -254,7 +259,7 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
     row("minutes per run", lambda m: m["minutes"], "{:.1f}")
     central = "no diagnosis word"
     compared = [(v, f"{v.split(', ', 1)[1]} minus central") for v in variants if v.startswith(FEDERATED[:-1])]
-    compared += [(v, f"{v.split(', ', 1)[1]} minus whole reports") for v in variants if v in RECIPES]
+    compared += [(v, RECIPES[v][2]) for v in variants if v in RECIPES]
     for other, title in [c for c in compared if central in results]:
         rows.append(f"| **{title}** (same report column; zero-shot AUC, paired 95% CI over site-c's patients) | "
                     + " | ".join("" for _ in variants) + " |")

@@ -12,6 +12,7 @@ import torch
 from ccmr_core.checkpoint import save_model
 from ccmr_core.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from ccmr_core.config import ExperimentConfig, dump_config
+from ccmr_core.models.registry import model_settings
 from protocol import messages as proto
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,7 +43,8 @@ def read_checkpoint(out: Path) -> dict | None:
 def check_resume(out: Path, name: str, kwargs: dict) -> None:
     """A resume continues the model its checkpoint holds: a run config that builds another one (another
     model, or an architecture setting such as ``model.region_pool`` changed, e.g. by a new default) is
-    refused before anything in the folder is touched. Checkpoints of earlier versions do not record
+    refused before anything in the folder is touched. A setting the checkpoint predates counts at the model
+    class's own default (what its weights were built with); settings only other models take are ignored. Checkpoints of earlier versions do not record
     their model and are continued with this run config's."""
     ck = read_checkpoint(out)
     if ck is None:
@@ -52,9 +54,11 @@ def check_resume(out: Path, name: str, kwargs: dict) -> None:
               "continued with this run config's model settings (a run begun before model.region_pool defaulted to "
               "mean+max needs 'model: {region_pool: mean}' in a --run-config config file)", flush=True)
         return
-    was, now = {"model": ck.get("model"), **ck["model_kwargs"]}, {"model": name, **kwargs}
-    changed = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(was) | set(now))
-               if was.get(k) != now.get(k)]
+    if ck.get("model") != name:
+        changed = [f"model: {ck.get('model')!r} in the checkpoint, {name!r} now"]
+    else:  # the settings this model is built from (a setting of other models, or a new one at its default, is no change)
+        was, now = model_settings(name, ck["model_kwargs"]), model_settings(name, kwargs)
+        changed = [f"{k}: {was[k]!r} in the checkpoint, {now[k]!r} now" for k in sorted(was) if was[k] != now[k]]
     if changed:
         raise ValueError(f"resume: {out / CHECKPOINT} holds another model than this run config builds ("
                          + "; ".join(changed) + f"). Resume with the settings the run was started with ({out}/"

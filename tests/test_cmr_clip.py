@@ -14,7 +14,7 @@ import torch
 from ccmr_core.data.reports import ReportError, WithReports, read_reports
 from ccmr_core.losses import clip_loss
 from ccmr_core.models.cmr_clip import CMRCLIP
-from ccmr_core.models.text import CLS, EOS, PAD, TextEncoder, decode, encode
+from ccmr_core.models.text import CLS, EOS, NEGATED, PAD, TextEncoder, decode, encode, negated_spans
 from ccmr_core.retrieval import class_precision_at_k, finding_aucs, prototype_probe, ranks, retrieval
 from ccmr_core.synth.reports import findings
 
@@ -87,6 +87,45 @@ def test_tokenizer_folds_to_ascii_and_pads():
     assert encode(["x" * 100], max_len=10)[0, -1] == EOS  # truncated, still ends
     with pytest.raises(TypeError, match="report 0"):
         encode([None])
+
+
+def test_tokenizer_marks_what_a_negation_covers_in_each_sites_wording():
+    def negated(text):
+        return [text[s:e].strip() for s, e in negated_spans(text)]
+
+    assert negated("No late gadolinium enhancement. IMPRESSION: Mildly dilated LV.") == ["No late gadolinium enhancement"]
+    assert negated("max WT 8mm. DE: none. Imp: LV hypertrophy.") == ["DE: none"]
+    assert negated("No RWMA, LVEF 2.5 mm. Subendocardial LGE but no RV dilation") == ["No RWMA", "no RV dilation"]
+    assert negated("Normal LV size. Late gadolinium enhancement in the anterior segments.") == []  # 'normal' is no cue
+    text = "Imp: no late gadolinium enhancement; dilated LV."
+    ids = encode([text])[0]
+    marked = bytes(int(i) - NEGATED for i in ids if int(i) >= NEGATED).decode()
+    assert marked == "no late gadolinium enhancement" and decode(ids) == text
+    assert int(ids[0]) == CLS and PAD in ids.tolist()  # specials are never marked
+
+
+def test_negation_marks_move_the_text_embedding_only_for_a_model_that_learns_them():
+    torch.manual_seed(0)
+    plain, marked = encode(["late gadolinium enhancement"], 64), encode(["no late gadolinium enhancement"], 64)
+    unmarked = marked % NEGATED  # the same bytes without the marks
+    old = TextEncoder(width=32, layers=1, heads=2, max_len=64).eval()  # a model from before the marks: ignores them
+    assert torch.equal(old(marked), old(unmarked))
+    new = TextEncoder(width=32, layers=1, heads=2, max_len=64, negation=True).eval()
+    assert not torch.allclose(new(marked), new(unmarked), atol=1e-3)
+    assert torch.equal(new(plain), old_with(new)(plain))  # nothing negated: the vector adds nothing
+    assert "negation.weight" in new.state_dict() and "negation.weight" not in old.state_dict()
+    cfg_model = CMRCLIP(slices=4, width=4, dim=16, proj=8, text_width=16, text_layers=1)
+    assert cfg_model.text.negation is None  # the class default loads model files written before the marks
+    from ccmr_core.config import load_config
+    from ccmr_core.models.registry import build_model, model_kwargs
+    assert build_model("cmr-clip", **model_kwargs(load_config(preset="cmr-clip"), 1)).text.negation is not None
+
+
+def old_with(new: TextEncoder) -> TextEncoder:
+    """``new``'s weights in an encoder that ignores negation marks."""
+    old = TextEncoder(width=new.width, layers=1, heads=2, max_len=64).eval()
+    old.load_state_dict({k: v for k, v in new.state_dict().items() if not k.startswith("negation.")})
+    return old
 
 
 def test_text_encoder_ignores_padding():

@@ -267,6 +267,29 @@ def test_tail_averaging_ends_with_the_mean_of_the_last_rounds_across_a_resume(en
             assert torch.allclose(v, (g3[k] + g4[k]) / 2, atol=1e-6), k
 
 
+def test_resume_compares_the_settings_that_build_the_checkpoints_model(tmp_path):
+    """A checkpoint written before a setting existed counts it at the model's own default: a setting
+    of another model (CMR-CLIP's text_negation for CC-CMR) is no change, the same setting for the model
+    that takes it is (its weights were built without it)."""
+    import torch
+
+    from ccmr_core.config import load_config
+    from ccmr_core.models.registry import model_kwargs
+    from server.recorder import CHECKPOINT, check_resume
+
+    for name in ("cc-cmr", "cmr-clip"):
+        kw = model_kwargs(load_config(preset="cmr-clip" if name == "cmr-clip" else None), 1)
+        older = {k: v for k, v in kw.items() if k != "text_negation"}
+        torch.save({"model": name, "model_kwargs": older, "state": {}}, tmp_path / CHECKPOINT)
+        if name == "cc-cmr":
+            check_resume(tmp_path, name, kw)
+        else:
+            with pytest.raises(ValueError, match="text_negation: False in the checkpoint, True now"):
+                check_resume(tmp_path, name, kw)
+        with pytest.raises(ValueError, match="model: .* in the checkpoint, 'dual-path' now"):
+            check_resume(tmp_path, "dual-path", kw)
+
+
 def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_path):
     import torch
 

@@ -28,7 +28,16 @@ def model_kwargs(cfg, bio_channels: int = 4) -> dict:
     return dict(n_classes=len(cfg.data.classes), slices=cfg.data.ingest.slices, width=m.width, dim=m.dim,
                 proj=m.proj, dropout=m.dropout, alignment=cfg.alignment, temperature=m.temperature,
                 learn_temperature=m.learn_temperature, use_lge=m.use_lge, region_pool=m.region_pool,
+                text_negation=m.text_negation,
                 n_measurements=len(cfg.data.measurements), bio_channels=bio_channels, bio_length=m.bio_length)
+
+
+def model_settings(name: str, kwargs: dict) -> dict:
+    """What builds model ``name`` from ``kwargs``: the arguments its class takes, each missing one at
+    the class's own default (as ``build_model`` fills it, e.g. for a model file written before the
+    setting existed); settings other models take are left out."""
+    params = inspect.signature(MODELS[name]).parameters
+    return {k: kwargs.get(k, p.default) for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
