@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -105,9 +106,11 @@ def _ece(preds: list[dict[str, dict]], classes: list[str]) -> float:
     return float(np.mean(out))
 
 
-def table(work: Path) -> str:
+def table(work: Path, runs: list[str] | None = None) -> str:
     groups: dict[tuple[str, float, str], list[Path]] = {}
     for r in sorted((work / "runs").iterdir()):
+        if runs is not None and not any(fnmatch(r.name, pat) for pat in runs):
+            continue
         name, share, _ = _parse(r)
         for site in ("site-c", "site-x"):
             if all(_csv(r, w, site).is_file() for w in WAYS):
@@ -166,6 +169,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--shares", type=float, nargs="+", default=None, help="only the runs with these labelled shares "
                     "(e.g. 1 0.1; default: every run)")
+    ap.add_argument("--runs", nargs="+", default=None, help="only the run folders matching these patterns "
+                    "(e.g. 'ccmr-f1-*' 'ccmr-nolge-f1-*'; default: every run)")
     ap.add_argument("--summarise-only", action="store_true", help="write the table from the evaluations already made")
     ap.add_argument("--no-block", action="store_true", help="print the table without writing BENCHMARKS.md")
     args = ap.parse_args()
@@ -174,11 +179,12 @@ def main() -> None:
     work = Path(args.workdir)
     if not args.summarise_only:
         done = sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").is_file()
-                      and (args.shares is None or _parse(p)[1] in args.shares))
+                      and (args.shares is None or _parse(p)[1] in args.shares)
+                      and (args.runs is None or any(fnmatch(p.name, pat) for pat in args.runs)))
         for k, run in enumerate(done):
             evaluate_run(run, work)
             print(f"[{k + 1}/{len(done)}] {run.name}: evaluated {', '.join(list(WAYS)[1:])}", flush=True)
-    text = table(work)
+    text = table(work, args.runs)
     if not args.no_block:
         update_block("post-hoc", text)
     print(text)
