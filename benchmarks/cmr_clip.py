@@ -31,13 +31,13 @@ from ccmr_core.synth.reports import FINDINGS
 
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis",
            "no diagnosis word, sentence sampling 0.5": "report_without_diagnosis",
-           "no diagnosis word, no negation marks": "report_without_diagnosis"}
+           "no diagnosis word, negation marks": "report_without_diagnosis"}
 # what a column changes besides the report column, the suffix of its run folders, and what its
 # paired difference with "no diagnosis word" is called
 RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5",
                                                         "sentence sampling 0.5 minus whole reports"),
-           "no diagnosis word, no negation marks": (["model.text_negation=false"], "-noneg",
-                                                    "no negation marks minus negation marks (the default)")}
+           "no diagnosis word, negation marks": (["model.text_negation=true"], "-neg",
+                                                 "negation marks minus none (the default)")}
 FEDERATED = "no diagnosis word, federated (2 sites)"
 
 
@@ -285,9 +285,9 @@ Default synthetic cohort (seed 0) with its reports (`SITE/reports.csv`, each sit
 on site-a + site-b's studies and reports (no diagnosis label), {epochs} epochs, batch {batch}, AdamW at {cfg.train.lr:g} (preset `cmr-clip`), warm-up
 then cosine; tested on all of **site-c** ({n} patients: another scanner, case mix and report
 template). Seeds {seeds}; mean ± sd over seeds. Projection {cfg.model.proj}-d,
-temperature {cfg.model.temperature} (fixed). Text side: a byte-level transformer from random initialisation; the bytes a
-negation covers ("No late gadolinium enhancement", "DE: none") carry one learned vector (`model.text_negation`,
-NegEx rules, on by default since a993f35) unless a column says "no negation marks". Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
+temperature {cfg.model.temperature} (fixed). Text side: a byte-level transformer from random initialisation; in a
+column named "negation marks" the bytes a negation covers ("No late gadolinium enhancement", "DE: none") also carry
+one learned vector (`model.text_negation`, NegEx rules, a993f35; off by default). Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
 cosine similarity to a few positive prompts (`ccmr_core/retrieval.py`), AUC against the phantom's ground truth
 (LV dysfunction EF < 50%, LV dilation EDV > 150 mL, hypertrophy max wall >= 15 mm, LGE present among patients
 given contrast, RV dysfunction RVEF < 45%, regional wall-motion abnormality); in brackets positives of patients.

@@ -118,7 +118,8 @@ def test_negation_marks_move_the_text_embedding_only_for_a_model_that_learns_the
     assert cfg_model.text.negation is None  # the class default loads model files written before the marks
     from ccmr_core.config import load_config
     from ccmr_core.models.registry import build_model, model_kwargs
-    assert build_model("cmr-clip", **model_kwargs(load_config(preset="cmr-clip"), 1)).text.negation is not None
+    on = load_config(preset="cmr-clip", overrides=["model.text_negation=true"])
+    assert build_model("cmr-clip", **model_kwargs(on, 1)).text.negation is not None
 
 
 def old_with(new: TextEncoder) -> TextEncoder:
