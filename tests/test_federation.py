@@ -278,7 +278,8 @@ def test_resume_compares_the_settings_that_build_the_checkpoints_model(tmp_path)
     from server.recorder import CHECKPOINT, check_resume
 
     for name in ("cc-cmr", "cmr-clip"):
-        kw = model_kwargs(load_config(preset="cmr-clip" if name == "cmr-clip" else None), 1)
+        kw = model_kwargs(load_config(preset="cmr-clip" if name == "cmr-clip" else None,
+                                      overrides=["model.text_negation=true"]), 1)
         older = {k: v for k, v in kw.items() if k != "text_negation"}
         torch.save({"model": name, "model_kwargs": older, "state": {}}, tmp_path / CHECKPOINT)
         if name == "cc-cmr":
