@@ -106,7 +106,7 @@ def _ece(preds: list[dict[str, dict]], classes: list[str]) -> float:
     return float(np.mean(out))
 
 
-def table(work: Path, runs: list[str] | None = None) -> str:
+def table(work: Path, runs: list[str] | None = None, command: str = "python -m benchmarks.post_hoc --workdir DIR") -> str:
     groups: dict[tuple[str, float, str], list[Path]] = {}
     for r in sorted((work / "runs").iterdir()):
         if runs is not None and not any(fnmatch(r.name, pat) for pat in runs):
@@ -139,7 +139,7 @@ def table(work: Path, runs: list[str] | None = None) -> str:
             lo, hi = _ci(d)
             summary.append(f"| {site} | {len(base)} | {WAYS[w]} | {base.mean():.3f} -> {np.concatenate(ways[w]).mean():.3f} "
                            f"| {100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f}) |")
-    return f"""## Post-hoc inference variants on the same models (`python -m benchmarks.post_hoc --workdir DIR`)
+    return f"""## Post-hoc inference variants on the same models (`{command}`)
 
 Machine: {machine()}. The models of a `benchmarks.paper_table` work folder (default cohort and
 config; CC-CMR and its LGE-off ablation), each evaluated four ways: **as trained** (20 MC-dropout passes over the
@@ -173,6 +173,7 @@ def main() -> None:
                     "(e.g. 'ccmr-f1-*' 'ccmr-nolge-f1-*'; default: every run)")
     ap.add_argument("--summarise-only", action="store_true", help="write the table from the evaluations already made")
     ap.add_argument("--no-block", action="store_true", help="print the table without writing BENCHMARKS.md")
+    ap.add_argument("--block", default="post-hoc", help="the BENCHMARKS.md block to write")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,9 +185,12 @@ def main() -> None:
         for k, run in enumerate(done):
             evaluate_run(run, work)
             print(f"[{k + 1}/{len(done)}] {run.name}: evaluated {', '.join(list(WAYS)[1:])}", flush=True)
-    text = table(work, args.runs)
+    command = "python -m benchmarks.post_hoc --workdir DIR" + (
+        " --runs " + " ".join(f"'{r}'" for r in args.runs) if args.runs else "") + (
+        f" --block {args.block}" if args.block != "post-hoc" else "")
+    text = table(work, args.runs, command)
     if not args.no_block:
-        update_block("post-hoc", text)
+        update_block(args.block, text)
     print(text)
 
 
