@@ -106,8 +106,9 @@ class ModelConfig(_Section):
         "their mean, or mean plus maximum, so that one abnormal region is not averaged away")
     text_negation: bool = Field(False, description="CMR-CLIP: the text encoder learns one vector for the words a "
                                 "negation covers ('No late gadolinium enhancement', 'DE: none'; NegEx rules, "
-                                "ccmr_core/models/text.py), so that 'no X' is not read as X (off by default: no "
-                                "gain shown over three seeds, BENCHMARKS CMR-CLIP negation block)")
+                                "ccmr_core/models/text.py), so that 'no X' is not read as X (off by default, set on "
+                                "three seeds; a fourth showed zero-shot LGE +8 points: BENCHMARKS CMR-CLIP negation "
+                                "block)")
     use_lge: bool = Field(True, description="CC-CMR: learn from LGE during training (false: the same cine model "
                           "with every LGE term off, the ablation)")
     teacher_share: float = Field(0.5, gt=0.0, lt=1.0, description="CC-CMR: share of the epochs (rounds) spent "
