@@ -106,10 +106,15 @@ def _ece(preds: list[dict[str, dict]], classes: list[str]) -> float:
     return float(np.mean(out))
 
 
+def _chosen(run: Path, runs: list[str] | None) -> bool:
+    """Whether ``--runs`` picks this run folder (every folder when it is not given)."""
+    return runs is None or any(fnmatch(run.name, pat) for pat in runs)
+
+
 def table(work: Path, runs: list[str] | None = None, command: str = "python -m benchmarks.post_hoc --workdir DIR") -> str:
     groups: dict[tuple[str, float, str], list[Path]] = {}
     for r in sorted((work / "runs").iterdir()):
-        if runs is not None and not any(fnmatch(r.name, pat) for pat in runs):
+        if not _chosen(r, runs):
             continue
         name, share, _ = _parse(r)
         for site in ("site-c", "site-x"):
@@ -181,7 +186,7 @@ def main() -> None:
     if not args.summarise_only:
         done = sorted(p for p in (work / "runs").iterdir() if (p / "metrics.json").is_file()
                       and (args.shares is None or _parse(p)[1] in args.shares)
-                      and (args.runs is None or any(fnmatch(p.name, pat) for pat in args.runs)))
+                      and _chosen(p, args.runs))
         for k, run in enumerate(done):
             evaluate_run(run, work)
             print(f"[{k + 1}/{len(done)}] {run.name}: evaluated {', '.join(list(WAYS)[1:])}", flush=True)

@@ -44,8 +44,8 @@ def check_resume(out: Path, name: str, kwargs: dict) -> None:
     """A resume continues the model its checkpoint holds: a run config that builds another one (another
     model, or an architecture setting such as ``model.region_pool`` changed, e.g. by a new default) is
     refused before anything in the folder is touched. A setting the checkpoint predates counts at the model
-    class's own default (what its weights were built with); settings only other models take are ignored. Checkpoints of earlier versions do not record
-    their model and are continued with this run config's."""
+    class's own default (what its weights were built with); settings only other models take are ignored.
+    Checkpoints of earlier versions do not record their model and are continued with this run config's."""
     ck = read_checkpoint(out)
     if ck is None:
         return

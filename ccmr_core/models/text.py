@@ -64,9 +64,10 @@ def encode(texts: list[str], max_len: int = MAX_BYTES) -> torch.Tensor:
             raise TypeError(f"report {i}: expected text, got {type(t).__name__}")
         a = unicodedata.normalize("NFKD", t).encode("ascii", "ignore")[: max_len - 2]
         b = torch.tensor(list(a), dtype=torch.long)
+        negated = torch.zeros(len(b), dtype=torch.bool)
         for s, e in negated_spans(a.decode("ascii")):
-            b[s:e] += NEGATED
-        out[i, 0], out[i, 1: len(b) + 1], out[i, len(b) + 1] = CLS, b, EOS
+            negated[s:e] = True  # overlapping scopes mark a byte once
+        out[i, 0], out[i, 1: len(b) + 1], out[i, len(b) + 1] = CLS, b + NEGATED * negated, EOS
     return out
 
 
