@@ -31,13 +31,16 @@ from ccmr_core.synth.reports import FINDINGS
 
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis",
            "no diagnosis word, sentence sampling 0.5": "report_without_diagnosis",
-           "no diagnosis word, negation marks": "report_without_diagnosis"}
+           "no diagnosis word, negation marks": "report_without_diagnosis",
+           "no diagnosis word, best validation epoch": "report_without_diagnosis"}
 # what a column changes besides the report column, the suffix of its run folders, and what its
 # paired difference with "no diagnosis word" is called
 RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5",
                                                         "sentence sampling 0.5 minus whole reports"),
            "no diagnosis word, negation marks": (["model.text_negation=true"], "-neg",
-                                                 "negation marks minus none (the default)")}
+                                                 "negation marks minus none (the default)"),
+           "no diagnosis word, best validation epoch": (["train.keep_model=best-validation"], "-bestval",
+                                                        "best validation epoch minus the last (the default)")}
 FEDERATED = "no diagnosis word, federated (2 sites)"
 
 
@@ -178,9 +181,10 @@ def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, thre
             return m
         return _with_scores(out, cohort, cfg, work, seed, model)
     t0 = time.perf_counter()
-    model, _ = train_clip(cohort, out, cfg, "site-c", cache_root=work / "cache")
+    model, s = train_clip(cohort, out, cfg, "site-c", cache_root=work / "cache")
     torch.save(model.state_dict(), out / "model.pt")  # for paired comparisons added later
-    return _finish(out, _evaluate(model, cohort, cfg, work / "cache", seed), t0, f"{variant}, seed {seed}")
+    m = {**_evaluate(model, cohort, cfg, work / "cache", seed), "kept_epoch": s["kept_epoch"]}
+    return _finish(out, m, t0, f"{variant}, seed {seed} (model of epoch {s['kept_epoch']})")
 
 
 def auc_difference(a: list[dict], b: list[dict], finding: str) -> tuple[float, float, float] | None:
@@ -256,6 +260,7 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
     for k in any_m["few_shot"]:
         row(f"{k}-shot prototype accuracy (20 draws)", lambda m, k=k: m["few_shot"][k], "{:.3f}")
     row("linear probe accuracy (all training patients)", lambda m: m["linear_probe"], "{:.3f}")
+    row("epoch of the model kept (`train.keep_model`)", lambda m: m.get("kept_epoch", epochs), "{:.0f}")
     row("minutes per run", lambda m: m["minutes"], "{:.1f}")
     central = "no diagnosis word"
     compared = [(v, f"{v.split(', ', 1)[1]} minus central") for v in variants if v.startswith(FEDERATED[:-1])]

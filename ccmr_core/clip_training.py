@@ -21,6 +21,7 @@ from ccmr_core.data.reports import WithReports, read_reports
 from ccmr_core.data.sources import MultiSite, find_sites, prepare
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import make_optimizer, set_threads, train_epoch
+from ccmr_core.losses import clip_loss
 from ccmr_core.models.cmr_clip import CMRCLIP
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.models.text import encode
@@ -44,7 +45,9 @@ def embeddings(model: CMRCLIP, ds, batch_size: int = 16) -> dict[str, np.ndarray
     """Of ``ds`` in order: study and report embeddings, labels and whether each has a report."""
     model.eval()
     out: dict[str, list] = {"video": [], "text": [], "label": [], "has_report": []}
-    for b in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    # its own generator: a loader otherwise draws its worker seed from the global RNG, so validating
+    # between epochs would change the training that follows
+    for b in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
         out["video"].append(model.embed_video(b["cine"]))
         out["text"].append(model.embed_text(b["report"]))
         out["label"].append(b["label"])
@@ -76,10 +79,25 @@ def gallery_stats(model: CMRCLIP, ds, classes: list[str]) -> RetrievalStats:
     return RetrievalStats.from_embeddings(e["video"][has], e["text"][has], e["label"][has], class_emb, model.temperature)
 
 
+def validation_loss(model: CMRCLIP, ds) -> dict[str, float]:
+    """The contrastive loss and video->report retrieval of ``ds`` (the validation patients with a
+    report) as one gallery: its chance loss is log(gallery size)."""
+    e = embeddings(model, ds)
+    has = e["has_report"].astype(bool)
+    v, t = torch.from_numpy(e["video"][has]), torch.from_numpy(e["text"][has])
+    if len(v) < 2:
+        return {}
+    r = retrieval((v @ t.T).numpy())["video_to_report"]
+    return {"loss": float(clip_loss(v, t, model.temperature).mean()), "chance_loss": float(np.log(len(v))),
+            "R@5": r["R@5"], "median_rank": r["median_rank"], "gallery": int(len(v))}
+
+
 def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str,
                cache_root: Path | None = None, progress: bool = False) -> tuple[CMRCLIP, dict]:
-    """Train CMR-CLIP on every site but ``test_site`` (on reports.csv's ``data.report_column``);
-    returns the model and the split's rows."""
+    """Train CMR-CLIP on every site but ``test_site`` (on reports.csv's ``data.report_column``),
+    validating every epoch on the validation patients; returns the model ``train.keep_model`` names
+    and the split's rows (``kept_epoch``: the epoch of the model returned; ``best``: the state and
+    epoch of the lowest validation loss)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.train.threads)
@@ -92,6 +110,8 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     aug = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
     train = Subset(WithReports(aug, ds.patient_ids, reports,
                                sentence_p=cfg.train.sentence_sampling if cfg.train.augment else 0.0), idx["train"])
+    val = WithReports(ds, ds.patient_ids, reports)
+    val = Subset(val, [i for i in idx["val"] if ds.patient_ids[i] in reports])
     model = build_model("cmr-clip", **model_kwargs(cfg, ds.bio_channels))
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
@@ -99,14 +119,30 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     opt = make_optimizer(model, cfg.train)
     log.info("CMR-CLIP on %d patients' studies and reports (test site %s), %d epochs", len(idx["train"]), test_site,
              plan.epochs)
+    best: dict = {"loss": float("inf"), "epoch": None, "state": None}
     with open(out / "metrics.jsonl", "w") as f:
         for epoch in range(plan.epochs):
             tr = train_epoch(model, loader, opt, torch.device("cpu"), lr_at=lambda x, e=epoch: plan.lr_factor(e + x),
                              progress=progress, desc=f"epoch {epoch + 1}")
-            f.write(json.dumps({"epoch": epoch + 1, "train": tr}) + "\n")
+            va = validation_loss(model, val)
+            f.write(json.dumps({"epoch": epoch + 1, "train": tr, "val": va}) + "\n")
             f.flush()
-            log.info("epoch %d/%d: contrastive loss %.3f", epoch + 1, plan.epochs, tr["loss"])
-    return model, {"idx": idx, "ds": WithReports(ds, ds.patient_ids, reports), "patient_ids": ds.patient_ids}
+            if va and va["loss"] < best["loss"]:
+                best = {"loss": va["loss"], "epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            log.info("epoch %d/%d: contrastive loss %.3f (train)%s", epoch + 1, plan.epochs, tr["loss"],
+                     f", {va['loss']:.3f} (validation, {va['gallery']} patients; chance {va['chance_loss']:.3f})"
+                     if va else "")
+    kept = plan.epochs
+    if cfg.train.keep_model == "best-validation":
+        if best["state"] is None:
+            raise ValueError(f"train.keep_model 'best-validation' needs at least 2 validation patients with a report "
+                             f"({len(val)} here); raise train.val_fraction or keep the last model")
+        model.load_state_dict(best["state"])
+        kept = best["epoch"]
+        log.info("kept the model of epoch %d (lowest validation contrastive loss %.3f)", kept, best["loss"])
+    return model, {"idx": idx, "ds": WithReports(ds, ds.patient_ids, reports), "patient_ids": ds.patient_ids,
+                   "kept_epoch": kept, "best": best}
 
 
 def evaluate_clip(model: CMRCLIP, ds, idx: dict, classes: list[str], truth: dict[str, list] | None = None,
@@ -160,6 +196,7 @@ def train_clip_run(data: str | Path, out: str | Path, cfg: ExperimentConfig, tes
     (out / "config.yaml").write_text(dump_config(cfg))
     classes = list(cfg.data.classes)
     info = {"sites": sorted({p.split("/", 1)[0] for p in s["patient_ids"]}), "test_site": test_site,
+            "kept_epoch": s["kept_epoch"],
             "n_train": len(s["idx"]["train"]), "n_test": len(s["idx"]["test"]), "report_column": cfg.data.report_column}
     save_model(out / "model.pt", model.state_dict(), name="cmr-clip", kwargs=model_kwargs(cfg, 1), classes=classes,
                ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info)

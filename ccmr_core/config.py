@@ -150,6 +150,10 @@ class TrainConfig(_Section):
     sentence_sampling: float = Field(0.0, ge=0.0, le=1.0, description="cmr-clip, with augment: the chance that a "
                                      "training item's report is replaced by one of its sentences, drawn at random "
                                      "(ConVIRT's text augmentation); 0 = whole reports only")
+    keep_model: Literal["last", "best-validation"] = Field(
+        "last", description="cmr-clip, central training: the model kept, the last epoch's (the end of the schedule) "
+        "or the epoch's whose validation contrastive loss (the validation patients' studies and reports as one "
+        "gallery) is lowest; every epoch's validation loss is logged either way. Other models keep the last")
     seed: int = Field(0, ge=0, description="training randomness (initialisation, batches, augmentation)")
     split_seed: int = Field(0, ge=0, description="which patients are train / validation / test; fixed while "
                             "the training seed varies, so that runs are compared on the same patients")
@@ -301,6 +305,14 @@ class ExperimentConfig(_Section):
                 f"privacy.finetune_multiplicity {p.finetune_multiplicity} is more than privacy.finetune_views "
                 f"{p.finetune_views}: a step cannot use more views of a patient than were computed; raise "
                 "finetune_views or lower finetune_multiplicity")
+        return self
+
+    @model_validator(mode="after")
+    def _keep_model_only_for_cmr_clip(self) -> "ExperimentConfig":
+        if self.train.keep_model != "last" and self.model.name != "cmr-clip":
+            raise ValueError(
+                f"train.keep_model {self.train.keep_model!r} is for model.name 'cmr-clip' only; {self.model.name} "
+                "keeps the model at the end of its schedule: set train.keep_model to 'last'")
         return self
 
     @model_validator(mode="after")

@@ -251,7 +251,8 @@ def test_ccmr_train_cmr_clip_then_search(cohort, tmp_path, monkeypatch, capsys):
                  "--set", "train.threads=1", "--set", "data.report_column=report_without_diagnosis", "--quiet"]) == 0
     assert json.loads((run / "metrics.json").read_text())["report_column"] == "report_without_diagnosis"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(np.isfinite(r["train"]["loss"]) for r in rows)
+    assert len(rows) == 2 and all(np.isfinite(r["train"]["loss"]) and np.isfinite(r["val"]["loss"]) for r in rows)
+    assert json.loads((run / "metrics.json").read_text())["kept_epoch"] == 2  # the last (train.keep_model)
     m = json.loads((run / "metrics.json").read_text())["test"]
     n = m["test_n"]
     assert n == len(_reports(cohort / "site-c")) and m["retrieval"]["gallery"] == n
@@ -283,6 +284,33 @@ def clip_run(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("clip") / "run"
     train_clip_run(cohort, out, cfg, "site-c", progress=False, cache_root=tmp_path_factory.mktemp("cache"))
     return out
+
+
+def test_best_validation_keeps_the_epoch_of_lowest_validation_loss(cohort, tmp_path):
+    from torch.utils.data import Subset
+
+    from ccmr_core.clip_training import embeddings, train_clip, validation_loss
+    from ccmr_core.config import ConfigError, load_config
+
+    cfg = load_config(preset="smoke", overrides=["model.name=cmr-clip", "train.epochs=3", "train.batch_size=4",
+                                                 "train.threads=1", "train.keep_model=best-validation"])
+    model, s = train_clip(cohort, tmp_path / "run", cfg, "site-c", cache_root=tmp_path / "cache")
+    rows = [json.loads(x)["val"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(rows) == 3 and all(r["gallery"] >= 2 and r["chance_loss"] == pytest.approx(np.log(r["gallery"]))
+                                  for r in rows)
+    assert s["kept_epoch"] == 1 + int(np.argmin(losses))
+    assert all(torch.equal(v, s["best"]["state"][k]) for k, v in model.state_dict().items())
+    val = Subset(s["ds"], s["idx"]["val"])
+    assert validation_loss(model, val)["loss"] == pytest.approx(min(losses), abs=1e-5)
+    # validating between epochs draws nothing from the global RNG the training's augmentation uses
+    torch.manual_seed(0)
+    first = torch.rand(3)
+    torch.manual_seed(0)
+    embeddings(model, val)
+    assert torch.equal(torch.rand(3), first)
+    with pytest.raises(ConfigError, match="train.keep_model 'best-validation' is for model.name 'cmr-clip' only"):
+        load_config(overrides=["train.keep_model=best-validation"])
 
 
 def test_predict_scores_findings_beside_the_diagnosis(trained_run, clip_run, make_site, cohort, tmp_path, capsys):
