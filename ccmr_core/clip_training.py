@@ -125,6 +125,8 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
             tr = train_epoch(model, loader, opt, torch.device("cpu"), lr_at=lambda x, e=epoch: plan.lr_factor(e + x),
                              progress=progress, desc=f"epoch {epoch + 1}")
             va = validation_loss(model, val)
+            # batches are full (drop_last); a patient without a report would lower it
+            tr["chance_loss"] = float(np.log(cfg.train.batch_size))
             f.write(json.dumps({"epoch": epoch + 1, "train": tr, "val": va}) + "\n")
             f.flush()
             if va and va["loss"] < best["loss"]:

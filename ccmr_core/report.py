@@ -34,7 +34,9 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertainty-weighted)",
-            val_name: str = "validation loss") -> str | None:
+            val_name: str = "validation loss", kept: int | None = None) -> str | None:
+    """Loss (and accuracy) over epochs or rounds; a training or validation row's ``chance_loss`` is
+    drawn as a dashed line, and ``kept`` (the epoch whose model the run kept, when not the last) as a dotted one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,9 +58,16 @@ def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertain
     for name, ys in series.items():
         if any(y is not None for y in ys):
             ax[0].plot(x, [np.nan if y is None else y for y in ys], marker="o", label=name)
+    for part, name, color in (("train", "training at chance (log of its batch)", "tab:blue"),
+                              ("val", "validation at chance (log of its gallery)", "tab:orange")):
+        chance = [(r.get(part) or {}).get("chance_loss") for r in rows]
+        if any(c is not None for c in chance):
+            ax[0].axhline(max(c for c in chance if c is not None), color=color, ls="--", lw=1, alpha=0.6, label=name)
+    if kept is not None and kept != x[-1]:
+        ax[0].axvline(kept, color="black", ls=":", lw=1, label=f"model kept (epoch {kept})")
     ax[0].set_xlabel(key)
     ax[0].set_title("loss")
-    ax[0].legend()
+    ax[0].legend(fontsize=7)
     if not with_acc:
         return _png(fig)
     accs = {
@@ -333,7 +342,9 @@ def write_report(run: str | Path) -> Path:
     rows = _rows(run)
     sections = [
         ("Learning curves", _curves(rows, "contrastive loss (symmetric InfoNCE), training batches",
-                                    "validation loss (over each site's validation gallery)")
+                                    "validation loss (over each site's validation gallery)" if "rounds" in metrics
+                                    else "validation loss (the validation patients as one gallery)",
+                                    metrics.get("kept_epoch"))
          if metrics.get("model") == "cmr-clip" else _curves(rows)),
         ("Per-site accuracy", _sites(test, metrics.get("sites") or [])),
         ("ROC curves", _roc(test)),
@@ -346,11 +357,13 @@ def write_report(run: str | Path) -> Path:
     body = "".join(f'<section><h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="{i}"></section>'
                    for t, i in sections if i)
     kind = f"federated, {metrics.get('strategy')}, {metrics.get('rounds')} rounds" if "rounds" in metrics else "central"
+    kept = (f"; the model of epoch {metrics['kept_epoch']}, of lowest validation loss (train.keep_model)"
+            if metrics.get("kept_epoch") not in (None, (rows[-1] if rows else {}).get("epoch")) else "")
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>CC-CMR run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>CC-CMR run {html.escape(run.name)}</h1>
-<p>{html.escape(str(metrics.get('model', '')))} ({html.escape(kind)}); sites: {html.escape(', '.join(metrics.get('sites') or []))}</p>
+<p>{html.escape(str(metrics.get('model', '')))} ({html.escape(kind)}); sites: {html.escape(', '.join(metrics.get('sites') or []))}{kept}</p>
 <h2>Test results</h2>{_clip_table(test) if metrics.get('model') == 'cmr-clip' else _table(metrics, test)}
 {body}
 <details><summary>metrics.json</summary><pre>{html.escape(json.dumps(metrics, indent=1))}</pre></details>

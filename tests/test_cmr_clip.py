@@ -252,6 +252,7 @@ def test_ccmr_train_cmr_clip_then_search(cohort, tmp_path, monkeypatch, capsys):
     assert json.loads((run / "metrics.json").read_text())["report_column"] == "report_without_diagnosis"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["train"]["loss"]) and np.isfinite(r["val"]["loss"]) for r in rows)
+    assert all(r["train"]["chance_loss"] == pytest.approx(np.log(4)) for r in rows)  # batches of 4
     assert json.loads((run / "metrics.json").read_text())["kept_epoch"] == 2  # the last (train.keep_model)
     m = json.loads((run / "metrics.json").read_text())["test"]
     n = m["test_n"]

@@ -98,6 +98,18 @@ def test_report_without_dp_or_sites_leaves_those_plots_out(trained_run):
     assert "no DP" in page
 
 
+def test_clip_report_says_which_epochs_model_was_kept_when_not_the_last(tmp_path):
+    rows = [{"epoch": e, "train": {"loss": 2.0, "chance_loss": 2.08},
+             "val": {"loss": 3.0 + e / 10, "chance_loss": 3.4, "gallery": 30}} for e in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for kept, said in ((1, True), (3, False)):
+        (tmp_path / "metrics.json").write_text(json.dumps({"model": "cmr-clip", "sites": ["site-a"], "kept_epoch": kept,
+                                                           "test": {}}))
+        page = write_report(tmp_path).read_text()
+        assert ("the model of epoch 1, of lowest validation loss" in page) is said
+        assert 'alt="Learning curves"' in page
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
