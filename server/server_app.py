@@ -125,6 +125,10 @@ def open_run(rc) -> Run:
         raise ValueError("model 'cmr-clip' trains whole from random weights in a federation: federated.pretrain / "
                          "federated.initial_model start from a classifier and privacy.finetune 'head' trains a "
                          "classifier's heads; set federated.pretrain: none and privacy.finetune: auto")
+    if cfg.train.keep_model != "last":
+        raise ValueError(f"train.keep_model {cfg.train.keep_model!r} chooses among the epochs of central training; a "
+                         "federation keeps its last round's model (or the mean of its last rounds': "
+                         "federated.average_last): set train.keep_model to 'last'")
     set_threads(cfg.train.threads)
     resume = str(rc.get("resume", "") or "")
     out = run_dir(resume or str(rc.get("out-dir", "") or ""), cfg.model.name)

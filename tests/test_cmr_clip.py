@@ -353,6 +353,8 @@ def test_cmr_clip_refuses_patient_level_dp_and_a_classifier_start():
     for yaml in ("federated: {pretrain: public}", "privacy: {finetune: head}"):
         with pytest.raises(ValueError, match="set federated.pretrain: none and privacy.finetune: auto"):
             open_run({"model": "cmr-clip", "config-yaml": yaml})
+    with pytest.raises(ValueError, match="a federation keeps its last round's model"):
+        open_run({"model": "cmr-clip", "config-yaml": "train: {keep_model: best-validation}"})
 
 
 def _gallery(n, d=8, seed=0, noise=0.3):
