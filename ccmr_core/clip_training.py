@@ -21,7 +21,6 @@ from ccmr_core.data.reports import WithReports, read_reports
 from ccmr_core.data.sources import MultiSite, find_sites, prepare
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import make_optimizer, set_threads, train_epoch
-from ccmr_core.losses import clip_loss
 from ccmr_core.models.cmr_clip import CMRCLIP
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.models.text import encode
@@ -81,15 +80,14 @@ def gallery_stats(model: CMRCLIP, ds, classes: list[str]) -> RetrievalStats:
 
 def validation_loss(model: CMRCLIP, ds) -> dict[str, float]:
     """The contrastive loss and video->report retrieval of ``ds`` (the validation patients with a
-    report) as one gallery: its chance loss is log(gallery size)."""
-    e = embeddings(model, ds)
-    has = e["has_report"].astype(bool)
-    v, t = torch.from_numpy(e["video"][has]), torch.from_numpy(e["text"][has])
-    if len(v) < 2:
+    report) as one gallery, from the statistics a federated site reports (``gallery_stats``): its
+    chance loss is log(gallery size)."""
+    s = gallery_stats(model, ds, []).summary()
+    if s["n"] < 2:
         return {}
-    r = retrieval((v @ t.T).numpy())["video_to_report"]
-    return {"loss": float(clip_loss(v, t, model.temperature).mean()), "chance_loss": float(np.log(len(v))),
-            "R@5": r["R@5"], "median_rank": r["median_rank"], "gallery": int(len(v))}
+    r = s["retrieval"]["video_to_report"]
+    return {"loss": s["loss"], "chance_loss": float(np.log(s["n"])), "R@5": r["R@5"], "mean_rank": r["mean_rank"],
+            "gallery": s["n"]}
 
 
 def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str,
