@@ -211,6 +211,13 @@ class FederatedConfig(_Section):
         "ACDC / M&Ms differ from a hospital's patients)")
     public_patients: int = Field(150, ge=10, le=100_000, description="size of the simulated public cohort")
     public_epochs: int = Field(25, ge=1, le=10_000, description="epochs of the coordinator's public pretraining")
+    public_min_accuracy: float = Field(
+        0.8, ge=0.0, le=1.0, description="accuracy on the public cohort's own validation patients that the public "
+        "model must reach before any site trains from it (a pretraining seed can fail: 0.62 where others reach "
+        "0.86-1.0); below it the coordinator trains again with another seed (public_attempts), and stops with an "
+        "error if no attempt reaches it. 0 accepts any model")
+    public_attempts: int = Field(3, ge=1, le=20, description="pretraining seeds the coordinator tries on the same "
+                                 "public cohort before giving up on federated.public_min_accuracy")
 
 
 class SecureAggregationConfig(_Section):

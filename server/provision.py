@@ -21,6 +21,7 @@ from ccmr_core.synth.cohort import cohort_matches, generate_cohort
 VALIDATION_SEED_OFFSET = 7777
 PUBLIC_SEED_OFFSET = 9191
 PUBLIC_SITES = 2
+PUBLIC_RETRY_SEED_STEP = 1000  # a public pretraining that fails the floor is retrained with seed + this
 
 
 def cohort_dir(cfg: ExperimentConfig, data_dir: str = "") -> Path:
@@ -58,45 +59,86 @@ def validation_set(cfg: ExperimentConfig) -> MultiSite | None:
     return MultiSite(caches, cfg)
 
 
+class PublicModelError(RuntimeError):
+    """No public pretraining attempt reached federated.public_min_accuracy."""
+
+
 def public_model(cfg: ExperimentConfig, progress: bool = False) -> dict[str, torch.Tensor]:
     """The global model's starting point, trained at the coordinator on a public cohort (in
     simulation: synthetic, with scanners of its own and its own seed, kept apart from every site):
-    no privacy cost. Trained once per configuration and cached."""
+    no privacy cost. A pretraining seed can go wrong, and the sites' heads cannot repair a poor
+    frozen encoder, so the model must reach federated.public_min_accuracy on the public cohort's
+    own validation patients before any site trains from it; otherwise the next seed is tried, up
+    to federated.public_attempts. Each attempt is trained once per configuration and cached."""
+    f = cfg.federated
+    tried = []
+    for k in range(f.public_attempts):
+        seed = cfg.train.seed + k * PUBLIC_RETRY_SEED_STEP
+        out = _public_attempt(cfg, seed, progress)
+        acc, n = public_validation(out)
+        tried.append(f"seed {seed}: {acc:.3f}")
+        if acc >= f.public_min_accuracy:
+            print(f"public model: pretraining seed {seed}, validation accuracy {acc:.3f} on {n} public patients "
+                  f"(federated.public_min_accuracy {f.public_min_accuracy:g})", flush=True)
+            from ccmr_core.checkpoint import load_model
+
+            return load_model(out / "model.pt")[1]["state_dict"]
+        more = k + 1 < f.public_attempts
+        print(f"public model: pretraining seed {seed} reached validation accuracy {acc:.3f} on {n} public patients, "
+              f"below federated.public_min_accuracy {f.public_min_accuracy:g}"
+              + ("; training again with another seed" if more else ""), flush=True)
+    raise PublicModelError(
+        f"no public pretraining reached federated.public_min_accuracy {f.public_min_accuracy:g} in "
+        f"{f.public_attempts} attempt(s) ({'; '.join(tried)} validation accuracy): no site trains from it. Give the "
+        "coordinator more public data or epochs (federated.public_patients, federated.public_epochs), more "
+        "attempts (federated.public_attempts), or lower the floor")
+
+
+def public_validation(run: Path) -> tuple[float, int]:
+    """Accuracy of a trained run's final model on its validation patients (the last epoch's row of
+    metrics.jsonl: the model kept is the last epoch's) and their number."""
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    n = json.loads((run / "metrics.json").read_text())["n_val"]
+    return float(json.loads(rows[-1])["val"]["accuracy"]), int(n)
+
+
+def _public_attempt(cfg: ExperimentConfig, seed: int, progress: bool) -> Path:
+    """The run folder of one public pretraining with training seed ``seed`` (trained if not cached)."""
     from ccmr_core.config import validate
     from ccmr_core.synth.cohort import GENERATOR_VERSION
-    from ccmr_core.training import train_central
+    from ccmr_core import training
 
     f = cfg.federated
     # the run's architecture exactly (its resolved alignment too), trained without DP on public data
     pcfg = validate({**cfg.model_dump(mode="json"), "privacy": {"mode": "none"},
                      "model": {**cfg.model.model_dump(mode="json"), "alignment": cfg.alignment},
-                     "train": {**cfg.train.model_dump(mode="json"), "epochs": f.public_epochs}}, "public pretraining")
+                     "train": {**cfg.train.model_dump(mode="json"), "epochs": f.public_epochs, "seed": seed}},
+                    "public pretraining")
     spec = {"generator": GENERATOR_VERSION, "patients": f.public_patients, "seed": cfg.data.synth.seed,
             "public_generator": f.public_generator,
             "data": pcfg.data.model_dump(mode="json", exclude={"synth"}), "model": pcfg.model.model_dump(mode="json"),
             "train": pcfg.train.model_dump(mode="json")}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     out = default_cache_root() / "pretrained" / f"{cfg.model.name}-{key}"
-    if not (out / "model.pt").is_file():
-        seed = cfg.data.synth.seed + PUBLIC_SEED_OFFSET
-        kind = "public" if f.public_generator == "project" else "public-external"
-        cohort = default_cache_root() / "cohorts" / f"{kind}-s{PUBLIC_SITES}-p{f.public_patients}-seed{seed}"
-        if not cohort_matches(cohort, PUBLIC_SITES, f.public_patients, seed, kind=kind):
-            generate_cohort(cohort, sites=PUBLIC_SITES, patients=f.public_patients, seed=seed, progress=progress,
-                            force=True, kind=kind)
-        print(f"pretraining {cfg.model.name} on the public cohort ({f.public_patients} synthetic patients, scanners "
-              f"of its own, {f.public_generator} phantom) at the coordinator, {f.public_epochs} epochs: no privacy "
-              "cost", flush=True)
-        t0 = time.perf_counter()
-        tmp = out.parent / f".{out.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        m = train_central(cohort, tmp, pcfg, progress=progress)
-        tmp.rename(out)
-        print(f"public pretraining done in {(time.perf_counter() - t0) / 60:.1f} min (public test accuracy "
-              f"{m['test']['accuracy']:.3f}, n={m['test']['n']})", flush=True)
-    from ccmr_core.checkpoint import load_model
-
-    return load_model(out / "model.pt")[1]["state_dict"]
+    if (out / "model.pt").is_file():
+        return out
+    cohort_seed = cfg.data.synth.seed + PUBLIC_SEED_OFFSET
+    kind = "public" if f.public_generator == "project" else "public-external"
+    cohort = default_cache_root() / "cohorts" / f"{kind}-s{PUBLIC_SITES}-p{f.public_patients}-seed{cohort_seed}"
+    if not cohort_matches(cohort, PUBLIC_SITES, f.public_patients, cohort_seed, kind=kind):
+        generate_cohort(cohort, sites=PUBLIC_SITES, patients=f.public_patients, seed=cohort_seed, progress=progress,
+                        force=True, kind=kind)
+    print(f"pretraining {cfg.model.name} on the public cohort ({f.public_patients} synthetic patients, scanners "
+          f"of its own, {f.public_generator} phantom) at the coordinator, {f.public_epochs} epochs, seed {seed}: no "
+          "privacy cost", flush=True)
+    t0 = time.perf_counter()
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m = training.train_central(cohort, tmp, pcfg, progress=progress)
+    tmp.rename(out)
+    print(f"public pretraining done in {(time.perf_counter() - t0) / 60:.1f} min (public test accuracy "
+          f"{m['test']['accuracy']:.3f}, n={m['test']['n']})", flush=True)
+    return out
 
 
 def initial_state(cfg: ExperimentConfig, model, deployed: bool) -> str | None:

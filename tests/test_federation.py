@@ -27,7 +27,7 @@ def _small_public(folder: Path, privacy: str = "") -> str:
     """A config with a small public pretraining cohort (the pretrained model is cached per config;
     ``privacy`` settings do not change it)."""
     p = folder / "public.yaml"
-    p.write_text("federated: {public_patients: 12, public_epochs: 1}\n" + (f"privacy: {{{privacy}}}\n" if privacy else ""))
+    p.write_text("federated: {public_patients: 12, public_epochs: 1, public_min_accuracy: 0}\n" + (f"privacy: {{{privacy}}}\n" if privacy else ""))
     return str(p)
 
 
