@@ -153,7 +153,9 @@ class TrainConfig(_Section):
     keep_model: Literal["last", "best-validation"] = Field(
         "last", description="cmr-clip, central training: the model kept, the last epoch's (the end of the schedule) "
         "or the epoch's whose validation contrastive loss (the validation patients' studies and reports as one "
-        "gallery) is lowest; every epoch's validation loss is logged either way. Other models keep the last")
+        "gallery) is lowest; every epoch's validation loss is logged either way. Other models keep the last. "
+        "Measured worse than the last (BENCHMARKS.md, cmrclip-bestval): the validation loss rises late, while "
+        "retrieval still improves")
     seed: int = Field(0, ge=0, description="training randomness (initialisation, batches, augmentation)")
     split_seed: int = Field(0, ge=0, description="which patients are train / validation / test; fixed while "
                             "the training seed varies, so that runs are compared on the same patients")

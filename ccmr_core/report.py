@@ -36,7 +36,7 @@ def _rows(run: Path) -> list[dict]:
 def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertainty-weighted)",
             val_name: str = "validation loss", kept: int | None = None) -> str | None:
     """Loss (and accuracy) over epochs or rounds; a training or validation row's ``chance_loss`` is
-    drawn as a dashed line, and ``kept`` (the epoch whose model the run kept, when not the last) as a dotted one."""
+    drawn as a dashed line, and ``kept`` (the epoch whose model the run kept; None: the last) as a dotted one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +63,7 @@ def _curves(rows: list[dict], loss_name: str = "train loss (all tasks, uncertain
         chance = [(r.get(part) or {}).get("chance_loss") for r in rows]
         if any(c is not None for c in chance):
             ax[0].axhline(max(c for c in chance if c is not None), color=color, ls="--", lw=1, alpha=0.6, label=name)
-    if kept is not None and kept != x[-1]:
+    if kept is not None:
         ax[0].axvline(kept, color="black", ls=":", lw=1, label=f"model kept (epoch {kept})")
     ax[0].set_xlabel(key)
     ax[0].set_title("loss")
@@ -340,11 +340,15 @@ def write_report(run: str | Path) -> Path:
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     test = metrics.get("test") or {}
     rows = _rows(run)
+    # the epoch whose model the run kept, when it is not the last (train.keep_model): curve and heading
+    kept_epoch = metrics.get("kept_epoch")
+    if kept_epoch == (rows[-1] if rows else {}).get("epoch"):
+        kept_epoch = None
     sections = [
         ("Learning curves", _curves(rows, "contrastive loss (symmetric InfoNCE), training batches",
                                     "validation loss (over each site's validation gallery)" if "rounds" in metrics
                                     else "validation loss (the validation patients as one gallery)",
-                                    metrics.get("kept_epoch"))
+                                    kept_epoch)
          if metrics.get("model") == "cmr-clip" else _curves(rows)),
         ("Per-site accuracy", _sites(test, metrics.get("sites") or [])),
         ("ROC curves", _roc(test)),
@@ -357,8 +361,8 @@ def write_report(run: str | Path) -> Path:
     body = "".join(f'<section><h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="{i}"></section>'
                    for t, i in sections if i)
     kind = f"federated, {metrics.get('strategy')}, {metrics.get('rounds')} rounds" if "rounds" in metrics else "central"
-    kept = (f"; the model of epoch {metrics['kept_epoch']}, of lowest validation loss (train.keep_model)"
-            if metrics.get("kept_epoch") not in (None, (rows[-1] if rows else {}).get("epoch")) else "")
+    kept = (f"; the model of epoch {kept_epoch}, of lowest validation loss (train.keep_model)"
+            if kept_epoch is not None else "")
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>CC-CMR run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
