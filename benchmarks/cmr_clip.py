@@ -32,7 +32,8 @@ from ccmr_core.synth.reports import FINDINGS
 COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnosis",
            "no diagnosis word, sentence sampling 0.5": "report_without_diagnosis",
            "no diagnosis word, negation marks": "report_without_diagnosis",
-           "no diagnosis word, best validation epoch": "report_without_diagnosis"}
+           "no diagnosis word, best validation epoch": "report_without_diagnosis",
+           "no diagnosis word, attention pooling": "report_without_diagnosis"}
 # what a column changes besides the report column, the suffix of its run folders, and what its
 # paired difference with "no diagnosis word" is called
 RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5",
@@ -40,7 +41,9 @@ RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_samplin
            "no diagnosis word, negation marks": (["model.text_negation=true"], "-neg",
                                                  "negation marks minus none (the default)"),
            "no diagnosis word, best validation epoch": (["train.keep_model=best-validation"], "-bestval",
-                                                        "best validation epoch minus the last (the default)")}
+                                                        "best validation epoch minus the last (the default)"),
+           "no diagnosis word, attention pooling": (["model.text_pool=attention"], "-attn",
+                                                    "attention pooling minus the mean (the default)")}
 FEDERATED = "no diagnosis word, federated (2 sites)"
 
 

@@ -129,12 +129,34 @@ def old_with(new: TextEncoder) -> TextEncoder:
     return old
 
 
-def test_text_encoder_ignores_padding():
+@pytest.mark.parametrize("pool", ["mean", "attention"])
+def test_text_encoder_ignores_padding(pool):
     torch.manual_seed(0)
-    enc = TextEncoder(width=32, layers=1, heads=2, max_len=64).eval()
+    enc = TextEncoder(width=32, layers=1, heads=2, max_len=64, pool=pool).eval()
     short, long = encode(["LVEF 35%, dilated LV"], 32), encode(["LVEF 35%, dilated LV"], 64)
+    assert enc(short).shape == (1, 32)
     assert torch.allclose(enc(short), enc(long), atol=1e-5)
     assert not torch.allclose(enc(encode(["LVEF 35%"], 32)), enc(encode(["LVEF 65%"], 32)))
+
+
+def test_attention_pooling_is_a_learned_query_that_the_config_reaches():
+    from ccmr_core.config import load_config
+    from ccmr_core.models.registry import build_model, model_kwargs
+
+    torch.manual_seed(0)
+    enc = TextEncoder(width=32, layers=1, heads=2, max_len=64, pool="attention").eval()
+    ids = encode(["LVEF 35%, dilated LV", "LVEF 65%"], 64)
+    before = enc(ids)
+    with torch.no_grad():
+        enc.query.add_(torch.randn_like(enc.query))  # the query decides what is read: a new one, new vectors
+    assert not torch.allclose(before, enc(ids), atol=1e-4)
+    assert {"query", "pool_attn.in_proj_weight"} <= set(enc.state_dict())
+    assert "query" not in TextEncoder(width=32, layers=1, heads=2, max_len=64).state_dict()  # the default: mean
+    with pytest.raises(ValueError, match="text pooling 'max'"):
+        TextEncoder(width=32, pool="max")
+    on = load_config(preset="cmr-clip", overrides=["model.text_pool=attention"])
+    assert build_model("cmr-clip", **model_kwargs(on, 1)).text.pool == "attention"
+    assert build_model("cmr-clip", **model_kwargs(load_config(preset="cmr-clip"), 1)).text.pool == "mean"
 
 
 def test_clip_loss_is_symmetric_and_rewards_alignment():

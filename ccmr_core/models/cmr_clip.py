@@ -27,12 +27,13 @@ class CMRCLIP(nn.Module):
 
     def __init__(self, slices: int, width: int = 8, dim: int = 128, proj: int = 64, text_width: int = 128,
                  text_layers: int = 2, temperature: float = 0.1, text_dropout: float = 0.1, n_classes: int = 5,
-                 text_negation: bool = False):
+                 text_negation: bool = False, text_pool: str = "mean"):
         super().__init__()
         self.n_classes = n_classes  # the label set of the probes and class prompts it is evaluated with
         self.cine = CineEncoder(slices, width, dim)
         self.video_proj = nn.Linear(dim, proj)
-        self.text = TextEncoder(text_width, text_layers, dropout=text_dropout, negation=text_negation)
+        self.text = TextEncoder(text_width, text_layers, dropout=text_dropout, negation=text_negation,
+                                 pool=text_pool)
         self.text_proj = nn.Linear(text_width, proj)
         self.temperature = temperature
 

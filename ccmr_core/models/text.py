@@ -82,14 +82,19 @@ def decode(ids: torch.Tensor) -> str:
 
 class TextEncoder(nn.Module):
     """(B, L) byte ids -> (B, width): byte embedding, a stride-4 convolution (groups of four
-    bytes), learned positions, a pre-norm transformer, mean over the non-padding positions (as
-    CMR-CLIP pools its BERT). ``negation``: add a learned vector to every byte inside a negation's
-    scope (an nn.Embedding of two rows, the first zero, so Opacus accepts it as it is); without it
-    the marks are ignored."""
+    bytes), learned positions, a pre-norm transformer, then one vector per text: ``pool`` "mean"
+    over the non-padding positions (as CMR-CLIP pools its BERT), or "attention": one learned query
+    attends over them (an attentional pooler, as CoCa's), so that the few groups that differ
+    between reports of one template (the numbers, "no LGE") can outweigh the template, and a short
+    prompt and a long report that share a finding can meet. ``negation``: add a learned vector to
+    every byte inside a negation's scope (an nn.Embedding of two rows, the first zero, so Opacus
+    accepts it as it is); without it the marks are ignored."""
 
     def __init__(self, width: int = 128, layers: int = 2, heads: int = 4, max_len: int = MAX_BYTES,
-                 stride: int = 4, dropout: float = 0.1, negation: bool = False):
+                 stride: int = 4, dropout: float = 0.1, negation: bool = False, pool: str = "mean"):
         super().__init__()
+        if pool not in ("mean", "attention"):
+            raise ValueError(f"text pooling {pool!r}: choose 'mean' or 'attention'")
         self.stride = stride
         self.embed = nn.Embedding(VOCAB, width, padding_idx=PAD)
         self.negation = nn.Embedding(2, width, padding_idx=0) if negation else None
@@ -101,6 +106,11 @@ class TextEncoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.width = width
+        self.pool = pool
+        if pool == "attention":
+            self.query = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.normal_(self.query, std=0.02)
+            self.pool_attn = nn.MultiheadAttention(width, heads, batch_first=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         b, n = ids.shape
@@ -115,5 +125,8 @@ class TextEncoder(nn.Module):
         keep = (ids != PAD).reshape(b, -1, self.stride).any(-1)  # a group with any byte is real
         x = x + self.pos[:, : x.shape[1]]
         x = self.transformer(x, src_key_padding_mask=~keep)
+        if self.pool == "attention":
+            q = self.query.expand(b, -1, -1)
+            return self.norm(self.pool_attn(q, x, x, key_padding_mask=~keep, need_weights=False)[0][:, 0])
         w = keep.unsqueeze(-1).float()
         return self.norm((x * w).sum(1) / w.sum(1).clamp_min(1.0))
