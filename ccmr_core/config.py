@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -359,6 +360,21 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "presets").glob("*.yaml"))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: "1e-4" is a number, as people write learning
+    rates (YAML 1.1 needs "1.0e-4" and reads "1e-4" as text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text to Python values (safe: plain scalars, lists and mappings only)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -369,7 +385,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if data is None:
@@ -436,7 +452,7 @@ def parse_override(text: str) -> dict[str, Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {text!r}: empty key")
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    value: Any = load_yaml(raw) if raw.strip() else ""
     for p in reversed(parts):
         value = {p: value}
     return value

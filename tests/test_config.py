@@ -34,6 +34,16 @@ def test_wrong_type_is_not_coerced(tmp_path):
         load_config(p)
 
 
+def test_exponent_numbers_are_numbers_as_people_write_them(tmp_path):
+    # PyYAML alone reads "1e-4" (no dot) as text, and the number field would refuse it
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 5e-4\nprivacy:\n  delta: 1E-6\n")
+    cfg = load_config(p, overrides=["train.weight_decay=1e-2"])
+    assert (cfg.train.lr, cfg.privacy.delta, cfg.train.weight_decay) == (5e-4, 1e-6, 1e-2)
+    with pytest.raises(ConfigError, match=r"train\.lr.*valid number"):
+        load_config(overrides=["train.lr=1e"])  # still not a number: refused, named
+
+
 def test_test_time_augmentation_without_mc_passes_is_refused():
     with pytest.raises(ConfigError, match=r"model\.test_time_augmentation needs model\.mc_samples of at least 2 \(it is 0\)"):
         load_config(overrides=["model.test_time_augmentation=true", "model.mc_samples=0"])
