@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--public-generator", choices=["project", "external"], default="project",
                     help="the phantom of the coordinator's public cohort (DP rows)")
     ap.add_argument("--dp-only", action="store_true", help="only the DP rows, into a block of their own")
+    ap.add_argument("--no-personalise", dest="personalise", action="store_false",
+                    help="leave out the row where each site fine-tunes the federation's model on its own patients")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -198,12 +200,17 @@ def main() -> None:
                [work / f"local-{k}-e{epochs}-s{seed}" for k in range(len(splits))])
         fed_runs = [] if args.no_fedavg else [("FedAvg", {"strategy": "fedavg"})]
         fed_runs += [(f"FedProx mu={mu:g}", {"strategy": "fedprox", "proximal-mu": mu}) for mu in args.mus]
+        fed_outs = []
         for row, over in fed_runs:
             if f.server_momentum > 0:
                 row += f", server momentum {f.server_momentum:g}"
             out = work / f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}-s{seed}"
             federated(cohort, out, **{"train-seed": seed}, **over)
             record(f"federated, {row}", per_patient(out / "model.pt", ds, test), [out])
+            fed_outs.append((row, out))
+        if fed_outs and args.personalise:
+            row, fed = fed_outs[-1]  # the README recipe (FedProx mu=0.01) when run with the default --mus
+            personal(cohort, work, fed, splits, ds, record, row, seed, base)
         if args.dp_eps and (args.dp_seeds is None or seed in args.dp_seeds):
             dp_rows(args, work, cohort, ds, test, record, recipe, seed, gen, tag)
     if args.dp_only:
@@ -215,6 +222,29 @@ def main() -> None:
     text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio)
     update_block("federated", text)
     print(text)
+
+
+# a site's fine-tuning of the federation's model on its own patients (``ccmr train --start-from``): a
+# tenth of the learning rate and 3 rounds' worth of epochs, fixed before it was first measured
+PERSONAL_EPOCHS, PERSONAL_LR_FACTOR = 9, 0.1
+
+
+def personal(cohort: Path, work: Path, fed: Path, splits, ds, record, row: str, seed: int, base) -> None:
+    """Each site fine-tunes the federation's final model on its own training patients (its last
+    stage; validation and calibration on its own validation patients) and is tested on its own
+    test patients, as the "each site alone" row is."""
+    cfg = load_config(overrides=[f"train.seed={seed}", f"train.epochs={PERSONAL_EPOCHS}",
+                                 f"train.lr={base.train.lr * PERSONAL_LR_FACTOR:g}"])
+    correct: dict[str, bool] = {}
+    outs = []
+    for k, sp in enumerate(splits):
+        out = work / f"personal-{k}-e{PERSONAL_EPOCHS}-{fed.name}"
+        if not (out / "model.pt").is_file():
+            train_central(cohort, out, cfg, progress=False, splits=sp, start_from=fed / "model.pt")
+        correct.update(per_patient(out / "model.pt", ds, sp["test"]))
+        outs.append(out)
+    record(f"{row}, then each site fine-tunes it ({PERSONAL_EPOCHS} epochs; tested on its own patients)", correct,
+           outs)
 
 
 def dp_rows(args, work: Path, cohort: Path, ds, test: list[int], record, recipe: str, seed: int, gen: str,
@@ -261,6 +291,7 @@ def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -
     server = (f", the coordinator stepping with momentum {f.server_momentum:g} (FedAvgM)" if f.server_momentum > 0
               else "")
     central = "centralised (pooled data, one model)"
+    alone = "each site alone (tested on its own patients)"
     no_dp = "public pretraining + sites fine-tune the heads, no DP"
 
     def acc(row: str, seeds) -> np.ndarray:  # (seeds, patients) correctness
@@ -297,9 +328,19 @@ on a synthetic public cohort (150 patients, scanners of its own). That public co
         lo, hi, slo, shi = _cis(a)
         eps = f"{max(eps_spent[row]):.2f}" if row in eps_spent else ""
         vs_no_dp = paired(row, no_dp) if row in eps_spent else ""
+        vs_alone = paired(row, alone) if row.startswith("federated") else ""
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "
                      f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} / {slo:.3f}-{shi:.3f} | "
-                     f"{paired(row, central)} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
+                     f"{paired(row, central)} | {vs_alone} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
+    sites = sorted({n.split("/", 1)[0] for n in names})
+    per_site = []  # each site's own test patients: is any site worse off than alone?
+    for row in results:
+        seeds = sorted(results[row])
+        a = acc(row, seeds)
+        cells = [" / ".join(f"{a[k, [n.startswith(st + '/') for n in names]].mean():.3f}" for k in range(len(seeds)))
+                 for st in sites]
+        per_site.append(f"| {row} | {' | '.join(cells)} |")
+    counts = {st: sum(n.startswith(st + "/") for n in names) for st in sites}
     return f"""## {title} (`{cmd}`)
 
 Machine: {machine()}.
@@ -312,9 +353,15 @@ correctness, which holds the runs fixed / over seeds and patients (`bootstrap_se
 other runs of the same recipe would give; differences are paired (same patients, the seeds both rows have), with
 the same two intervals.{dp_text}
 
-| training | seeds | accuracy | 95% CI, patients / seeds and patients | minus centralised (95% CIs) | minus the same run without DP (95% CIs) | epsilon | minutes per run |
-|---|---|---|---|---|---|---|---|
+| training | seeds | accuracy | 95% CI, patients / seeds and patients | minus centralised (95% CIs) | minus each site alone (95% CIs) | minus the same run without DP (95% CIs) | epsilon | minutes per run |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
+
+Per site (its own test patients; one value per seed, in the seeds' order):
+
+| training | {' | '.join(f"{st} ({counts[st]})" for st in sites)} |
+|---|{'---|' * len(sites)}
+{chr(10).join(per_site)}
 
 {overhead_text}"""
 

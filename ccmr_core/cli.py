@@ -85,17 +85,35 @@ def cmd_train(args) -> int:
     from ccmr_core.training import train_central
 
     overrides = list(args.set or [])
-    if args.model:
-        overrides.append(f"model.name={args.model}")
-    cfg = load_config(args.config, args.preset, overrides)
+    if args.start_from:
+        cfg = _start_config(args, overrides)
+    else:
+        if args.model:
+            overrides.append(f"model.name={args.model}")
+        cfg = load_config(args.config, args.preset, overrides)
     if cfg.model.name == "cmr-clip":
         return _train_clip(args, cfg)
-    m = train_central(args.data, args.out, cfg, test_site=args.test_site, progress=not args.quiet)
-    print(f"{cfg.model.name}: trained {m['epochs']} epochs, calibration temperature {m['calibration_temperature']:.2f}; "
-          f"run folder {args.out}")
+    m = train_central(args.data, args.out, cfg, test_site=args.test_site, progress=not args.quiet,
+                      start_from=args.start_from)
+    print(f"{cfg.model.name}: {'fine-tuned' if args.start_from else 'trained'} {m['epochs']} epochs, calibration "
+          f"temperature {m['calibration_temperature']:.2f}; run folder {args.out}")
     if "test" in m:
         print("test: " + _metrics_line(m["test"]))
     return 0
+
+
+def _start_config(args, overrides: list[str]):
+    """The config of a fine-tuning run (``--start-from``): the model file's own, then ``--set``."""
+    import yaml
+
+    from ccmr_core.checkpoint import load_classifier
+
+    if args.model or args.config or args.preset:
+        raise ConfigError("--start-from fine-tunes the file's model with the file's own config: leave out --model, "
+                          "--config and --preset, and change training settings with --set (e.g. --set train.epochs=9 "
+                          "--set train.lr=0.0001)")
+    _, blob = load_classifier(args.start_from)
+    return load_config(overrides=overrides, text=(yaml.safe_dump(blob["config"]), f"{args.start_from} (its config)"))
 
 
 def _train_clip(args, cfg) -> int:
@@ -252,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(MODEL_NAMES), help="model (default: config)")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--test-site", help="hold out this whole site as the external test set")
+    p.add_argument("--start-from", metavar="MODEL", help="fine-tune this model.pt (e.g. the federation's, on this "
+                   "site's own patients) instead of training from scratch: its last stage only, with the file's own "
+                   "config changed by --set (a lower train.lr and fewer train.epochs, e.g. --set train.lr=0.0001 "
+                   "--set train.epochs=9)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)

@@ -25,7 +25,7 @@ from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
-from ccmr_core.models.registry import build_model, model_kwargs
+from ccmr_core.models.registry import build_model, model_kwargs, model_settings
 from ccmr_core.files import write_csv
 from ccmr_core.referral import referred, thresholds_from_outputs
 from ccmr_core.report import write_report
@@ -65,9 +65,11 @@ def unstated_measurements(ds: MultiSite, rows: list[int], names: tuple[str, ...]
 
 def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_site: str | None = None,
                   progress: bool = True, cache_root: Path | None = None,
-                  splits: dict[str, list[int]] | None = None) -> dict:
+                  splits: dict[str, list[int]] | None = None, start_from: str | Path | None = None) -> dict:
     """Train on ``data`` (see the module's docstring). ``splits``: given train/val/test rows of the
-    cohort (e.g. the very patients each site of a federation holds out), instead of a split here."""
+    cohort (e.g. the very patients each site of a federation holds out), instead of a split here.
+    ``start_from``: a model file of the same model and settings (e.g. the federation's) whose last
+    stage is fine-tuned, instead of training from random initialisation."""
     out = Path(out)
     if (out / "model.pt").exists():
         raise FileExistsError(f"{out} already holds a trained model; choose another --out")
@@ -88,12 +90,14 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
                     "--force, or leave it out of data.measurements)", ", ".join(absent))
     kwargs = model_kwargs(cfg, ds.bio_channels)
     model = build_model(cfg.model.name, **kwargs).to(device)
+    if start_from is not None:
+        load_start(model, start_from, cfg.model.name, kwargs)
     train_ds = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)
     labelled = labelled_subset(ds.labels, idx["train"], cfg.train.label_fraction, cfg.train.seed)
     train_ds.hidden_labels = frozenset(idx["train"]) - frozenset(labelled)
     train_loader = loader(Subset(train_ds, idx["train"]), cfg, shuffle=True, seed=cfg.train.seed)
     val_loader = loader(Subset(ds, idx["val"]), cfg, shuffle=False)
-    plan = plan_for(model, cfg.train.epochs, cfg.model.teacher_share)
+    plan = plan_for(model, cfg.train.epochs, cfg.model.teacher_share, pretrained=start_from is not None)
     (out / "config.yaml").write_text(dump_config(cfg))
     log.info("training %s on %d patients (validation %d, test %d) from %s; %s", cfg.model.name, len(idx["train"]),
              len(idx["val"]), len(idx["test"]), ", ".join(ds.site_names),
@@ -132,7 +136,8 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     info = {"epochs": plan.epochs, "sites": ds.site_names, "test_site": test_site, "n_train": len(idx["train"]),
             "n_train_labelled": len(labelled),
             "n_val": len(idx["val"]), "n_test": len(idx["test"]), "run": out.name,
-            "calibration_temperature": float(model.calibration)}
+            "calibration_temperature": float(model.calibration),
+            **({"start_from": str(Path(start_from).absolute())} if start_from is not None else {})}
     save_model(out / "model.pt", model.state_dict(), name=cfg.model.name, kwargs=kwargs, classes=classes,
                ingest=cfg.data.ingest.model_dump(mode="json"), config=cfg.model_dump(mode="json"), info=info,
                refer=refer)
@@ -146,6 +151,22 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(out)
     return metrics
+
+
+def load_start(model: nn.Module, path: str | Path, name: str, kwargs: dict) -> None:
+    """Load the weights of model file ``path`` into ``model`` (model ``name`` built from ``kwargs``)
+    to fine-tune from; a file of another model, or of the same model built with other settings, is
+    refused naming what differs."""
+    _, blob = load_classifier(path)
+    if blob["model"] != name:
+        raise ValueError(f"--start-from {path} is a {blob['model']} model; this run trains {name}: fine-tune it as a "
+                         f"{blob['model']} model (its own config is the default with --start-from)")
+    was, now = model_settings(name, blob["model_kwargs"]), model_settings(name, kwargs)
+    changed = [f"{k}: {was[k]!r} in the file, {now[k]!r} here" for k in sorted(was) if was[k] != now[k]]
+    if changed:
+        raise ValueError(f"--start-from {path} was built with other settings than this run's ({'; '.join(changed)}); "
+                         "leave the architecture as the file's own config sets it")
+    model.load_state_dict(blob["state_dict"])
 
 
 def write_predictions(path: Path, out: dict, ds: MultiSite, classes: list[str], refer: dict | None) -> None:

@@ -116,3 +116,38 @@ def test_small_site_with_rare_classes_still_gets_validation_and_test_patients():
     s = stratified_split(labels, 0.15, 0.15, seed=0)
     assert len(s["val"]) == 1 and len(s["test"]) == 1 and len(s["train"]) == 4
     assert sorted(s["train"] + s["val"] + s["test"]) == list(range(6))
+
+
+def test_fine_tuning_starts_from_the_files_weights_and_trains_its_last_stage_only(run, cohort, tmp_path,
+                                                                                   monkeypatch, capsys):
+    from ccmr_core.cli import main
+
+    start, _ = run
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tuned"
+    # a learning rate too small to move anything: what comes out is what went in
+    assert main(["train", "--start-from", str(start / "model.pt"), "--data", str(cohort / "site-c"), "--out", str(out),
+                 "--set", "train.epochs=1", "--set", "train.lr=1e-9", "--quiet"]) == 0
+    assert "fine-tuned 1 epochs" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["student"]  # CC-CMR's teacher is not trained again
+    before, after = load_model(start / "model.pt")[1]["state_dict"], load_model(out / "model.pt")[1]["state_dict"]
+    assert before.keys() == after.keys()
+    moved = {k: float((before[k].float() - after[k].float()).abs().max()) for k in before if k != "calibration"}
+    assert max(moved.values()) < 1e-5, max(moved.items(), key=lambda kv: kv[1])
+    assert json.loads((out / "metrics.json").read_text())["start_from"] == str((start / "model.pt").absolute())
+    # a file's own config is the base: another model or preset beside it is refused
+    assert main(["train", "--start-from", str(start / "model.pt"), "--data", str(cohort / "site-c"),
+                 "--out", str(tmp_path / "x"), "--preset", "smoke"]) == 2
+    assert "leave out --model, --config and --preset" in capsys.readouterr().err
+
+
+def test_fine_tuning_refuses_a_model_built_otherwise(run, cohort, tmp_path):
+    start, _ = run
+    cfg = load_config(preset="smoke", overrides=["model.region_pool=mean"])
+    with pytest.raises(ValueError, match=r"region_pool: 'mean\+max' in the file, 'mean' here"):
+        train_central(cohort / "site-c", tmp_path / "a", cfg, progress=False, cache_root=tmp_path / "c",
+                      start_from=start / "model.pt")
+    with pytest.raises(ValueError, match="is a cc-cmr model; this run trains cine-only"):
+        train_central(cohort / "site-c", tmp_path / "b", load_config(preset="smoke", overrides=["model.name=cine-only"]),
+                      progress=False, cache_root=tmp_path / "c", start_from=start / "model.pt")
