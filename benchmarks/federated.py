@@ -243,7 +243,7 @@ def personal(cohort: Path, work: Path, fed: Path, splits, ds, record, row: str, 
             train_central(cohort, out, cfg, progress=False, splits=sp, start_from=fed / "model.pt")
         correct.update(per_patient(out / "model.pt", ds, sp["test"]))
         outs.append(out)
-    record(f"{row}, then each site fine-tunes it ({PERSONAL_EPOCHS} epochs; tested on its own patients)", correct,
+    record(f"federated, {row}, then each site fine-tunes it ({PERSONAL_EPOCHS} epochs; tested on its own patients)", correct,
            outs)
 
 
