@@ -33,7 +33,8 @@ COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnos
            "no diagnosis word, sentence sampling 0.5": "report_without_diagnosis",
            "no diagnosis word, negation marks": "report_without_diagnosis",
            "no diagnosis word, best validation epoch": "report_without_diagnosis",
-           "no diagnosis word, attention pooling": "report_without_diagnosis"}
+           "no diagnosis word, attention pooling": "report_without_diagnosis",
+           "no diagnosis word, learnt temperature": "report_without_diagnosis"}
 # what a column changes besides the report column, the suffix of its run folders, and what its
 # paired difference with "no diagnosis word" is called
 RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5",
@@ -43,7 +44,9 @@ RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_samplin
            "no diagnosis word, best validation epoch": (["train.keep_model=best-validation"], "-bestval",
                                                         "best validation epoch minus the last (the default)"),
            "no diagnosis word, attention pooling": (["model.text_pool=attention"], "-attn",
-                                                    "attention pooling minus the mean (the default)")}
+                                                    "attention pooling minus the mean (the default)"),
+           "no diagnosis word, learnt temperature": (["model.learn_temperature=true"], "-learnt",
+                                                     "learnt temperature minus fixed (the default)")}
 FEDERATED = "no diagnosis word, federated (2 sites)"
 
 
@@ -186,7 +189,8 @@ def run_one(work: Path, cohort: Path, variant: str, seed: int, epochs: int, thre
     t0 = time.perf_counter()
     model, s = train_clip(cohort, out, cfg, "site-c", cache_root=work / "cache")
     torch.save(model.state_dict(), out / "model.pt")  # for paired comparisons added later
-    m = {**_evaluate(model, cohort, cfg, work / "cache", seed), "kept_epoch": s["kept_epoch"]}
+    m = {**_evaluate(model, cohort, cfg, work / "cache", seed), "kept_epoch": s["kept_epoch"],
+         "temperature": model.temperature}
     return _finish(out, m, t0, f"{variant}, seed {seed} (model of epoch {s['kept_epoch']})")
 
 
@@ -264,6 +268,7 @@ def table(results: dict[str, list[dict]], seeds: list[int], epochs: int, batch: 
         row(f"{k}-shot prototype accuracy (20 draws)", lambda m, k=k: m["few_shot"][k], "{:.3f}")
     row("linear probe accuracy (all training patients)", lambda m: m["linear_probe"], "{:.3f}")
     row("epoch of the model kept (`train.keep_model`)", lambda m: m.get("kept_epoch", epochs), "{:.0f}")
+    row("contrastive temperature at the end", lambda m: m.get("temperature", cfg.model.temperature), "{:.3f}")
     row("minutes per run", lambda m: m["minutes"], "{:.1f}")
     central = "no diagnosis word"
     compared = [(v, f"{v.split(', ', 1)[1]} minus central") for v in variants if v.startswith(FEDERATED[:-1])]
@@ -293,7 +298,7 @@ Default synthetic cohort (seed 0) with its reports (`SITE/reports.csv`, each sit
 on site-a + site-b's studies and reports (no diagnosis label), {epochs} epochs, batch {batch}, AdamW at {cfg.train.lr:g} (preset `cmr-clip`), warm-up
 then cosine; tested on all of **site-c** ({n} patients: another scanner, case mix and report
 template). Seeds {seeds}; mean ± sd over seeds. Projection {cfg.model.proj}-d,
-temperature {cfg.model.temperature} (fixed). Text side: a byte-level transformer from random initialisation; in a
+temperature {cfg.model.temperature} (fixed; learnt from there in a column so named). Text side: a byte-level transformer from random initialisation; in a
 column named "negation marks" the bytes a negation covers ("No late gadolinium enhancement", "DE: none") also carry
 one learned vector (`model.text_negation`, NegEx rules, a993f35; off by default). Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
 cosine similarity to a few positive prompts (`ccmr_core/retrieval.py`), AUC against the phantom's ground truth

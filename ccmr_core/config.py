@@ -118,7 +118,9 @@ class ModelConfig(_Section):
     teacher_share: float = Field(0.5, gt=0.0, lt=1.0, description="CC-CMR: share of the epochs (rounds) spent "
                                  "training the cine+LGE teacher before the cine student")
     temperature: float = Field(0.1, gt=0.0, le=10.0)
-    learn_temperature: bool = True
+    learn_temperature: bool | None = Field(
+        None, description="learn the contrastive temperature from model.temperature on (CLIP's logit scale); unset: "
+        "the model's own default (CC-CMR learns it, CMR-CLIP keeps it fixed)")
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
     test_time_augmentation: bool = Field(False, description="each MC-dropout pass reads its own random training "
                                          "augmentation of the cine: probabilities are the mean and the uncertainty "

@@ -50,7 +50,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-FAST_MODULES = ("weighting", "temperature")  # learned loss weights and contrastive temperature
+FAST_MODULES = ("weighting", "temperature", "logit_scale")  # learned loss weights, contrastive temperatures
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -486,3 +486,26 @@ def test_federated_cmr_clip_rounds_evaluate_retrieval_at_each_site(tmp_path, mon
         keys = set(r.content["metrics"].keys())
         assert "refused" not in keys and any(k.startswith("retrieval-") for k in keys)
         assert not any(k.startswith("stats-") for k in keys)
+
+
+def test_learnt_temperature_is_off_by_default_for_cmr_clip_and_learns_when_set():
+    from ccmr_core.config import load_config
+    from ccmr_core.engine import make_optimizer
+    from ccmr_core.models.registry import build_model, model_kwargs
+
+    fixed = build_model("cmr-clip", **model_kwargs(load_config(preset="cmr-clip"), 1))
+    assert fixed.temperature == 0.1 and not any("logit_scale" in k for k in fixed.state_dict())  # old files load
+    assert build_model("cc-cmr", **model_kwargs(load_config(), 4)).temperature.v.requires_grad  # CC-CMR: learnt
+    cfg = load_config(preset="cmr-clip", overrides=["model.learn_temperature=true", "model.width=4", "model.dim=16"])
+    torch.manual_seed(0)
+    m = build_model("cmr-clip", **model_kwargs(cfg, 1))
+    assert abs(m.temperature - 0.1) < 1e-6 and "logit_scale.v" in m.state_dict()
+    opt = make_optimizer(m, cfg.train)
+    fast = next(g for g in opt.param_groups if any(p is m.logit_scale.v for p in g["params"]))
+    assert fast["weight_decay"] == 0.0  # decay would pull the temperature towards 1
+    batch = {"cine": torch.rand(4, cfg.data.ingest.slices, 4, 32, 32), "report": encode(["a b", "c d", "e f", "g"], 32)}
+    loss, _ = m.losses(m(batch["cine"], batch["report"]), batch)
+    loss.mean().backward()
+    assert m.logit_scale.v.grad is not None and float(m.logit_scale.v.grad) != 0.0
+    opt.step()
+    assert m.temperature != pytest.approx(0.1, abs=1e-6)

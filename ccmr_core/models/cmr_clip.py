@@ -2,7 +2,7 @@
 (after CMR-CLIP, Makiya11/CMRCLIP, and CMRformer). No diagnosis label is used: the cardiologist's
 report is the supervision. Both sides are projected to a shared, L2-normalised space; the
 temperature is fixed (``model.temperature``, 0.1 by default; CMR-CLIP uses 0.05 with batches far
-larger than a site's). The study side reads cine only, so retrieval, zero-shot findings and
+larger than a site's), or learnt from there as CLIP does (``model.learn_temperature: true``). The study side reads cine only, so retrieval, zero-shot findings and
 probes need no gadolinium.
 
 In-batch negatives couple patients, so this model refuses patient-level DP (as CC-CMR's batch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccmr_core.losses import clip_loss
+from ccmr_core.models.blocks import Temperature
 from ccmr_core.models.encoders import CineEncoder
 from ccmr_core.models.text import TextEncoder
 
@@ -27,7 +28,7 @@ class CMRCLIP(nn.Module):
 
     def __init__(self, slices: int, width: int = 8, dim: int = 128, proj: int = 64, text_width: int = 128,
                  text_layers: int = 2, temperature: float = 0.1, text_dropout: float = 0.1, n_classes: int = 5,
-                 text_negation: bool = False, text_pool: str = "mean"):
+                 text_negation: bool = False, text_pool: str = "mean", learn_temperature: bool = False):
         super().__init__()
         self.n_classes = n_classes  # the label set of the probes and class prompts it is evaluated with
         self.cine = CineEncoder(slices, width, dim)
@@ -35,7 +36,20 @@ class CMRCLIP(nn.Module):
         self.text = TextEncoder(text_width, text_layers, dropout=text_dropout, negation=text_negation,
                                  pool=text_pool)
         self.text_proj = nn.Linear(text_width, proj)
-        self.temperature = temperature
+        self._t0 = temperature
+        # learnable: CLIP's logit scale (exp(v), v from log(1/t0), capped at 100), a leaf module of its own
+        self.logit_scale = Temperature(temperature, learnable=True) if learn_temperature else None
+
+    @property
+    def temperature(self) -> float:
+        """The contrastive temperature now (fixed, or where learning has taken it)."""
+        tau = self._tau()
+        return float(tau.detach()) if torch.is_tensor(tau) else float(tau)
+
+    def _tau(self) -> torch.Tensor | float:
+        if self.logit_scale is None:
+            return self._t0
+        return self.logit_scale(torch.ones((), device=self.logit_scale.v.device)).reciprocal()
 
     def embed_video(self, cine: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.video_proj(self.cine(cine)[1]), dim=-1)
@@ -53,5 +67,5 @@ class CMRCLIP(nn.Module):
         if len(v) < 2:  # no negatives: nothing to learn from this batch
             z = out["video"].sum() * 0.0
             return z.reshape(1)[:0], {"clip": z.reshape(1)[:0]}
-        loss = clip_loss(v, t, self.temperature)
+        loss = clip_loss(v, t, self._tau())
         return loss, {"clip": loss}

@@ -25,9 +25,10 @@ def reads_reports(name: str) -> bool:
 def model_kwargs(cfg, bio_channels: int = 4) -> dict:
     """Everything a model of ``cfg`` is built from (stored in model.pt to rebuild it)."""
     m = cfg.model
-    return dict(n_classes=len(cfg.data.classes), slices=cfg.data.ingest.slices, width=m.width, dim=m.dim,
+    own = {} if m.learn_temperature is None else {"learn_temperature": m.learn_temperature}  # else the class default
+    return dict(**own, n_classes=len(cfg.data.classes), slices=cfg.data.ingest.slices, width=m.width, dim=m.dim,
                 proj=m.proj, dropout=m.dropout, alignment=cfg.alignment, temperature=m.temperature,
-                learn_temperature=m.learn_temperature, use_lge=m.use_lge, region_pool=m.region_pool,
+                use_lge=m.use_lge, region_pool=m.region_pool,
                 text_negation=m.text_negation, text_pool=m.text_pool,
                 n_measurements=len(cfg.data.measurements), bio_channels=bio_channels, bio_length=m.bio_length)
 
