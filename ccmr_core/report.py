@@ -361,6 +361,8 @@ def write_report(run: str | Path) -> Path:
     body = "".join(f'<section><h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="{i}"></section>'
                    for t, i in sections if i)
     kind = f"federated, {metrics.get('strategy')}, {metrics.get('rounds')} rounds" if "rounds" in metrics else "central"
+    if metrics.get("start_from"):
+        kind += f", fine-tuned from {metrics['start_from']}"
     kept = (f"; the model of epoch {kept_epoch}, of lowest validation loss (train.keep_model)"
             if kept_epoch is not None else "")
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>CC-CMR run {html.escape(run.name)}</title>

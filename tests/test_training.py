@@ -136,6 +136,7 @@ def test_fine_tuning_starts_from_the_files_weights_and_trains_its_last_stage_onl
     moved = {k: float((before[k].float() - after[k].float()).abs().max()) for k in before if k != "calibration"}
     assert max(moved.values()) < 1e-5, max(moved.items(), key=lambda kv: kv[1])
     assert json.loads((out / "metrics.json").read_text())["start_from"] == str((start / "model.pt").absolute())
+    assert f"central, fine-tuned from {(start / 'model.pt').absolute()}" in (out / "report.html").read_text()
     # a file's own config is the base: another model or preset beside it is refused
     assert main(["train", "--start-from", str(start / "model.pt"), "--data", str(cohort / "site-c"),
                  "--out", str(tmp_path / "x"), "--preset", "smoke"]) == 2
