@@ -95,7 +95,8 @@ def cmd_train(args) -> int:
         return _train_clip(args, cfg)
     m = train_central(args.data, args.out, cfg, test_site=args.test_site, progress=not args.quiet,
                       start_from=args.start_from)
-    print(f"{cfg.model.name}: {'fine-tuned' if args.start_from else 'trained'} {m['epochs']} epochs, calibration "
+    print(f"{cfg.model.name}: {'fine-tuned' if args.start_from else 'trained'} {m['epochs']} "
+          f"epoch{'' if m['epochs'] == 1 else 's'}, calibration "
           f"temperature {m['calibration_temperature']:.2f}; run folder {args.out}")
     if "test" in m:
         print("test: " + _metrics_line(m["test"]))

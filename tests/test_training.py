@@ -128,7 +128,7 @@ def test_fine_tuning_starts_from_the_files_weights_and_trains_its_last_stage_onl
     # a learning rate too small to move anything: what comes out is what went in
     assert main(["train", "--start-from", str(start / "model.pt"), "--data", str(cohort / "site-c"), "--out", str(out),
                  "--set", "train.epochs=1", "--set", "train.lr=1e-9", "--quiet"]) == 0
-    assert "fine-tuned 1 epochs" in capsys.readouterr().out
+    assert "fine-tuned 1 epoch, calibration" in capsys.readouterr().out
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["student"]  # CC-CMR's teacher is not trained again
     before, after = load_model(start / "model.pt")[1]["state_dict"], load_model(out / "model.pt")[1]["state_dict"]
