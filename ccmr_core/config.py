@@ -121,8 +121,8 @@ class ModelConfig(_Section):
     temperature: float = Field(0.1, gt=0.0, le=10.0)
     learn_temperature: bool | None = Field(
         None, description="learn the contrastive temperature from model.temperature on (CLIP's logit scale); unset: "
-        "the model's own default (CC-CMR learns it, CMR-CLIP keeps it fixed: learnt, it moved from 0.1 to 0.089 and "
-        "zero-shot LGE fell 4.5 points on two seeds, BENCHMARKS cmrclip-learnt)")
+        "the model's own default (CC-CMR learns it, CMR-CLIP keeps it fixed: learnt, it moved from 0.1 to about 0.09 and "
+        "zero-shot LGE fell 2.8 points over four seeds, BENCHMARKS cmrclip-learnt)")
     mc_samples: int = Field(20, ge=0, le=1000, description="MC-dropout passes for epistemic uncertainty")
     test_time_augmentation: bool = Field(False, description="each MC-dropout pass reads its own random training "
                                          "augmentation of the cine: probabilities are the mean and the uncertainty "
