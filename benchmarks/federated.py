@@ -332,15 +332,13 @@ on a synthetic public cohort (150 patients, scanners of its own). That public co
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "
                      f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} / {slo:.3f}-{shi:.3f} | "
                      f"{paired(row, central)} | {vs_alone} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
-    sites = sorted({n.split("/", 1)[0] for n in names})
+    site_of = np.array([n.split("/", 1)[0] for n in names])
+    sites = sorted(set(site_of))
     per_site = []  # each site's own test patients: is any site worse off than alone?
     for row in results:
-        seeds = sorted(results[row])
-        a = acc(row, seeds)
-        cells = [" / ".join(f"{a[k, [n.startswith(st + '/') for n in names]].mean():.3f}" for k in range(len(seeds)))
-                 for st in sites]
+        a = acc(row, sorted(results[row]))
+        cells = [" / ".join(f"{v:.3f}" for v in a[:, site_of == st].mean(1)) for st in sites]
         per_site.append(f"| {row} | {' | '.join(cells)} |")
-    counts = {st: sum(n.startswith(st + "/") for n in names) for st in sites}
     return f"""## {title} (`{cmd}`)
 
 Machine: {machine()}.
@@ -359,7 +357,7 @@ the same two intervals.{dp_text}
 
 Per site (its own test patients; one value per seed, in the seeds' order):
 
-| training | {' | '.join(f"{st} ({counts[st]})" for st in sites)} |
+| training | {' | '.join(f"{st} ({(site_of == st).sum()})" for st in sites)} |
 |---|{'---|' * len(sites)}
 {chr(10).join(per_site)}
 

@@ -25,7 +25,7 @@ from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
-from ccmr_core.models.registry import build_model, model_kwargs, model_settings
+from ccmr_core.models.registry import build_model, changed_settings, model_kwargs
 from ccmr_core.files import write_csv
 from ccmr_core.referral import referred, thresholds_from_outputs
 from ccmr_core.report import write_report
@@ -161,8 +161,7 @@ def load_start(model: nn.Module, path: str | Path, name: str, kwargs: dict) -> N
     if blob["model"] != name:
         raise ValueError(f"--start-from {path} is a {blob['model']} model; this run trains {name}: fine-tune it as a "
                          f"{blob['model']} model (its own config is the default with --start-from)")
-    was, now = model_settings(name, blob["model_kwargs"]), model_settings(name, kwargs)
-    changed = [f"{k}: {was[k]!r} in the file, {now[k]!r} here" for k in sorted(was) if was[k] != now[k]]
+    changed = [f"{k}: {a!r} in the file, {b!r} here" for k, a, b in changed_settings(name, blob["model_kwargs"], kwargs)]
     if changed:
         raise ValueError(f"--start-from {path} was built with other settings than this run's ({'; '.join(changed)}); "
                          "leave the architecture as the file's own config sets it")

@@ -12,7 +12,7 @@ import torch
 from ccmr_core.checkpoint import save_model
 from ccmr_core.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from ccmr_core.config import ExperimentConfig, dump_config
-from ccmr_core.models.registry import model_settings
+from ccmr_core.models.registry import changed_settings
 from protocol import messages as proto
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,8 +57,8 @@ def check_resume(out: Path, name: str, kwargs: dict) -> None:
     if ck.get("model") != name:
         changed = [f"model: {ck.get('model')!r} in the checkpoint, {name!r} now"]
     else:  # the settings this model is built from (a setting of other models, or a new one at its default, is no change)
-        was, now = model_settings(name, ck["model_kwargs"]), model_settings(name, kwargs)
-        changed = [f"{k}: {was[k]!r} in the checkpoint, {now[k]!r} now" for k in sorted(was) if was[k] != now[k]]
+        changed = [f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in changed_settings(name, ck["model_kwargs"],
+                                                                                             kwargs)]
     if changed:
         raise ValueError(f"resume: {out / CHECKPOINT} holds another model than this run config builds ("
                          + "; ".join(changed) + f"). Resume with the settings the run was started with ({out}/"

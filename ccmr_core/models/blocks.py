@@ -81,8 +81,12 @@ class Temperature(nn.Module):
             self.register_buffer("v", v)
         self.max_log = float(torch.tensor(max_scale).log())
 
+    def scale(self) -> torch.Tensor:
+        """exp(v), capped at ``max_scale``: 1 / the temperature."""
+        return self.v.clamp(max=self.max_log).exp()
+
     def forward(self, sim: torch.Tensor) -> torch.Tensor:
-        return self.v.clamp(max=self.max_log).exp() * sim
+        return self.scale() * sim
 
 
 class TaskWeighting(nn.Module):

@@ -49,7 +49,7 @@ class CMRCLIP(nn.Module):
     def _tau(self) -> torch.Tensor | float:
         if self.logit_scale is None:
             return self._t0
-        return self.logit_scale(torch.ones((), device=self.logit_scale.v.device)).reciprocal()
+        return self.logit_scale.scale().reciprocal()
 
     def embed_video(self, cine: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.video_proj(self.cine(cine)[1]), dim=-1)

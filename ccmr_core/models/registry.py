@@ -41,6 +41,14 @@ def model_settings(name: str, kwargs: dict) -> dict:
     return {k: kwargs.get(k, p.default) for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
+def changed_settings(name: str, was: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(setting, value in ``was``, value in ``now``) for each setting model ``name`` is built from
+    that differs between two sets of kwargs (a setting only other models take, or one missing from
+    an older file and at the class default in the other, is no change)."""
+    a, b = model_settings(name, was), model_settings(name, now)
+    return [(k, a[k], b[k]) for k in sorted(a) if a[k] != b[k]]
+
+
 def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
     """The model ``name``, given the arguments it takes (others in ``kwargs`` are ignored)."""
     if name not in MODELS:
