@@ -28,14 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import machine, update_block
+from benchmarks.throughput import matmul_flops, throughput
 from ccmr_core.config import load_config
 from ccmr_core.ensemble import make_ensemble
 from ccmr_core.metrics import bootstrap_accuracy_ci, bootstrap_auroc_ci, bootstrap_seeds_patients_ci, roc_auc
-from ccmr_core.models.registry import build_model, model_inputs, model_kwargs
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import evaluate_saved, train_central
 
@@ -64,55 +62,6 @@ PAIRS = [("cc-cmr", "cc-cmr, LGE terms off"), ("cc-cmr, LGE terms off", "cine-on
 EFFICIENCY = ["cc-cmr", "cc-cmr, LGE terms off"]
 # run when named (--variants), not by default
 PILOTS = ("cc-cmr, wall motion score", "cc-cmr, regional max", "cc-cmr, regional mean")
-
-
-def matmul_flops(n: int = 1024, reps: int = 20, trials: int = 5) -> float:
-    """The machine's float32 matmul rate: the best of ``trials`` timings of ``reps`` products
-    (a shared virtual machine's other tenants only ever slow a timing down)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 * reps / best
-
-
-def throughput(cfg, stage: str | None, steps: int = 4, trials: int = 3) -> tuple[float, float]:
-    """Patients/s and FLOP/s of one AdamW step at the config's grid and batch size: the best of
-    ``trials`` timings of ``steps`` steps, as for the matmul rate it is compared with."""
-    s, t, h = cfg.data.ingest.slices, cfg.data.ingest.frames, cfg.data.ingest.size
-    b = cfg.train.batch_size
-    torch.manual_seed(0)
-    batch = {"cine": torch.rand(b, s, t, h, h), "lge": torch.rand(b, s, h, h), "bio": torch.randn(b, 4, 32),
-             "label": torch.randint(0, 5, (b,)), "has_lge": torch.ones(b, dtype=torch.bool),
-             "meas": torch.randn(b, len(cfg.data.measurements)),
-             "has_meas": torch.ones(b, len(cfg.data.measurements), dtype=torch.bool), "index": torch.arange(b)}
-    m = build_model(cfg.model.name, **model_kwargs(cfg, 4))
-    if stage:
-        m.set_stage(stage)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
-
-    def step():
-        total, _ = m.losses(m(**model_inputs(m, batch, True)), batch)
-        opt.zero_grad()
-        total.mean().backward()
-        opt.step()
-
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    step()
-    dt = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        dt = min(dt, (time.perf_counter() - t0) / steps)
-    return b / dt, flops / dt
 
 
 def run_dir(work: Path, variant: str, frac: float, seed: int) -> Path:
@@ -252,7 +201,7 @@ def summarise(work: Path, seeds: list[int], variants: list[str],
         cfg = load_config(overrides=VARIANTS[v][0])
         stages = ["teacher", "student"] if v == "cc-cmr" else [None]
         for st in stages:
-            pps, fps = throughput(cfg, st)
+            pps, fps, _ = throughput(cfg, st)
             tp.append(f"| {v}{f' ({st} stage)' if st else ''} | {pps:.1f} | {fps / 1e9:.1f} | {fps / peak:.3f} |")
     return f"""## {heading}
 

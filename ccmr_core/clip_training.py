@@ -22,6 +22,7 @@ from ccmr_core.data.sources import MultiSite, find_sites, prepare
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import make_optimizer, set_threads, train_epoch
 from ccmr_core.models.cmr_clip import CMRCLIP
+from ccmr_core.models.compiled import compile_encoders
 from ccmr_core.models.registry import build_model, model_kwargs
 from ccmr_core.models.text import encode
 from ccmr_core.report import write_report
@@ -111,6 +112,8 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     val = WithReports(ds, ds.patient_ids, reports)
     val = Subset(val, [i for i in idx["val"] if ds.patient_ids[i] in reports])
     model = build_model("cmr-clip", **model_kwargs(cfg, ds.bio_channels))
+    if cfg.train.compile:
+        compile_encoders(model, torch.device("cpu"))
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
     plan = plan_for(model, cfg.train.epochs, 0.5)

@@ -169,6 +169,10 @@ class TrainConfig(_Section):
                             "the training seed varies, so that runs are compared on the same patients")
     threads: int = Field(0, ge=0, le=512, description="torch CPU threads (0 = all cores)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="compile the image encoders' convolution stacks with torch.compile "
+                          "(needs a C++ compiler on CPU): faster training steps after about a minute of "
+                          "compilation per process (BENCHMARKS.md, throughput block); not with privacy.mode "
+                          "'sample' (Opacus' per-patient hooks)")
 
 
 class FederatedConfig(_Section):
@@ -345,7 +349,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "privacy.mode 'sample' (patient-level DP-SGD) cannot be combined with model.name 'cmr-clip': every "
                 "report in a batch is every other patient's contrastive negative, so patients are coupled and the "
-                "reported epsilon would be false; use privacy.mode 'site' or 'off'")
+                "reported epsilon would be false; use privacy.mode 'site' or 'none'")
+        if self.privacy.mode == "sample" and self.train.compile:
+            raise ValueError(
+                "train.compile cannot be combined with privacy.mode 'sample': Opacus computes each patient's "
+                "gradient from hooks on the layers that compiled code bypasses; set train.compile to false")
         return self
 
 

@@ -25,6 +25,7 @@ from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
+from ccmr_core.models.compiled import compile_encoders
 from ccmr_core.models.registry import build_model, changed_settings, model_kwargs
 from ccmr_core.files import write_csv
 from ccmr_core.referral import referred, thresholds_from_outputs
@@ -90,6 +91,8 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
                     "--force, or leave it out of data.measurements)", ", ".join(absent))
     kwargs = model_kwargs(cfg, ds.bio_channels)
     model = build_model(cfg.model.name, **kwargs).to(device)
+    if cfg.train.compile:
+        compile_encoders(model, device)
     if start_from is not None:
         load_start(model, start_from, cfg.model.name, kwargs)
     train_ds = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)

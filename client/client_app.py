@@ -20,6 +20,7 @@ from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.clip_training import gallery_stats
 from ccmr_core.metrics import EvalStats
+from ccmr_core.models.compiled import compile_encoders
 from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
 from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
@@ -96,6 +97,8 @@ def _setup(msg: Message, context: Context):
 def _model(cfg, kwargs, arrays: ArrayRecord, device):
     model = build_model(cfg.model.name, **kwargs)
     model.load_state_dict(arrays.to_torch_state_dict())
+    if cfg.train.compile:
+        compile_encoders(model, device)
     return model.to(device)
 
 

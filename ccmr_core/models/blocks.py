@@ -31,9 +31,10 @@ class FrameEncoder(nn.Module):
             cin = w
         self.body = nn.Sequential(*layers)
         self.channels = cin
+        self.runner = None  # a compiled function of (body, x) (train.compile, ccmr_core/models/compiled.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(x) if self.runner is None else self.runner(self.body, x)
 
 
 class TemporalConv(nn.Module):
