@@ -343,8 +343,11 @@ def main() -> None:
     if args.runs_only:
         return
     command = "python -m benchmarks.cmr_clip" + (
+        " --seeds " + " ".join(map(str, args.seeds)) if args.seeds != [0, 1, 2] else "") + (
         " --variants " + " ".join(f'"{v}"' for v in args.variants) if args.variants != list(COLUMNS)[:2] else "") + (
-        f" --block {args.block}" if args.block != "cmrclip" else "")
+        " --federated" + (" --federated-batch " + " ".join(map(str, args.federated_batch)) if args.federated_batch
+                          else "") + (f" --local-epochs {args.local_epochs}" if args.local_epochs != 2 else "")
+        if args.federated else "") + (f" --block {args.block}" if args.block != "cmrclip" else "")
     text = table(results, args.seeds, args.epochs, args.batch, args.local_epochs, lge_ceiling(cohort), command)
     update_block(args.block, text)
     print(text)
