@@ -49,6 +49,7 @@ def compile_encoders(model: nn.Module, device: torch.device) -> int:
                                  "(g++, clang++, c++ or $CXX): install one (e.g. apt install g++) or set "
                                  "train.compile to false")
     stacks = [m for m in model.modules() if isinstance(m, FrameEncoder)]
+    run = _compiled_stack()
     for m in stacks:
-        m.runner = _compiled_stack()
+        m.runner = run
     return len(stacks)
