@@ -169,8 +169,8 @@ class TrainConfig(_Section):
                             "the training seed varies, so that runs are compared on the same patients")
     threads: int = Field(0, ge=0, le=512, description="torch CPU threads (0 = all cores)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = Field(False, description="compile the image encoders' convolution stacks with torch.compile "
-                          "(needs a C++ compiler on CPU): faster training steps after about a minute of "
+    compile: bool = Field(False, description="compile the image encoders with torch.compile (needs a C++ "
+                          "compiler on CPU): faster training steps after one to two minutes of "
                           "compilation per process (BENCHMARKS.md, throughput block); not with privacy.mode "
                           "'sample' (Opacus' per-patient hooks)")
 

@@ -14,7 +14,18 @@ def gn(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=c)
 
 
-class FrameEncoder(nn.Module):
+class Compilable(nn.Module):
+    """A module whose computation ``train.compile`` can route through one compiled function
+    (ccmr_core/models/compiled.py): ``runner(fn, x)`` instead of ``fn(x)``. A class attribute,
+    not state: the state dict and the weights are the same either way."""
+
+    runner = None
+
+    def routed(self, fn, x: torch.Tensor):
+        return fn(x) if self.runner is None else self.runner(fn, x)
+
+
+class FrameEncoder(Compilable):
     """A 2D CNN run on every image of a patient at once: (B, 1, D, H, W) -> (B, C, D, H/8, W/8).
 
     The images (slices x frames of a cine, or slices of an LGE stack) lie on the depth axis of
@@ -31,10 +42,9 @@ class FrameEncoder(nn.Module):
             cin = w
         self.body = nn.Sequential(*layers)
         self.channels = cin
-        self.runner = None  # a compiled function of (body, x) (train.compile, ccmr_core/models/compiled.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) if self.runner is None else self.runner(self.body, x)
+        return self.routed(self.body, x)
 
 
 class TemporalConv(nn.Module):

@@ -13,10 +13,10 @@ import torch
 from opacus.layers import DPLSTM
 from torch import nn
 
-from ccmr_core.models.blocks import FrameEncoder, SlicePool, TemporalConv, gn
+from ccmr_core.models.blocks import Compilable, FrameEncoder, SlicePool, TemporalConv, gn
 
 
-class CineEncoder(nn.Module):
+class CineEncoder(Compilable):
     """(B, S, T, H, W) -> slice features (B, S, C) and a patient feature (B, D).
 
     Built to measure what defines the classes. Every frame goes through a 2D CNN down to a coarse
@@ -46,6 +46,9 @@ class CineEncoder(nn.Module):
         self.channels = c
 
     def slice_features(self, cine: torch.Tensor) -> torch.Tensor:
+        return self.routed(self._slice_features, cine)
+
+    def _slice_features(self, cine: torch.Tensor) -> torch.Tensor:
         b, s, t, h, w = cine.shape
         f = self.frames(cine.reshape(b, 1, s * t, h, w))  # (B, C, S*T, h', w')
         c, hh, ww = f.shape[1], f.shape[-2], f.shape[-1]
@@ -67,7 +70,7 @@ class CineEncoder(nn.Module):
         return f, self.pool(f)
 
 
-class LGEEncoder(nn.Module):
+class LGEEncoder(Compilable):
     """(B, S, H, W) -> slice features (B, S, C) and a patient feature (B, D); the same frame CNN
     as the cine encoder with the slices on the depth axis. ``pooled=False`` builds no patient
     feature (None) for users that read slices only: under DP-SGD every trainable parameter
@@ -83,9 +86,12 @@ class LGEEncoder(nn.Module):
         self.channels = c
 
     def forward(self, lge: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, s, h, w = lge.shape
-        f = self.regions(self.frames(lge.reshape(b, 1, s, h, w))).mean((-1, -2)).transpose(1, 2)  # (B, S, C)
+        f = self.routed(self._slice_features, lge)  # (B, S, C)
         return f, (self.pool(f.transpose(1, 2)) if self.pool is not None else None)
+
+    def _slice_features(self, lge: torch.Tensor) -> torch.Tensor:
+        b, s, h, w = lge.shape
+        return self.regions(self.frames(lge.reshape(b, 1, s, h, w))).mean((-1, -2)).transpose(1, 2)
 
 
 class CNNLSTMEncoder(nn.Module):
