@@ -22,8 +22,7 @@ from ccmr_core.data.sources import MultiSite, find_sites, prepare
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import make_optimizer, set_threads, train_epoch
 from ccmr_core.models.cmr_clip import CMRCLIP
-from ccmr_core.models.compiled import compile_encoders
-from ccmr_core.models.registry import build_model, model_kwargs
+from ccmr_core.models.registry import model_kwargs, training_model
 from ccmr_core.models.text import encode
 from ccmr_core.report import write_report
 from ccmr_core.retrieval import (CLASS_PROMPTS, FINDING_PROMPTS, class_precision_at_k, finding_aucs, linear_probe,
@@ -111,9 +110,7 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
                                sentence_p=cfg.train.sentence_sampling if cfg.train.augment else 0.0), idx["train"])
     val = WithReports(ds, ds.patient_ids, reports)
     val = Subset(val, [i for i in idx["val"] if ds.patient_ids[i] in reports])
-    model = build_model("cmr-clip", **model_kwargs(cfg, ds.bio_channels))
-    if cfg.train.compile:
-        compile_encoders(model, torch.device("cpu"))
+    model = training_model(cfg, model_kwargs(cfg, ds.bio_channels), torch.device("cpu"), name="cmr-clip")
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
     plan = plan_for(model, cfg.train.epochs, 0.5)

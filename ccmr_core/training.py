@@ -25,8 +25,7 @@ from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.data.splits import labelled_subset, stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.engine import evaluate, make_optimizer, predict, resolve_device, set_threads, summarize, train_epoch
-from ccmr_core.models.compiled import compile_encoders
-from ccmr_core.models.registry import build_model, changed_settings, model_kwargs
+from ccmr_core.models.registry import changed_settings, model_kwargs, training_model
 from ccmr_core.files import write_csv
 from ccmr_core.referral import referred, thresholds_from_outputs
 from ccmr_core.report import write_report
@@ -90,9 +89,7 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
                     "synthetic cohort made before the column existed lacks it: regenerate it with ccmr synth "
                     "--force, or leave it out of data.measurements)", ", ".join(absent))
     kwargs = model_kwargs(cfg, ds.bio_channels)
-    model = build_model(cfg.model.name, **kwargs).to(device)
-    if cfg.train.compile:
-        compile_encoders(model, device)
+    model = training_model(cfg, kwargs, device)
     if start_from is not None:
         load_start(model, start_from, cfg.model.name, kwargs)
     train_ds = MultiSite(caches, cfg, transform=default_augmentation() if cfg.train.augment else None)

@@ -20,8 +20,7 @@ from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.clip_training import gallery_stats
 from ccmr_core.metrics import EvalStats
-from ccmr_core.models.compiled import compile_encoders
-from ccmr_core.models.registry import build_model, model_kwargs, reads_reports
+from ccmr_core.models.registry import model_kwargs, reads_reports, training_model
 from ccmr_core.retrieval_stats import RetrievalStats
 from ccmr_core.privacy import BudgetExhausted, PrivateTraining, clip_update, strip_opacus_prefix
 from ccmr_core.schedule import (federated_plan, finetune_part, set_stage, site_batch_size, site_train_config,
@@ -95,11 +94,9 @@ def _setup(msg: Message, context: Context):
 
 
 def _model(cfg, kwargs, arrays: ArrayRecord, device):
-    model = build_model(cfg.model.name, **kwargs)
+    model = training_model(cfg, kwargs, device)
     model.load_state_dict(arrays.to_torch_state_dict())
-    if cfg.train.compile:
-        compile_encoders(model, device)
-    return model.to(device)
+    return model
 
 
 @app.train()

@@ -70,3 +70,14 @@ def test_patient_level_dp_refuses_compile():
     with pytest.raises(ConfigError, match=r"train\.compile cannot be combined with privacy\.mode 'sample'"):
         load_config(overrides=["train.compile=true", "privacy.mode=sample", "model.alignment=slice"])
     assert load_config(overrides=["train.compile=true", "privacy.mode=site"]).train.compile
+
+
+@needs_compiler
+def test_training_model_compiles_the_encoders_only_when_the_config_asks():
+    """The one place central training, CMR-CLIP and the ClientApp build the model they train."""
+    from ccmr_core.models.registry import model_kwargs, training_model
+
+    for flag in (False, True):
+        cfg = load_config(overrides=[f"train.compile={str(flag).lower()}", "model.width=4", "model.dim=32"])
+        m = training_model(cfg, model_kwargs(cfg), torch.device("cpu"))
+        assert [u.runner is not None for u in compiled.compilable_units(m)] == [flag] * 3

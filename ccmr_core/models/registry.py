@@ -11,6 +11,7 @@ from ccmr_core.frozen_views import frozen_batch
 from ccmr_core.models.baselines import CineOnly, DualPath, LGEOnly
 from ccmr_core.models.cc_cmr import CCCMR
 from ccmr_core.models.cmr_clip import CMRCLIP
+from ccmr_core.models.compiled import compile_encoders
 
 MODELS: dict[str, type[nn.Module]] = {m.name: m for m in (CCCMR, CineOnly, DualPath, LGEOnly, CMRCLIP)}
 MODEL_NAMES = tuple(MODELS)
@@ -56,6 +57,17 @@ def build_model(name: str, n_classes: int, slices: int, **kwargs) -> nn.Module:
     cls = MODELS[name]
     takes = inspect.signature(cls).parameters
     return channels_last(cls(n_classes=n_classes, slices=slices, **{k: v for k, v in kwargs.items() if k in takes}))
+
+
+def training_model(cfg, kwargs: dict, device: torch.device, name: str | None = None) -> nn.Module:
+    """The model a run trains, on ``device``: model ``name`` (default ``cfg.model.name``) built from
+    ``kwargs`` (``model_kwargs``), its encoders compiled where ``train.compile`` asks
+    (ccmr_core/models/compiled.py). Central training, CMR-CLIP's trainer and the ClientApp build
+    theirs here, so the setting means the same in each."""
+    model = build_model(name or cfg.model.name, **kwargs).to(device)
+    if cfg.train.compile:
+        compile_encoders(model, device)
+    return model
 
 
 def channels_last(model: nn.Module) -> nn.Module:
