@@ -59,6 +59,11 @@ def validation_set(cfg: ExperimentConfig) -> MultiSite | None:
     return MultiSite(caches, cfg)
 
 
+# train settings that change how a pretraining runs, not what it learns: a public model cached under
+# other values of these is reused (a site's thread count or train.compile does not retrain it)
+HOW_NOT_WHAT = ("threads", "device", "compile")
+
+
 class PublicModelError(RuntimeError):
     """No public pretraining attempt reached federated.public_min_accuracy."""
 
@@ -117,7 +122,7 @@ def _public_attempt(cfg: ExperimentConfig, seed: int, progress: bool) -> Path:
     spec = {"generator": GENERATOR_VERSION, "patients": f.public_patients, "seed": cfg.data.synth.seed,
             "public_generator": f.public_generator,
             "data": pcfg.data.model_dump(mode="json", exclude={"synth"}), "model": pcfg.model.model_dump(mode="json"),
-            "train": pcfg.train.model_dump(mode="json")}
+            "train": pcfg.train.model_dump(mode="json", exclude=set(HOW_NOT_WHAT))}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     out = default_cache_root() / "pretrained" / f"{cfg.model.name}-{key}"
     if (out / "model.pt").is_file():

@@ -60,6 +60,18 @@ def test_a_public_model_below_the_floor_is_trained_again_with_another_seed(tmp_p
     assert trained == [2, 2 + step] and torch.equal(next(iter(again.values())), next(iter(state.values())))
 
 
+def test_the_cached_public_model_serves_runs_that_differ_only_in_how_they_run(tmp_path, monkeypatch):
+    """Threads, device and train.compile change how a pretraining runs, not what it learns: reused;
+    a setting that changes the training (the learning rate) trains a new one."""
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path))
+    trained = _fake_pretraining(monkeypatch, {2: 0.9})
+    provision.public_model(_cfg())
+    provision.public_model(_cfg("train.threads=1", "train.device=cpu", "train.compile=true"))
+    assert trained == [2]
+    provision.public_model(_cfg("train.lr=0.01"))
+    assert trained == [2, 2]
+
+
 def test_no_public_model_reaching_the_floor_stops_the_run_naming_the_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("CCMR_CACHE", str(tmp_path))
     step = provision.PUBLIC_RETRY_SEED_STEP
