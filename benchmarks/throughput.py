@@ -33,7 +33,7 @@ from benchmarks.common import code_version, machine, update_block
 from ccmr_core.config import load_config
 from ccmr_core.data.sources import prepare
 from ccmr_core.models.compiled import compile_encoders
-from ccmr_core.models.registry import build_model, model_inputs, model_kwargs
+from ccmr_core.models.registry import build_model, model_inputs, model_kwargs, training_model
 from ccmr_core.synth.cohort import generate_cohort
 
 MODELS = {"cc-cmr": ["model.name=cc-cmr"], "cc-cmr, LGE terms off": ["model.name=cc-cmr", "model.use_lge=false"],
@@ -129,10 +129,9 @@ def epoch_rows(work: Path, rounds: int = 3) -> list[str]:
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        m = build_model(cfg.model.name, **model_kwargs(cfg, ds.bio_channels))
+        m = training_model(load_config(overrides=[f"train.compile={str(compiled).lower()}"]),
+                           model_kwargs(cfg, ds.bio_channels), torch.device("cpu"))
         m.set_stage("teacher")
-        if compiled:
-            compile_encoders(m, torch.device("cpu"))
         runs.append((m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])))
     best = [float("inf")] * 2
     for r in range(rounds + 1):
@@ -152,9 +151,10 @@ def end_to_end(work: Path, epochs: int) -> list[str]:
     cohort = work / "cohort"
     generate_cohort(cohort, progress=False)
     prepare(cohort, load_config(), work / "cache", progress=False)  # ingested before either run is timed
+    outs = {label: work / f"train-{label}-e{epochs}-t1" for label in ("eager", "compiled")}
     runs = {}
     for label, flag in (("eager", "false"), ("compiled", "true")):
-        out = work / f"train-{label}-e{epochs}-t1"
+        out = outs[label]
         if not (out / "metrics.json").is_file():
             env = {**os.environ, "CCMR_CACHE": str(work / "cache"),
                    "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=work)}
@@ -174,8 +174,7 @@ def end_to_end(work: Path, epochs: int) -> list[str]:
     if failed:
         raise SystemExit(f"end-to-end training failed: {'; '.join(failed)}")
     rows = []
-    for label in ("eager", "compiled"):
-        out = work / f"train-{label}-e{epochs}-t1"
+    for label, out in outs.items():
         m = json.loads((out / "metrics.json").read_text())["test"]
         wall = float((out / "wall_s.txt").read_text())
         rows.append(f"| {label} | {wall / 60:.1f} min | {m['accuracy']:.3f} | {m['macro_auc']:.3f} | {m['n']} |")

@@ -22,6 +22,9 @@ VALIDATION_SEED_OFFSET = 7777
 PUBLIC_SEED_OFFSET = 9191
 PUBLIC_SITES = 2
 PUBLIC_RETRY_SEED_STEP = 1000  # a public pretraining that fails the floor is retrained with seed + this
+# train settings that change how a pretraining runs, not what it learns: a public model cached under
+# other values of these is reused (a site's thread count or train.compile does not retrain it)
+HOW_NOT_WHAT = ("threads", "device", "compile")
 
 
 def cohort_dir(cfg: ExperimentConfig, data_dir: str = "") -> Path:
@@ -57,11 +60,6 @@ def validation_set(cfg: ExperimentConfig) -> MultiSite | None:
         generate_cohort(path, sites=sites, patients=max(n, sites), seed=seed, progress=False, force=True)
     caches = prepare(path, cfg, progress=False)
     return MultiSite(caches, cfg)
-
-
-# train settings that change how a pretraining runs, not what it learns: a public model cached under
-# other values of these is reused (a site's thread count or train.compile does not retrain it)
-HOW_NOT_WHAT = ("threads", "device", "compile")
 
 
 class PublicModelError(RuntimeError):
