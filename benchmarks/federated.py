@@ -48,7 +48,7 @@ from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import train_central
 from client.local import load_sites
 from tests.inprocess import run_inprocess
-from server.provision import public_model
+from server.provision import public_runs
 
 
 def run_config(**over) -> dict:
@@ -253,19 +253,10 @@ def dp_rows(args, work: Path, cohort: Path, ds, test: list[int], record, recipe:
     fine-tune the heads without DP and with patient-level DP-SGD at each epsilon."""
     dp_cfg = load_config(overrides=[f"train.seed={seed}", "model.alignment=slice", "privacy.mode=sample",
                                     f"federated.public_generator={gen}"])
-    pre = work / f"public{tag}-s{seed}" / "model.pt"
-    if not pre.is_file():
-        t0 = time.perf_counter()
-        m = build_model(dp_cfg.model.name, **model_kwargs(dp_cfg, 4))
-        m.load_state_dict(public_model(dp_cfg))
-        from ccmr_core.checkpoint import save_model
-
-        pre.parent.mkdir(parents=True, exist_ok=True)
-        save_model(pre, m.state_dict(), name=dp_cfg.model.name, kwargs=model_kwargs(dp_cfg, 4),
-                   classes=list(dp_cfg.data.classes), ingest=dp_cfg.data.ingest.model_dump(mode="json"),
-                   config=dp_cfg.model_dump(mode="json"))
-        (pre.parent / "seconds.json").write_text(json.dumps(time.perf_counter() - t0))
-    record("public pretraining alone (no site data)", per_patient(pre, ds, test), [pre.parent])
+    # the coordinator's public model (cached across work folders: CCMR_CACHE); its minutes are
+    # those of every attempt it took, failed ones included, when they were trained
+    runs = public_runs(dp_cfg)
+    record("public pretraining alone (no site data)", per_patient(runs[-1] / "model.pt", ds, test), runs)
     out = work / f"head-nodp{tag}-{recipe}-s{seed}"
     federated(cohort, out, **{"train-seed": seed, "alignment": "slice"},
               config=str(_yaml(work, f"head{tag}", "federated: {pretrain: public, public_generator: %s}\n"

@@ -69,23 +69,30 @@ class PublicModelError(RuntimeError):
 def public_model(cfg: ExperimentConfig, progress: bool = False) -> dict[str, torch.Tensor]:
     """The global model's starting point, trained at the coordinator on a public cohort (in
     simulation: synthetic, with scanners of its own and its own seed, kept apart from every site):
-    no privacy cost. A pretraining seed can go wrong, and the sites' heads cannot repair a poor
-    frozen encoder, so the model must reach federated.public_min_accuracy on the public cohort's
-    own validation patients before any site trains from it; otherwise the next seed is tried, up
-    to federated.public_attempts. Each attempt is trained once per configuration and cached."""
+    no privacy cost. The weights of the last of ``public_runs``."""
+    from ccmr_core.checkpoint import load_model
+
+    return load_model(public_runs(cfg, progress)[-1] / "model.pt")[1]["state_dict"]
+
+
+def public_runs(cfg: ExperimentConfig, progress: bool = False) -> list[Path]:
+    """The run folders of the public pretraining attempts, the last the one kept. A pretraining
+    seed can go wrong, and the sites' heads cannot repair a poor frozen encoder, so the model must
+    reach federated.public_min_accuracy on the public cohort's own validation patients before any
+    site trains from it; otherwise the next seed is tried, up to federated.public_attempts. Each
+    attempt is trained once per configuration and cached."""
     f = cfg.federated
-    tried = []
+    tried, runs = [], []
     for k in range(f.public_attempts):
         seed = cfg.train.seed + k * PUBLIC_RETRY_SEED_STEP
         out = _public_attempt(cfg, seed, progress)
+        runs.append(out)
         acc, n = public_validation(out)
         tried.append(f"seed {seed}: {acc:.3f}")
         if acc >= f.public_min_accuracy:
             print(f"public model: pretraining seed {seed}, validation accuracy {acc:.3f} on {n} public patients "
                   f"(federated.public_min_accuracy {f.public_min_accuracy:g})", flush=True)
-            from ccmr_core.checkpoint import load_model
-
-            return load_model(out / "model.pt")[1]["state_dict"]
+            return runs
         more = k + 1 < f.public_attempts
         print(f"public model: pretraining seed {seed} reached validation accuracy {acc:.3f} on {n} public patients, "
               f"below federated.public_min_accuracy {f.public_min_accuracy:g}"

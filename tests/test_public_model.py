@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ccmr_core.checkpoint import save_model
+from ccmr_core.checkpoint import load_model, save_model
 from ccmr_core.config import load_config
 from ccmr_core.models import build_model
 from ccmr_core.training import model_kwargs
@@ -58,6 +58,10 @@ def test_a_public_model_below_the_floor_is_trained_again_with_another_seed(tmp_p
     # each attempt is cached: asking again trains nothing and chooses the same model
     again = provision.public_model(_cfg())
     assert trained == [2, 2 + step] and torch.equal(next(iter(again.values())), next(iter(state.values())))
+    # every attempt's run folder, the failed one first, the kept one last (what a benchmark times)
+    runs = provision.public_runs(_cfg())
+    assert len(runs) == 2 and all((r / "model.pt").is_file() for r in runs)
+    assert float(next(iter(load_model(runs[-1] / "model.pt")[1]["state_dict"].values())).flatten()[0]) == 2 + step
 
 
 def test_the_cached_public_model_serves_runs_that_differ_only_in_how_they_run(tmp_path, monkeypatch):
