@@ -3,6 +3,8 @@ the pooled data and against each site alone, on the same test patients, over sev
 
     python -m benchmarks.federated [--seeds 0 1 2] [--dp-eps 1 3 8] [--workdir DIR]
     python -m benchmarks.federated --dp-only --public-generator external [--seeds 0]
+    python -m benchmarks.federated --seeds 3 4 --no-fedavg --mus 0.01 --dp-eps --no-overhead \
+        --block federated-seeds-3-4   # more seeds of the README recipe, a table of their own
 
 Every federated run drives the real ServerApp and ClientApp in one process (tests/inprocess.py,
 no Ray) with the README main job's settings, so the comparison measures learning, not the
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 import tomllib
@@ -147,6 +151,11 @@ def main() -> None:
     ap.add_argument("--dp-only", action="store_true", help="only the DP rows, into a block of their own")
     ap.add_argument("--no-personalise", dest="personalise", action="store_false",
                     help="leave out the row where each site fine-tunes the federation's model on its own patients")
+    ap.add_argument("--block", default=None,
+                    help="the BENCHMARKS.md block to write (default: federated, or federated-dp-GENERATOR with "
+                         "--dp-only; another name: a table of its own, e.g. more seeds of the same recipe)")
+    ap.add_argument("--no-overhead", dest="overhead", action="store_false",
+                    help="leave out the framework-overhead measurement (a few minutes of Flower and bare rounds)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -213,14 +222,11 @@ def main() -> None:
             personal(cohort, work, fed, splits, ds, record, row, seed, base)
         if args.dp_eps and (args.dp_seeds is None or seed in args.dp_seeds):
             dp_rows(args, work, cohort, ds, test, record, recipe, seed, gen, tag)
-    if args.dp_only:
-        text = _table(args, names, results, seconds, eps_spent, f, None, None, None)
-        update_block(f"federated-dp-{gen}", text)
-        print(text)
-        return
-    fl, bare, bytes_ratio = overhead(cohort, work)
+    fl = bare = bytes_ratio = None
+    if not args.dp_only and args.overhead:
+        fl, bare, bytes_ratio = overhead(cohort, work)
     text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio)
-    update_block("federated", text)
+    update_block(args.block or (f"federated-dp-{gen}" if args.dp_only else "federated"), text)
     print(text)
 
 
@@ -271,6 +277,19 @@ def dp_rows(args, work: Path, cohort: Path, ds, test: list[int], record, recipe:
                per_patient(out / "model.pt", ds, test), [out], max(r["privacy"]["epsilon"].values()))
 
 
+def _without_workdir(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--workdir="):
+            skip = False
+            continue
+        if a == "--workdir":
+            skip = True
+            continue
+        out.append(shlex.quote(a))
+    return out
+
+
 def _yaml(work: Path, kind: str, text: str) -> Path:
     p = work / f"{kind}.yaml"
     p.write_text(text)
@@ -306,11 +325,15 @@ protobuf message of a train reply) / fp32 parameter bytes: **{bytes_ratio:.3f}**
               "and acquisition protocols than the sites'), so the sites' data have something to add to it")
     dp_text = ("" if not any(r.startswith("public") for r in results) else f""" DP: patient-level DP-SGD (Opacus, RDP,
 clipping norm 1, delta 1e-5; epsilon = the most any site spent) on the heads of a model the coordinator pretrained
-on a synthetic public cohort (150 patients, scanners of its own). That public cohort comes {public}.""")
+on a synthetic public cohort ({f.public_patients} patients, scanners of its own; {f.public_epochs} epochs, a model below
+{f.public_min_accuracy:g} on the public validation patients trained again with another seed). That public cohort
+comes {public}.""")
     title = ("Federated learning and DP on non-IID sites" if not args.dp_only else
              f"DP fine-tuning from a public cohort of the {args.public_generator} phantom")
     cmd = "python -m benchmarks.federated" + (f" --dp-only --public-generator {args.public_generator}"
                                               if args.dp_only else "")
+    if args.block:  # a table of its own: the whole command that made it
+        cmd = " ".join(["python -m benchmarks.federated", *_without_workdir(sys.argv[1:])])
     lines = []
     for row in results:
         seeds = sorted(results[row])
