@@ -73,7 +73,8 @@ def _evaluate(model, cohort: Path, cfg, cache: Path, seed: int, scores_only: boo
     idx = split_indices(ds, cfg, "site-c")
     truth = synthetic_truth(cohort, ds.patient_ids, idx["test"])
     wr = WithReports(ds, ds.patient_ids, site_reports(cohort, cfg.data.report_column))
-    video = embed(model, Subset(wr, idx["test"]))[0]
+    test_embedding = embed(model, Subset(wr, idx["test"]))
+    video = test_embedding[0]
     pos = {f: prompt_scores(video, embed_prompts(model, p)) for f, p in FINDING_PROMPTS.items()}
     per = {"patients": [ds.patient_ids[i] for i in idx["test"]], "truth": truth,
            "scores": {f: v.tolist() for f, v in pos.items()},
@@ -81,7 +82,8 @@ def _evaluate(model, cohort: Path, cfg, cache: Path, seed: int, scores_only: boo
                              for f, v in pos.items()}}
     if scores_only:
         return per
-    return {**evaluate_clip(model, wr, idx, list(cfg.data.classes), truth, seed=seed), "per_patient": per}
+    return {**evaluate_clip(model, wr, idx, list(cfg.data.classes), truth, seed=seed, test_embedding=test_embedding),
+            "per_patient": per}
 
 
 def run_federated(work: Path, cohort: Path, seed: int, epochs: int, threads: int, batch: int, local: int,

@@ -146,10 +146,12 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
 
 
 def evaluate_clip(model: CMRCLIP, ds, idx: dict, classes: list[str], truth: dict[str, list] | None = None,
-                  shots: tuple[int, ...] = (1, 4, 16), draws: int = 20, seed: int = 0) -> dict:
+                  shots: tuple[int, ...] = (1, 4, 16), draws: int = 20, seed: int = 0,
+                  test_embedding: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict:
     """Metrics on the test rows (retrieval within the test site's gallery), probes fitted on the
-    training rows. ``truth``: per finding, the test rows' ground truth (None where unknown)."""
-    tv, tt, ty = embed(model, Subset(ds, idx["test"]))
+    training rows. ``truth``: per finding, the test rows' ground truth (None where unknown);
+    ``test_embedding``: ``embed`` of the test rows where the caller has it already."""
+    tv, tt, ty = test_embedding if test_embedding is not None else embed(model, Subset(ds, idx["test"]))
     sim = tv @ tt.T
     res = {"retrieval": retrieval(sim), "class_precision@5": class_precision_at_k(sim, ty, 5)}
     class_emb = [embed_prompts(model, CLASS_PROMPTS[c]) for c in classes]

@@ -309,6 +309,29 @@ def clip_run(cohort, tmp_path_factory):
     return out
 
 
+def test_evaluation_uses_the_test_embedding_its_caller_already_has(cohort, clip_run, tmp_path):
+    """The benchmark embeds the test patients once for its per-patient scores and hands them to
+    evaluate_clip: the same figures as embedding again; other embeddings give other figures."""
+    from ccmr_core.checkpoint import load_clip
+    from ccmr_core.clip_training import embed, evaluate_clip, site_reports
+    from ccmr_core.config import load_config
+    from ccmr_core.data.sources import MultiSite, prepare
+    from ccmr_core.training import split_indices
+    from torch.utils.data import Subset
+
+    model, blob = load_clip(clip_run / "model.pt", "this test needs")
+    cfg = load_config(preset="smoke", overrides=["model.name=cmr-clip"])
+    ds = MultiSite(prepare(cohort, cfg, tmp_path, progress=False), cfg)
+    wr = WithReports(ds, ds.patient_ids, site_reports(cohort, cfg.data.report_column))
+    idx = split_indices(ds, cfg, "site-c")
+    classes = list(blob["classes"])
+    emb = embed(model, Subset(wr, idx["test"]))
+    assert evaluate_clip(model, wr, idx, classes, test_embedding=emb) == evaluate_clip(model, wr, idx, classes)
+    # each study embedded as its own report: retrieval becomes perfect, whatever the model learnt
+    perfect = (emb[1].copy(), emb[1], emb[2])
+    assert evaluate_clip(model, wr, idx, classes, test_embedding=perfect)["retrieval"]["video_to_report"]["R@1"] == 1.0
+
+
 def test_best_validation_keeps_the_epoch_of_lowest_validation_loss(cohort, tmp_path):
     from torch.utils.data import Subset
 
