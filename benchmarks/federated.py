@@ -74,10 +74,8 @@ def federated(cohort: Path, out: Path, **over):
 
 
 def run_seconds(folder: Path) -> float:
-    """A run's wall time: ``seconds.json`` where the benchmark wrote it, else from its run folder (the
-    config is written when the run starts, metrics.json or model.pt when it ends)."""
-    if (folder / "seconds.json").is_file():
-        return float(json.loads((folder / "seconds.json").read_text()))
+    """A run's wall time from its run folder (the config is written when the run starts,
+    metrics.json or model.pt when it ends)."""
     end = folder / "metrics.json" if (folder / "metrics.json").is_file() else folder / "model.pt"
     return end.stat().st_mtime - (folder / "config.yaml").stat().st_mtime
 
