@@ -154,6 +154,9 @@ def main() -> None:
                          "--dp-only; another name: a table of its own, e.g. more seeds of the same recipe)")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false",
                     help="leave out the framework-overhead measurement (a few minutes of Flower and bare rounds)")
+    ap.add_argument("--local-batches", type=int, nargs="+", default=None,
+                    help="the sites' training batch in the federated rows, a row each (default: the config's "
+                         "federated.local_batch_size; e.g. 8 4 compares batch 8 with the default, last)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -165,6 +168,7 @@ def main() -> None:
     epochs = f.rounds * f.local_epochs
     # federated runs are cached per recipe: a run of another recipe in the same work folder is not reused
     recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{f.local_epochs}-R{f.rounds}"
+    batches = args.local_batches or [f.local_batch_size or base.train.batch_size]
     ds = MultiSite(prepare(cohort, base, progress=False), base)
     splits = site_splits(ds, base)
     test = sorted(i for sp in splits for i in sp["test"])
@@ -207,23 +211,28 @@ def main() -> None:
                [work / f"local-{k}-e{epochs}-s{seed}" for k in range(len(splits))])
         fed_runs = [] if args.no_fedavg else [("FedAvg", {"strategy": "fedavg"})]
         fed_runs += [(f"FedProx mu={mu:g}", {"strategy": "fedprox", "proximal-mu": mu}) for mu in args.mus]
+        fed_runs = [(row + (f", sites batch {b}" if len(batches) > 1 or b != base.train.batch_size else ""),
+                     {**over, "local-batch-size": b}) for row, over in fed_runs for b in batches]
         fed_outs = []
         for row, over in fed_runs:
             if f.server_momentum > 0:
                 row += f", server momentum {f.server_momentum:g}"
-            out = work / f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}-s{seed}"
+            b = over["local-batch-size"]  # a run with the pooled runs' batch keeps its folder name of before
+            out = work / (f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}"
+                          f"{'' if b == base.train.batch_size else f'-b{b}'}-s{seed}")
             federated(cohort, out, **{"train-seed": seed}, **over)
             record(f"federated, {row}", per_patient(out / "model.pt", ds, test), [out])
             fed_outs.append((row, out))
         if fed_outs and args.personalise:
-            row, fed = fed_outs[-1]  # the README recipe (FedProx mu=0.01) when run with the default --mus
+            row, fed = fed_outs[-1]  # the README recipe (FedProx mu=0.01, the default batch last) by default
             personal(cohort, work, fed, splits, ds, record, row, seed, base)
         if args.dp_eps and (args.dp_seeds is None or seed in args.dp_seeds):
             dp_rows(args, work, cohort, ds, test, record, recipe, seed, gen, tag)
     fl = bare = bytes_ratio = None
     if not args.dp_only and args.overhead:
         fl, bare, bytes_ratio = overhead(cohort, work)
-    text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio)
+    text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio, batches,
+                  base.train.batch_size)
     update_block(args.block or (f"federated-dp-{gen}" if args.dp_only else "federated"), text)
     print(text)
 
@@ -294,7 +303,7 @@ def _yaml(work: Path, kind: str, text: str) -> Path:
     return p
 
 
-def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio) -> str:
+def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio, batches, pooled_batch) -> str:
     rounds, local = f.rounds, f.local_epochs
     server = (f", the coordinator stepping with momentum {f.server_momentum:g} (FedAvgM)" if f.server_momentum > 0
               else "")
@@ -356,7 +365,8 @@ comes {public}.""")
 Machine: {machine()}.
 Default synthetic cohort (3 sites with different scanners and class mixes, 231 patients); CC-CMR; the README main
 job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's schedule, each
-site keeping its optimiser state{server}; centralised and site-local: {rounds * local} epochs, the same schedule). Test
+site keeping its optimiser state{server}, batches of {' or '.join(map(str, batches))} patients at the sites; centralised and
+site-local: {rounds * local} epochs, batches of {pooled_batch}, the same schedule). Test
 patients in every row: each site's held-out test patients, pooled ({len(names)} patients, the same in every row and
 seed). Accuracy mean ± sd over the row's seeds; 95% CIs (percentile bootstrap): over patients of the seed-averaged
 correctness, which holds the runs fixed / over seeds and patients (`bootstrap_seeds_patients_ci`), which asks what

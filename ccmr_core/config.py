@@ -185,6 +185,16 @@ class FederatedConfig(_Section):
     server_lr: float = Field(1.0, gt=0.0, le=10.0, description="FedAvgM: the coordinator's step along the "
                              "(momentum of the) averaged update; 1 with momentum 0 = plain average")
     local_epochs: int = Field(3, ge=1, le=1000)
+    local_batch_size: int = Field(0, ge=0, le=100_000, description="the batch a site trains the whole model with "
+                                  "in a federation (under patient-level DP: the expected batch of Poisson sampling); "
+                                  "0 = train.batch_size. A site holds a fraction of the pooled patients, so a smaller "
+                                  "batch gives it more optimiser steps per epoch (BENCHMARKS.md, federated recipe); "
+                                  "heads-only fine-tuning uses privacy.finetune_batch_size")
+    logit_adjustment: bool = Field(False, description="each site adds the log of its own training patients' "
+                                   "class frequencies to the logits in its diagnosis loss (FedLC-style logit "
+                                   "adjustment for sites with different class mixes; the prior stays at the site); "
+                                   "the model then predicts as if the classes were equally common. Not with "
+                                   "privacy.mode 'sample' (the prior is not privatised)")
     keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
                                  "from round to round, kept at the site, instead of restarting it every round")
     average_last: int = Field(0, ge=0, le=100_000, description="the run ends with the mean of the global models "
@@ -307,6 +317,11 @@ class ExperimentConfig(_Section):
                 f"federated.validate_in 'train-reply' validates every round on the train replies; it cannot be "
                 f"combined with federated.evaluate_every {self.federated.evaluate_every}: leave evaluate_every at 1, "
                 "or use validate_in 'evaluate-phase'")
+        if self.federated.logit_adjustment and self.privacy.mode == "sample":
+            raise ValueError(
+                "federated.logit_adjustment cannot be combined with privacy.mode 'sample': the site's class "
+                "frequencies would shape every patient's loss without privacy accounting; set logit_adjustment "
+                "false, or use privacy.mode 'site' or 'none'")
         if self.secure_aggregation.enabled and self.federated.aggregator != "mean":
             raise ValueError(
                 f"secure_aggregation.enabled cannot be combined with federated.aggregator "
@@ -509,6 +524,8 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "strategy": "federated.strategy",
     "proximal-mu": "federated.proximal_mu",
     "local-epochs": "federated.local_epochs",
+    "local-batch-size": "federated.local_batch_size",
+    "logit-adjustment": "federated.logit_adjustment",
     "server-momentum": "federated.server_momentum",
     "server-lr": "federated.server_lr",
     "fraction-train": "federated.fraction_train",

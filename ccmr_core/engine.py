@@ -100,6 +100,7 @@ def train_epoch(
     lr_at=None,
     prox_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
+    class_log_prior: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "training",
 ) -> dict[str, float]:
@@ -107,7 +108,8 @@ def train_epoch(
 
     ``lr_at(f)``: learning-rate factor at fraction ``f`` of this epoch (ccmr_core/schedule.py),
     applied to each parameter group's ``base_lr`` before every step, taken at the step's middle
-    (so that an epoch of a single step is not spent entirely at its warm-up's starting point)."""
+    (so that an epoch of a single step is not spent entirely at its warm-up's starting point).
+    ``class_log_prior`` (C,): the diagnosis loss adds it to the logits (``diagnosis_loss``)."""
     model.train()
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx needs the global parameters (global_params) when prox_mu > 0")
@@ -124,6 +126,8 @@ def train_epoch(
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
         batch = to_device(batch, device)
+        if class_log_prior is not None:
+            batch["class_log_prior"] = class_log_prior.to(device)
         optimizer.zero_grad(set_to_none=True)
         total, parts = _losses(model, batch)
         n = int(total.shape[0])

@@ -43,9 +43,21 @@ def patient_alignment_loss(z: torch.Tensor, zl: torch.Tensor, temperature: Tempe
 
 def diagnosis_loss(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the diagnosis and the mask of patients whose diagnosis is known to training
-    (``has_label``; all of them unless a label-efficiency experiment hides some). (B,), (B,)."""
+    (``has_label``; all of them unless a label-efficiency experiment hides some). (B,), (B,).
+    With ``class_log_prior`` (C,) in the batch the loss reads logits + log prior (logit adjustment,
+    Menon et al. 2021; FedLC, Zhang et al. 2022): a site's own class mix is explained by the prior,
+    so the model's logits learn the evidence for each class, not the site's prevalence."""
     known = batch["has_label"].float() if "has_label" in batch else torch.ones_like(logits[:, 0])
+    if "class_log_prior" in batch:
+        logits = logits + batch["class_log_prior"]
     return F.cross_entropy(logits, batch["label"], reduction="none") * known, known
+
+
+def class_log_prior(labels: list[int], n_classes: int) -> torch.Tensor:
+    """log of the class frequencies among ``labels``, add-one smoothed (a class a site lacks gets a
+    small prior, not minus infinity). (C,)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=n_classes).float() + 1.0
+    return (counts / counts.sum()).log()
 
 
 def measurement_loss(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

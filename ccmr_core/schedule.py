@@ -88,11 +88,12 @@ def finetunes_head(cfg) -> bool:
 
 
 def site_batch_size(cfg) -> int:
-    """The batch a site trains with: ``privacy.finetune_batch_size`` when it trains the heads only
-    (if set), else ``train.batch_size``. DP accounting plans with the same number."""
-    if finetunes_head(cfg) and cfg.privacy.finetune_batch_size:
-        return cfg.privacy.finetune_batch_size
-    return cfg.train.batch_size
+    """The batch a site trains with: when it trains the heads only, ``privacy.finetune_batch_size``
+    (if set); else ``federated.local_batch_size`` (if set); else ``train.batch_size``. DP accounting
+    plans with the same number."""
+    if finetunes_head(cfg):
+        return cfg.privacy.finetune_batch_size or cfg.train.batch_size
+    return cfg.federated.local_batch_size or cfg.train.batch_size
 
 
 def site_train_config(cfg):

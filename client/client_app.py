@@ -19,6 +19,7 @@ from ccmr_core.console import warn
 from ccmr_core.config import from_run_config
 from ccmr_core.engine import make_optimizer, predict, resolve_device, set_threads, train_epoch
 from ccmr_core.clip_training import gallery_stats
+from ccmr_core.losses import class_log_prior
 from ccmr_core.metrics import EvalStats
 from ccmr_core.models.registry import model_kwargs, reads_reports, training_model
 from ccmr_core.retrieval_stats import RetrievalStats
@@ -159,9 +160,13 @@ def train(msg: Message, context: Context) -> Message:
                 declined[site.index] = 1
                 continue
             model, opt, loader = dp.wrap(model, opt, loader)
+        prior = None
+        if cfg.federated.logit_adjustment:  # the site's own class mix, kept at the site
+            labels = site.eval.labels
+            prior = class_log_prior([labels[i] for i in idx], len(cfg.data.classes))
         for epoch in range(first, first + local):
             res = train_epoch(model, loader, opt, device, lr_at=lambda f, e=epoch: plan.lr_factor(e + f),
-                              prox_mu=mu, global_params=global_params)
+                              prox_mu=mu, global_params=global_params, class_log_prior=prior)
             train_seconds += res["seconds"]
         if dp is not None:
             eps[site.index] = dp.finish()
@@ -171,8 +176,9 @@ def train(msg: Message, context: Context) -> Message:
         states.append(strip_opacus_prefix(model.state_dict()))
         weights.append(float(len(idx)))
         losses.append(res["loss"])
+        adjusted = ", logits adjusted for its class mix" if prior is not None else ""
         print(f"[{site.name}] round {rnd} ({stage}{', optimiser continued' if continued else ''}): "
-              f"{len(idx)} patients, loss {res['loss']:.3f}"
+              f"{len(idx)} patients in batches of {batch}{adjusted}, loss {res['loss']:.3f}"
               + (f", epsilon {eps[site.index]:.2f}" if dp is not None else ""), flush=True)
     metrics = {
         proto.NUM_EXAMPLES: float(sum(weights)),

@@ -50,6 +50,14 @@ def test_test_time_augmentation_without_mc_passes_is_refused():
     assert load_config(overrides=["model.test_time_augmentation=true"]).model.mc_samples == 20
 
 
+def test_logit_adjustment_under_patient_level_dp_is_refused():
+    """The site's class frequencies would shape every patient's loss without privacy accounting."""
+    with pytest.raises(ConfigError, match=r"federated\.logit_adjustment cannot be combined with privacy\.mode 'sample'"):
+        load_config(overrides=["federated.logit_adjustment=true", "privacy.mode=sample"])
+    for mode in ("none", "site"):
+        assert load_config(overrides=["federated.logit_adjustment=true", f"privacy.mode={mode}"]).federated.logit_adjustment
+
+
 def test_out_of_range_names_the_bound():
     with pytest.raises(ConfigError, match=r"override.*data\.ingest\.size.*greater than or equal to 16"):
         load_config(overrides=["data.ingest.size=8"])

@@ -181,3 +181,50 @@ def test_a_site_continues_its_optimiser_only_from_its_previous_round_of_the_same
         assert o.state_dict()["state"] == {}
     optimizer_path(site, "run-1").write_bytes(b"not a torch file")
     assert not restore_optimizer(fresh(), site, "run-1", 4, "teacher")
+
+
+class _Prior(torch.nn.Module):
+    """Logits that are one learned bias: no evidence, only a prior (the shape the engine expects)."""
+
+    name, inputs = "prior", ("cine",)
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(classes))
+
+    def forward(self, cine):
+        return {"logits": self.bias.expand(cine.shape[0], -1)}
+
+    def losses(self, out, batch):
+        from ccmr_core.losses import diagnosis_loss
+
+        ce, _ = diagnosis_loss(out["logits"], batch)
+        return ce, {"cls": ce}
+
+
+@pytest.mark.parametrize("adjusted", [False, True])
+def test_logit_adjustment_leaves_a_sites_class_mix_out_of_the_logits(adjusted):
+    """A site whose patients are 80% / 15% / 5% of three classes and whose images say nothing:
+    trained plainly, the logits learn the site's prior; with the site's log prior added in the loss
+    (``federated.logit_adjustment``), they learn none of it but what add-one smoothing leaves."""
+    from ccmr_core.losses import class_log_prior
+
+    labels = [0] * 32 + [1] * 6 + [2] * 2
+    items = [{"cine": torch.zeros(1, 1, 2, 2), "label": torch.tensor(y), "index": torch.tensor(i)}
+             for i, y in enumerate(labels)]
+    prior = class_log_prior(labels, 3)
+    assert torch.allclose(prior.exp(), torch.tensor([33, 7, 3]) / 43.0)  # add-one smoothed
+    assert class_log_prior([0, 0], 3).isfinite().all()  # a class the site lacks: small, not -inf
+    model = _Prior(3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        train_epoch(model, DataLoader(items, batch_size=40), opt, torch.device("cpu"),
+                    class_log_prior=prior if adjusted else None)
+    p = model.bias.detach().softmax(0)
+    freq = torch.tensor([32, 6, 2]) / 40.0
+    if adjusted:  # the optimum is freq / smoothed prior: all that add-one smoothing leaves
+        left = freq / prior.exp()
+        assert torch.allclose(p, left / left.sum(), atol=0.01), p
+        assert p.max() / p.min() < 1.5  # the site's own mix: 16
+    else:
+        assert torch.allclose(p, freq, atol=0.01), p

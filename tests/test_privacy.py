@@ -254,8 +254,15 @@ def test_heads_only_fine_tuning_trains_and_accounts_with_its_own_batch():
     assert plan_noise(small, 64)[1:] == (0.125, 8)
     assert sigma > plan_noise(small, 64)[0]  # fewer, larger steps: more noise per step for the same epsilon
     whole = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune=all",
-                                   "privacy.finetune_batch_size=32", "privacy.finetune_lr=0.05"])
+                                   "privacy.finetune_batch_size=32", "privacy.finetune_lr=0.05",
+                                   "federated.local_batch_size=0"])
     assert site_batch_size(whole) == 8
+    # a federation's own batch for whole-model training at the sites (not for the heads)
+    local = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune=all",
+                                   "federated.local_batch_size=2"])
+    assert site_batch_size(local) == 2 and plan_noise(local, 64)[1:] == (1 / 32, 32)
+    heads_local = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "federated.local_batch_size=2"])
+    assert finetunes_head(heads_local) and site_batch_size(heads_local) == 8
     # the heads' own learning rate, likewise only where the sites train the heads
     assert site_train_config(whole).lr == whole.train.lr == 0.002
     fast = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune_lr=0.05"])
