@@ -5,6 +5,8 @@ the pooled data and against each site alone, on the same test patients, over sev
     python -m benchmarks.federated --dp-only --public-generator external [--seeds 0]
     python -m benchmarks.federated --seeds 3 4 --no-fedavg --mus 0.01 --dp-eps --no-overhead \
         --block federated-seeds-3-4   # more seeds of the README recipe, a table of their own
+    python -m benchmarks.federated --seeds 3 4 5 6 --logit-adjustment on --no-personalise \
+        --no-fedavg --mus 0.01 --dp-eps --no-overhead --block federated-logit-adjustment  # a recipe variant
 
 Every federated run drives the real ServerApp and ClientApp in one process (tests/inprocess.py,
 no Ray) with the README main job's settings, so the comparison measures learning, not the
@@ -157,6 +159,9 @@ def main() -> None:
     ap.add_argument("--local-batches", type=int, nargs="+", default=None,
                     help="the sites' training batch in the federated rows, a row each (default: the config's "
                          "federated.local_batch_size; e.g. 8 4 compares batch 8 with the default, last)")
+    ap.add_argument("--logit-adjustment", choices=["config", "on", "off", "both"], default="config",
+                    help="the federated rows with federated.logit_adjustment as the config says, on, off, or a row "
+                         "each (off, then on)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -169,6 +174,7 @@ def main() -> None:
     # federated runs are cached per recipe: a run of another recipe in the same work folder is not reused
     recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{f.local_epochs}-R{f.rounds}"
     batches = args.local_batches or [f.local_batch_size or base.train.batch_size]
+    adjust = {"config": [f.logit_adjustment], "on": [True], "off": [False], "both": [False, True]}[args.logit_adjustment]
     ds = MultiSite(prepare(cohort, base, progress=False), base)
     splits = site_splits(ds, base)
     test = sorted(i for sp in splits for i in sp["test"])
@@ -213,13 +219,16 @@ def main() -> None:
         fed_runs += [(f"FedProx mu={mu:g}", {"strategy": "fedprox", "proximal-mu": mu}) for mu in args.mus]
         fed_runs = [(row + (f", sites batch {b}" if len(batches) > 1 or b != base.train.batch_size else ""),
                      {**over, "local-batch-size": b}) for row, over in fed_runs for b in batches]
+        fed_runs = [(row + (", logit adjustment" if la else ""), {**over, "logit-adjustment": la})
+                    for row, over in fed_runs for la in adjust]
         fed_outs = []
         for row, over in fed_runs:
             if f.server_momentum > 0:
                 row += f", server momentum {f.server_momentum:g}"
             b = over["local-batch-size"]  # a run with the pooled runs' batch keeps its folder name of before
             out = work / (f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}"
-                          f"{'' if b == base.train.batch_size else f'-b{b}'}-s{seed}")
+                          f"{'' if b == base.train.batch_size else f'-b{b}'}{'-la' if over['logit-adjustment'] else ''}"
+                          f"-s{seed}")
             federated(cohort, out, **{"train-seed": seed}, **over)
             record(f"federated, {row}", per_patient(out / "model.pt", ds, test), [out])
             fed_outs.append((row, out))
