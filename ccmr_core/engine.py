@@ -116,6 +116,7 @@ def train_epoch(
     prepare = getattr(core(model), "prepare_epoch", None)
     if prepare is not None:
         prepare(loader, device)
+    prior = class_log_prior.to(device) if class_log_prior is not None else None
     sums: dict[str, float] = {}
     n_total, t0 = 0, time.perf_counter()
     n_batches = max(1, len(loader))
@@ -126,8 +127,8 @@ def train_epoch(
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
         batch = to_device(batch, device)
-        if class_log_prior is not None:
-            batch["class_log_prior"] = class_log_prior.to(device)
+        if prior is not None:
+            batch["class_log_prior"] = prior
         optimizer.zero_grad(set_to_none=True)
         total, parts = _losses(model, batch)
         n = int(total.shape[0])

@@ -197,6 +197,7 @@ def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort
     assert last["round"] == 3 and sorted(last["privacy"]["declined"]) == ["site-a", "site-b", "site-c"]
     assert "declines to train" in capsys.readouterr().out
 
+
 def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, cohort, capsys, monkeypatch):
     """Patient-level DP starts from the coordinator's public pretraining (no privacy cost) and the
     sites train the heads only: every other weight a site sends back is exactly what it received.
@@ -236,6 +237,7 @@ def test_dp_sites_fine_tune_only_the_heads_of_a_publicly_pretrained_model(env, c
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < e <= 3.0 + 1e-6 for e in rows[-1]["privacy"]["epsilon"].values())
 
+
 def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
     server_app, client_app = _apps()
     out = env / "res"
@@ -264,6 +266,7 @@ def test_resume_continues_without_losing_or_repeating_rounds(env, cohort):
     with pytest.raises(ValueError, match=r"region_pool: 'mean\+max' in the checkpoint, 'mean' now.*config.yaml"):
         run_inprocess(server_app, client_app, 3, rc)
     assert {f: (out / f).read_bytes() for f in before} == before
+
 
 def test_tail_averaging_ends_with_the_mean_of_the_last_rounds_across_a_resume(env, cohort, capsys):
     """federated.average_last 2: the saved model is the mean of the global models of rounds 3 and 4
@@ -295,6 +298,7 @@ def test_tail_averaging_ends_with_the_mean_of_the_last_rounds_across_a_resume(en
         if v.is_floating_point() and k != "calibration":
             assert torch.allclose(v, (g3[k] + g4[k]) / 2, atol=1e-6), k
 
+
 def test_resume_compares_the_settings_that_build_the_checkpoints_model(tmp_path):
     """A checkpoint written before a setting existed counts it at the model's own default: a setting
     of another model (CMR-CLIP's text_negation for CC-CMR) is no change, the same setting for the model
@@ -317,6 +321,7 @@ def test_resume_compares_the_settings_that_build_the_checkpoints_model(tmp_path)
                 check_resume(tmp_path, name, kw)
         with pytest.raises(ValueError, match="model: .* in the checkpoint, 'dual-path' now"):
             check_resume(tmp_path, "dual-path", kw)
+
 
 def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_path):
     import torch
@@ -355,6 +360,7 @@ def test_resume_repairs_a_crash_between_the_checkpoint_and_the_metrics_line(tmp_
     rows, damaged = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2, 3] and damaged == [3]
 
+
 def test_bad_run_config_is_refused_with_the_allowed_keys(env):
     from ccmr_core.config import ConfigError, from_run_config
 
@@ -364,6 +370,7 @@ def test_bad_run_config_is_refused_with_the_allowed_keys(env):
     with pytest.raises(ConfigError, match="unknown key.*allowed"):
         from_run_config({"rounds": 3})
     assert np.isclose(from_run_config(_run_config(**{"proximal-mu": 0.5})).federated.proximal_mu, 0.5)
+
 
 def test_site_level_dp_clips_updates_and_reports_epsilon(env, cohort):
     server_app, client_app = _apps()
@@ -377,6 +384,7 @@ def test_site_level_dp_clips_updates_and_reports_epsilon(env, cohort):
     assert json.loads((out / "metrics.json").read_text())["privacy"]["epsilon"]["site-c"] == pytest.approx(e2)
     with pytest.raises(ValueError, match="one SuperNode per site"):
         run_inprocess(server_app, client_app, 2, {**rc, "out-dir": str(env / "site-dp-2")})
+
 
 def _poisoning(client_app, poisons, captured):
     """The real ClientApp, except that the train replies of some partitions are replaced (packed
@@ -401,6 +409,7 @@ def _poisoning(client_app, poisons, captured):
 
     return call
 
+
 def test_nan_and_huge_updates_are_rejected_and_the_global_model_is_the_honest_sites(env, cohort, capsys):
     import torch
 
@@ -423,6 +432,7 @@ def test_nan_and_huge_updates_are_rejected_and_the_global_model_is_the_honest_si
     for k, v in honest[0].items():
         assert torch.equal(state[k], v), k
     assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0
+
 
 def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(env, cohort, monkeypatch, capsys):
     import torch
@@ -477,6 +487,7 @@ def test_the_audit_log_lists_exactly_what_was_sent_and_a_pixel_array_is_refused(
     assert len(got) == 12 and got == sent_by_sites
     assert {r["direction"] for r in coord} == {"sent", "received"}
 
+
 def test_site_policies_refuse_runs_they_do_not_accept_and_the_run_goes_on(env, cohort, monkeypatch, capsys):
     from ccmr_core.codehash import code_hash
     from client.policy import APP_ROOT
@@ -500,6 +511,7 @@ def test_site_policies_refuse_runs_they_do_not_accept_and_the_run_goes_on(env, c
         assert all(not any(k["key"].startswith("arrays/") for k in r["keys"]) for r in log)  # nothing of the model left
     ok = [json.loads(x) for x in (env / "audit" / "site-c.jsonl").read_text().splitlines()]
     assert ok and not any(r["refused"] for r in ok)
+
 
 def test_code_hash_changes_with_any_training_code(tmp_path):
     from ccmr_core.codehash import code_hash

@@ -254,8 +254,7 @@ def test_heads_only_fine_tuning_trains_and_accounts_with_its_own_batch():
     assert plan_noise(small, 64)[1:] == (0.125, 8)
     assert sigma > plan_noise(small, 64)[0]  # fewer, larger steps: more noise per step for the same epsilon
     whole = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune=all",
-                                   "privacy.finetune_batch_size=32", "privacy.finetune_lr=0.05",
-                                   "federated.local_batch_size=0"])
+                                   "privacy.finetune_batch_size=32", "privacy.finetune_lr=0.05"])
     assert site_batch_size(whole) == 8
     # a federation's own batch for whole-model training at the sites (not for the heads)
     local = load_config(overrides=["privacy.mode=sample", "model.alignment=slice", "privacy.finetune=all",
