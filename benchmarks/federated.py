@@ -33,6 +33,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import tomllib
 from pathlib import Path
@@ -344,8 +345,9 @@ clipping norm 1, delta 1e-5; epsilon = the most any site spent) on the heads of 
 on a synthetic public cohort ({f.public_patients} patients, scanners of its own; {f.public_epochs} epochs, a model below
 {f.public_min_accuracy:g} on the public validation patients trained again with another seed). That public cohort
 comes {public}.""")
-    title = ("Federated learning and DP on non-IID sites" if not args.dp_only else
-             f"DP fine-tuning from a public cohort of the {args.public_generator} phantom")
+    has_dp = bool(eps_spent)  # DP columns and title only for a table with DP rows
+    title = (f"DP fine-tuning from a public cohort of the {args.public_generator} phantom" if args.dp_only else
+             "Federated learning and DP on non-IID sites" if has_dp else "Federated learning on non-IID sites")
     cmd = "python -m benchmarks.federated" + (f" --dp-only --public-generator {args.public_generator}"
                                               if args.dp_only else "")
     if args.block:  # a table of its own: the whole command that made it
@@ -359,9 +361,10 @@ comes {public}.""")
         eps = f"{max(eps_spent[row]):.2f}" if row in eps_spent else ""
         vs_no_dp = paired(row, no_dp) if row in eps_spent else ""
         vs_alone = paired(row, alone) if row.startswith("federated") else ""
+        dp_cells = f"{vs_no_dp} | {eps} | " if has_dp else ""
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {per_seed.mean():.3f} ± "
                      f"{per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f} | {lo:.3f}-{hi:.3f} / {slo:.3f}-{shi:.3f} | "
-                     f"{paired(row, central)} | {vs_alone} | {vs_no_dp} | {eps} | {np.mean(seconds[row]) / 60:.1f} |")
+                     f"{paired(row, central)} | {vs_alone} | {dp_cells}{np.mean(seconds[row]) / 60:.1f} |")
     site_of = np.array([n.split("/", 1)[0] for n in names])
     sites = sorted(set(site_of))
     per_site = []  # each site's own test patients: is any site worse off than alone?
@@ -369,21 +372,25 @@ comes {public}.""")
         a = acc(row, sorted(results[row]))
         cells = [" / ".join(f"{v:.3f}" for v in a[:, site_of == st].mean(1)) for st in sites]
         per_site.append(f"| {row} | {' | '.join(cells)} |")
+    settings = textwrap.fill(
+        f"Default synthetic cohort (3 sites with different scanners and class mixes, 231 patients); CC-CMR; the README "
+        f"main job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's "
+        f"schedule, each site keeping its optimiser state{server}, batches of {' or '.join(map(str, batches))} "
+        f"patients at the sites; centralised and site-local: {rounds * local} epochs, batches of {pooled_batch}, the "
+        f"same schedule). Test patients in every row: each site's held-out test patients, pooled ({len(names)} "
+        "patients, the same in every row and seed). Accuracy mean ± sd over the row's seeds; 95% CIs (percentile "
+        "bootstrap): over patients of the seed-averaged correctness, which holds the runs fixed / over seeds and "
+        "patients (`bootstrap_seeds_patients_ci`), which asks what other runs of the same recipe would give; "
+        "differences are paired (same patients, the seeds both rows have), with the same two intervals." + dp_text,
+        width=118)
+    dp_head, dp_rule = (("minus the same run without DP (95% CIs) | epsilon | ", "---|---|") if has_dp else ("", ""))
     return f"""## {title} (`{cmd}`)
 
 Machine: {machine()}.
-Default synthetic cohort (3 sites with different scanners and class mixes, 231 patients); CC-CMR; the README main
-job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's schedule, each
-site keeping its optimiser state{server}, batches of {' or '.join(map(str, batches))} patients at the sites; centralised and
-site-local: {rounds * local} epochs, batches of {pooled_batch}, the same schedule). Test
-patients in every row: each site's held-out test patients, pooled ({len(names)} patients, the same in every row and
-seed). Accuracy mean ± sd over the row's seeds; 95% CIs (percentile bootstrap): over patients of the seed-averaged
-correctness, which holds the runs fixed / over seeds and patients (`bootstrap_seeds_patients_ci`), which asks what
-other runs of the same recipe would give; differences are paired (same patients, the seeds both rows have), with
-the same two intervals.{dp_text}
+{settings}
 
-| training | seeds | accuracy | 95% CI, patients / seeds and patients | minus centralised (95% CIs) | minus each site alone (95% CIs) | minus the same run without DP (95% CIs) | epsilon | minutes per run |
-|---|---|---|---|---|---|---|---|---|
+| training | seeds | accuracy | 95% CI, patients / seeds and patients | minus centralised (95% CIs) | minus each site alone (95% CIs) | {dp_head}minutes per run |
+|---|---|---|---|---|---|{dp_rule}---|
 {chr(10).join(lines)}
 
 Per site (its own test patients; one value per seed, in the seeds' order):
