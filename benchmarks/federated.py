@@ -163,6 +163,10 @@ def main() -> None:
     ap.add_argument("--logit-adjustment", choices=["config", "on", "off", "both"], default="config",
                     help="the federated rows with federated.logit_adjustment as the config says, on, off, or a row "
                          "each (off, then on)")
+    ap.add_argument("--schedules", type=_schedule, nargs="+", default=None, metavar="RxE",
+                    help="the federated rows' rounds x local epochs, a row each (default: the config's; e.g. 15x3 "
+                         "9x5 compares the same 45 epochs averaged every 3 or every 5); all with the same epochs "
+                         "in all, which the centralised and site-local rows train")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -171,9 +175,13 @@ def main() -> None:
     generate_cohort(cohort, progress=False)
     base = load_config()
     f = base.federated
-    epochs = f.rounds * f.local_epochs
+    schedules = args.schedules or [(f.rounds, f.local_epochs)]
+    epochs = schedules[0][0] * schedules[0][1]
+    if any(r * e != epochs for r, e in schedules):
+        ap.error(f"--schedules {' '.join(f'{r}x{e}' for r, e in schedules)}: give schedules of the same epochs in all "
+                 "(rounds x local epochs), so that one centralised and one site-local run compare with each")
     # federated runs are cached per recipe: a run of another recipe in the same work folder is not reused
-    recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{f.local_epochs}-R{f.rounds}"
+    recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{f.local_epochs}-R{f.rounds}"  # the DP rows' (config's)
     batches = args.local_batches or [f.local_batch_size or base.train.batch_size]
     adjust = {"config": [f.logit_adjustment], "on": [True], "off": [False], "both": [False, True]}[args.logit_adjustment]
     ds = MultiSite(prepare(cohort, base, progress=False), base)
@@ -222,12 +230,15 @@ def main() -> None:
                      {**over, "local-batch-size": b}) for row, over in fed_runs for b in batches]
         fed_runs = [(row + (", logit adjustment" if la else ""), {**over, "logit-adjustment": la})
                     for row, over in fed_runs for la in adjust]
+        fed_runs = [(row + (f", {r} rounds x {e} local epochs" if (r, e) != (f.rounds, f.local_epochs) else ""),
+                     {**over, "num-server-rounds": r, "local-epochs": e}) for row, over in fed_runs for r, e in schedules]
         fed_outs = []
         for row, over in fed_runs:
             if f.server_momentum > 0:
                 row += f", server momentum {f.server_momentum:g}"
             b = over["local-batch-size"]  # a run with the pooled runs' batch keeps its folder name of before
-            out = work / (f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{recipe}"
+            run_recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{over['local-epochs']}-R{over['num-server-rounds']}"
+            out = work / (f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{run_recipe}"
                           f"{'' if b == base.train.batch_size else f'-b{b}'}{'-la' if over['logit-adjustment'] else ''}"
                           f"-s{seed}")
             federated(cohort, out, **{"train-seed": seed}, **over)
@@ -242,7 +253,7 @@ def main() -> None:
     if not args.dp_only and args.overhead:
         fl, bare, bytes_ratio = overhead(cohort, work)
     text = _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio, batches,
-                  base.train.batch_size)
+                  base.train.batch_size, epochs)
     update_block(args.block or (f"federated-dp-{gen}" if args.dp_only else "federated"), text)
     print(text)
 
@@ -294,6 +305,17 @@ def dp_rows(args, work: Path, cohort: Path, ds, test: list[int], record, recipe:
                per_patient(out / "model.pt", ds, test), [out], max(r["privacy"]["epsilon"].values()))
 
 
+def _schedule(text: str) -> tuple[int, int]:
+    """'9x5' -> (9 rounds, 5 local epochs)."""
+    try:
+        r, e = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROUNDSxEPOCHS, e.g. 15x3") from None
+    if r < 1 or e < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: rounds and local epochs must be at least 1")
+    return r, e
+
+
 def _without_workdir(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -313,7 +335,8 @@ def _yaml(work: Path, kind: str, text: str) -> Path:
     return p
 
 
-def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio, batches, pooled_batch) -> str:
+def _table(args, names, results, seconds, eps_spent, f, fl, bare, bytes_ratio, batches, pooled_batch,
+           epochs: int) -> str:
     rounds, local = f.rounds, f.local_epochs
     server = (f", the coordinator stepping with momentum {f.server_momentum:g} (FedAvgM)" if f.server_momentum > 0
               else "")
@@ -374,9 +397,9 @@ comes {public}.""")
         per_site.append(f"| {row} | {' | '.join(cells)} |")
     settings = textwrap.fill(
         f"Default synthetic cohort (3 sites with different scanners and class mixes, 231 patients); CC-CMR; the README "
-        f"main job's settings ({rounds} rounds x {local} local epochs, FedProx unless stated, AdamW with the run's "
+        f"main job's settings ({rounds} rounds x {local} local epochs and FedProx unless stated, AdamW with the run's "
         f"schedule, each site keeping its optimiser state{server}, batches of {' or '.join(map(str, batches))} "
-        f"patients at the sites; centralised and site-local: {rounds * local} epochs, batches of {pooled_batch}, the "
+        f"patients at the sites; centralised and site-local: {epochs} epochs, batches of {pooled_batch}, the "
         f"same schedule). Test patients in every row: each site's held-out test patients, pooled ({len(names)} "
         "patients, the same in every row and seed). Accuracy mean ± sd over the row's seeds; 95% CIs (percentile "
         "bootstrap): over patients of the seed-averaged correctness, which holds the runs fixed / over seeds and "
