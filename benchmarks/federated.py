@@ -164,9 +164,10 @@ def main() -> None:
                     help="the federated rows with federated.logit_adjustment as the config says, on, off, or a row "
                          "each (off, then on)")
     ap.add_argument("--schedules", type=_schedule, nargs="+", default=None, metavar="RxE",
-                    help="the federated rows' rounds x local epochs, a row each (default: the config's; e.g. 15x3 "
-                         "9x5 compares the same 45 epochs averaged every 3 or every 5); all with the same epochs "
-                         "in all, which the centralised and site-local rows train")
+                    help="the federated rows' rounds x local epochs, a row each (default: the config's; e.g. 9x5 "
+                         "15x3 compares the same 45 epochs averaged every 5 or every 3, the config's last, which "
+                         "the personal fine-tuning row then starts from); all with the same epochs in all, which "
+                         "the centralised and site-local rows train")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
