@@ -182,7 +182,7 @@ def main() -> None:
         ap.error(f"--schedules {' '.join(f'{r}x{e}' for r, e in schedules)}: give schedules of the same epochs in all "
                  "(rounds x local epochs), so that one centralised and one site-local run compare with each")
     # federated runs are cached per recipe: a run of another recipe in the same work folder is not reused
-    recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{f.local_epochs}-R{f.rounds}"  # the DP rows' (config's)
+    recipe = _recipe(f, f.rounds, f.local_epochs)  # the DP rows' (the config's schedule)
     batches = args.local_batches or [f.local_batch_size or base.train.batch_size]
     adjust = {"config": [f.logit_adjustment], "on": [True], "off": [False], "both": [False, True]}[args.logit_adjustment]
     ds = MultiSite(prepare(cohort, base, progress=False), base)
@@ -238,7 +238,7 @@ def main() -> None:
             if f.server_momentum > 0:
                 row += f", server momentum {f.server_momentum:g}"
             b = over["local-batch-size"]  # a run with the pooled runs' batch keeps its folder name of before
-            run_recipe = f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{over['local-epochs']}-R{over['num-server-rounds']}"
+            run_recipe = _recipe(f, over["num-server-rounds"], over["local-epochs"])
             out = work / (f"{row.split()[0].lower().rstrip(',')}-{over.get('proximal-mu', 0):g}-{run_recipe}"
                           f"{'' if b == base.train.batch_size else f'-b{b}'}{'-la' if over['logit-adjustment'] else ''}"
                           f"-s{seed}")
@@ -304,6 +304,11 @@ def dp_rows(args, work: Path, cohort: Path, ds, test: list[int], record, recipe:
                          config=str(_yaml(work, f"dp{tag}", "federated: {public_generator: %s}\n" % gen)))
         record(f"public pretraining + heads with patient-level DP-SGD, epsilon {eps:g}",
                per_patient(out / "model.pt", ds, test), [out], max(r["privacy"]["epsilon"].values()))
+
+
+def _recipe(f, rounds: int, local_epochs: int) -> str:
+    """The part of a federated run's folder name that says its coordinator step and schedule."""
+    return f"m{f.server_momentum:g}-lr{f.server_lr:g}-E{local_epochs}-R{rounds}"
 
 
 def _schedule(text: str) -> tuple[int, int]:
