@@ -195,6 +195,12 @@ class FederatedConfig(_Section):
                                    "adjustment for sites with different class mixes; the prior stays at the site); "
                                    "the model then predicts as if the classes were equally common. Not with "
                                    "privacy.mode 'sample' (the prior is not privatised)")
+    drift_correction: Literal["none", "scaffold"] = Field(
+        "none", description="'scaffold': SCAFFOLD's control variates (Karimireddy et al. 2020; ccmr_core/drift.py): "
+        "each site shifts its local gradients by (the federation's mean gradient - its own), both estimated in the "
+        "previous round, so that non-IID sites drift less apart; the coordinator sends its control variate with "
+        "the model and each site returns the change of its own (one more model-sized array each way). Not with "
+        "privacy, secure aggregation, a robust aggregator or FedAvgM")
     keep_optimizer: bool = Field(True, description="each site continues its own optimiser state (AdamW moments) "
                                  "from round to round, kept at the site, instead of restarting it every round")
     average_last: int = Field(0, ge=0, le=100_000, description="the run ends with the mean of the global models "
@@ -322,6 +328,21 @@ class ExperimentConfig(_Section):
                 "federated.logit_adjustment cannot be combined with privacy.mode 'sample': the site's class "
                 "frequencies would shape every patient's loss without privacy accounting; set logit_adjustment "
                 "false, or use privacy.mode 'site' or 'none'")
+        if self.federated.drift_correction == "scaffold":
+            fed, why = self.federated, None
+            if self.privacy.mode != "none":
+                why = (f"privacy.mode '{self.privacy.mode}': a site's control variate is a second gradient-derived "
+                       "array that the privacy accounting does not cover")
+            elif self.secure_aggregation.enabled:
+                why = ("secure_aggregation.enabled: the coordinator would see each site's control variate in the "
+                       "clear")
+            elif fed.aggregator != "mean":
+                why = f"federated.aggregator '{fed.aggregator}': the control variates are means"
+            elif server_opt:
+                why = "federated.server_momentum / server_lr (FedAvgM): not implemented together"
+            if why:
+                raise ValueError(f"federated.drift_correction 'scaffold' cannot be combined with {why}; set "
+                                 "drift_correction 'none', or leave the other setting at its default")
         if self.secure_aggregation.enabled and self.federated.aggregator != "mean":
             raise ValueError(
                 f"secure_aggregation.enabled cannot be combined with federated.aggregator "
@@ -526,6 +547,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "local-epochs": "federated.local_epochs",
     "local-batch-size": "federated.local_batch_size",
     "logit-adjustment": "federated.logit_adjustment",
+    "drift-correction": "federated.drift_correction",
     "server-momentum": "federated.server_momentum",
     "server-lr": "federated.server_lr",
     "fraction-train": "federated.fraction_train",

@@ -101,6 +101,7 @@ def train_epoch(
     prox_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
     class_log_prior: torch.Tensor | None = None,
+    after_backward=None,
     progress: bool = False,
     desc: str = "training",
 ) -> dict[str, float]:
@@ -109,7 +110,9 @@ def train_epoch(
     ``lr_at(f)``: learning-rate factor at fraction ``f`` of this epoch (ccmr_core/schedule.py),
     applied to each parameter group's ``base_lr`` before every step, taken at the step's middle
     (so that an epoch of a single step is not spent entirely at its warm-up's starting point).
-    ``class_log_prior`` (C,): the diagnosis loss adds it to the logits (``diagnosis_loss``)."""
+    ``class_log_prior`` (C,): the diagnosis loss adds it to the logits (``diagnosis_loss``).
+    ``after_backward()``: called between each step's backward pass and the optimiser step (e.g.
+    ccmr_core/drift.DriftCorrection, which reads and shifts the gradients)."""
     model.train()
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx needs the global parameters (global_params) when prox_mu > 0")
@@ -134,6 +137,8 @@ def train_epoch(
         n = int(total.shape[0])
         loss = total.mean() if n else total.sum()
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         if prox_mu > 0:
             _prox_step(model, global_params, min(1.0, prox_mu * factor))

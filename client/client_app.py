@@ -28,7 +28,9 @@ from ccmr_core.schedule import (federated_plan, finetune_part, set_stage, site_b
                                  train_only_heads)
 from client.egress import failed, guard, refuse
 from client.policy import max_epsilon, min_eval_patients, violations
-from client.local import RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_optimizer, load_sites, read_ledger, restore_optimizer, write_ledger
+from ccmr_core.drift import DriftCorrection
+from client.local import (RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_control,
+                          keep_optimizer, load_sites, read_control, read_ledger, restore_optimizer, write_ledger)
 from client.secure_aggregation import is_secure, secure_aggregation_mod
 from protocol import messages as proto
 from protocol.packing import PackingError, pack, unpack
@@ -121,7 +123,10 @@ def train(msg: Message, context: Context) -> Message:
         received = _model(cfg, kwargs, msg.content["arrays"], device)
         validation = {proto.VALIDATION + k: v for k, v in
                       _evaluation(cfg, c, sites, n_sites, received, "val", 0, context).items()}
-    states, weights, losses = [], [], []
+    scaffold = cfg.federated.drift_correction == "scaffold"
+    received_c = msg.content.array_records.get(proto.CONTROL) if scaffold else None
+    global_c = received_c.to_torch_state_dict() if received_c is not None else None
+    states, weights, losses, controls = [], [], [], []
     train_seconds = 0.0
     eps = np.zeros(n_sites)
     declined = np.zeros(n_sites)
@@ -164,10 +169,16 @@ def train(msg: Message, context: Context) -> Message:
         if cfg.federated.logit_adjustment:  # the site's own class mix, kept at the site
             labels = site.eval.labels
             prior = class_log_prior([labels[i] for i in idx], len(cfg.data.classes))
+        drift = None
+        if scaffold:  # without the coordinator's c (first round, resumed run) the site's c_i starts again too
+            drift = DriftCorrection(model, global_c, read_control(site, run_key) if global_c is not None else None)
         for epoch in range(first, first + local):
             res = train_epoch(model, loader, opt, device, lr_at=lambda f, e=epoch: plan.lr_factor(e + f),
-                              prox_mu=mu, global_params=global_params, class_log_prior=prior)
+                              prox_mu=mu, global_params=global_params, class_log_prior=prior, after_backward=drift)
             train_seconds += res["seconds"]
+        if drift is not None:
+            keep_control(site, run_key, drift.new_local())
+            controls.append(drift.change())
         if dp is not None:
             eps[site.index] = dp.finish()
             write_ledger(site, run_key, dp.ledger)
@@ -177,6 +188,8 @@ def train(msg: Message, context: Context) -> Message:
         weights.append(float(len(idx)))
         losses.append(res["loss"])
         adjusted = ", logits adjusted for its class mix" if prior is not None else ""
+        if drift is not None and drift.shift:  # none in the first round
+            adjusted += f", gradients shifted by a control variate of norm {drift.shift_norm():.3f}"
         print(f"[{site.name}] round {rnd} ({stage}{', optimiser continued' if continued else ''}): "
               f"{len(idx)} patients in batches of {batch}{adjusted}, loss {res['loss']:.3f}"
               + (f", epsilon {eps[site.index]:.2f}" if dp is not None else ""), flush=True)
@@ -199,13 +212,16 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord(state)
     else:  # every hosted site declined: send the global model back with weight 0
         arrays = msg.content["arrays"]
-    reply = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    records = {"arrays": arrays}
+    if controls:  # SCAFFOLD: the change of the hosted sites' c_i, weighted as their models are
+        records[proto.CONTROL] = ArrayRecord(average_states(controls, weights))
+    reply = Message(content=RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
     privacy = {"mode": cfg.privacy.mode, "epsilon": float(max(eps)) if cfg.privacy.mode == "sample" else None,
                "delta": cfg.privacy.delta}
     # under secure aggregation the guard checks the reply but the audit records the masked vector
     # that actually leaves (client/secure_aggregation.py)
     return guard(reply, msg, [s.name for s in sites], len(cfg.data.classes), n_sites, "train", run_key,
-                 int(c[proto.ROUND]), privacy, record=not secure)
+                 int(c[proto.ROUND]), privacy, record=not secure, control=scaffold)
 
 
 def _thresholds(c) -> dict | None:

@@ -3,7 +3,8 @@
 Every reply the ClientApp builds passes ``guard`` before it is returned to Flower:
 
 * arrays: exactly the global model's parameter names, each with the shape and dtype the
-  coordinator sent (so no image, feature map or extra tensor can ride along);
+  coordinator sent (so no image, feature map or extra tensor can ride along); in a run with
+  SCAFFOLD's drift correction also a ``control`` record, some of those names with the same shapes;
 * metrics: only the keys of an allow-list, each a number or a list no longer than its fixed size
   (per-site lists: one value per site; statistics: histogram sizes fixed by the class count);
 * anything else: the reply is replaced by an empty one that says "refused" (the coordinator
@@ -32,16 +33,20 @@ class EgressRefused(ValueError):
     pass
 
 
-def check(content: RecordDict, reference: ArrayRecord | None, n_classes: int, n_sites: int) -> None:
-    """Raise EgressRefused naming the first key that may not leave."""
+def check(content: RecordDict, reference: ArrayRecord | None, n_classes: int, n_sites: int,
+          control: bool = False) -> None:
+    """Raise EgressRefused naming the first key that may not leave (``control``: the run uses
+    SCAFFOLD's control variates, so a train reply may carry a ``control`` record)."""
     allowed = proto.allowed_metrics(n_classes, n_sites)
     for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
             if reference is None:
                 raise EgressRefused(f"arrays {name!r} in a reply that must carry statistics only")
+            if name == proto.CONTROL and not control:
+                raise EgressRefused(f"arrays {name!r} in a run without drift correction")
             ref = {k: v for k, v in reference.items()}
             extra = sorted(set(rec.keys()) - set(ref))
-            missing = sorted(set(ref) - set(rec.keys()))
+            missing = sorted(set(ref) - set(rec.keys())) if name != proto.CONTROL else []
             if extra or missing:
                 raise EgressRefused(f"array keys differ from the global model's (unexpected {extra[:3]}, "
                                     f"missing {missing[:3]})")
@@ -117,12 +122,13 @@ def audit(sites: list[str], content: RecordDict, kind: str, run_key: str, rnd: i
 
 
 def guard(reply: Message, request: Message, sites: list[str], n_classes: int, n_sites: int, kind: str,
-          run_key: str, rnd: int | None, privacy: dict | None = None, record: bool = True) -> Message:
+          run_key: str, rnd: int | None, privacy: dict | None = None, record: bool = True,
+          control: bool = False) -> Message:
     """The reply if it may leave (and audited unless ``record`` is off: the caller audits what
     finally leaves), else an empty 'refused' reply (always audited)."""
     reference = request.content.array_records.get("arrays") if kind == "train" else None
     try:
-        check(reply.content, reference, n_classes, n_sites)
+        check(reply.content, reference, n_classes, n_sites, control)
     except EgressRefused as e:
         print(f"[{', '.join(sites)}] REFUSED to send the {kind} reply: {e}", flush=True)
         return _refused(request, sites, kind, run_key, rnd, str(e), privacy)

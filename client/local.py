@@ -202,6 +202,31 @@ def keep_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: in
         torch.save({"round": rnd, "stage": stage, "state": opt.state_dict()}, tmp)
 
 
+def control_path(site: Site, run_key: str) -> Path:
+    """The site's SCAFFOLD control variate c_i between rounds of one run, kept at the site."""
+    return default_cache_root() / "control" / check_run_key(run_key) / f"{site.name}.pt"
+
+
+def read_control(site: Site, run_key: str) -> dict[str, torch.Tensor] | None:
+    """The site's c_i from its previous round of this run (None: none yet, or not readable, in
+    which case the site starts again from zero, as in the first round)."""
+    p = control_path(site, run_key)
+    if not p.is_file():
+        return None
+    try:
+        saved = torch.load(p, weights_only=True)
+        return {str(k): v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    except (ValueError, RuntimeError, EOFError, AttributeError, pickle.UnpicklingError):
+        return None
+
+
+def keep_control(site: Site, run_key: str, c: dict[str, torch.Tensor]) -> None:
+    p = control_path(site, run_key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:
+        torch.save(c, tmp)
+
+
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     total = sum(weights)
     return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)

@@ -28,6 +28,10 @@ CLIPPING_NORM = "clipping_norm"  # set by Flower's client-side clipping DP wrapp
 SECAGG_WEIGHT_KEY = "secagg-weight-key"  # SecAgg+: which reply metric weighs the masked update
 VALIDATE = "validate-received"  # train: first validate the model received (val split), send that with the update
 
+# --- records beside "arrays" (the model) and "config" / "metrics" -----------------------------------
+CONTROL = "control"  # SCAFFOLD (federated.drift_correction): in a train request the coordinator's control
+#                      variate c; in a train reply the change of the site's own c_i (by parameter name)
+
 # --- the reply's "metrics" record (site -> coordinator) -------------------------------------------
 NUM_EXAMPLES = "num-examples"  # patients trained on / evaluated (0: the site did not train)
 UNIT_WEIGHT = "unit-weight"  # 1.0: the weight under site-level DP (every site counts the same)

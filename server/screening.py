@@ -85,6 +85,12 @@ def screen(updates: list[tuple[int, ArrayRecord]], reference: ArrayRecord, max_r
     return keep, rejected
 
 
+def _model(reply: Message) -> ArrayRecord:
+    """The model a reply carries: its "arrays" record (a SCAFFOLD reply also carries "control")."""
+    records = reply.content.array_records
+    return records["arrays"] if "arrays" in records else next(iter(records.values()))
+
+
 @dataclass(frozen=True)
 class Screening:
     """The checks a round's updates pass before they are averaged (``federated.max_update_ratio``,
@@ -100,7 +106,7 @@ class Screening:
         with_arrays = [r for r in replies if r.has_content() and r.content.array_records]
         if sent is None or not with_arrays:
             return replies, []
-        updates = [(r.metadata.src_node_id, next(iter(r.content.array_records.values()))) for r in with_arrays]
+        updates = [(r.metadata.src_node_id, _model(r)) for r in with_arrays]
         weights = [float(proto.reply_metrics(r.content).get(weight_key, float("nan"))) for r in with_arrays]
         keep, rejected = screen(updates, sent, self.max_update_ratio, weights, self.max_site_weight)
         bad = {id(with_arrays[i]) for i in range(len(with_arrays)) if i not in keep}

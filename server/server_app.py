@@ -170,6 +170,7 @@ def announce(run: Run, n_nodes: int, start: str | None) -> None:
     print(f"CC-CMR federated run -> {run.out}\n  model {cfg.model.name}, {fed.strategy}"
           f"{f' (mu={fed.proximal_mu:g})' if fed.strategy == 'fedprox' else ''}"
           f"{f', server momentum {fed.server_momentum:g} lr {fed.server_lr:g} (FedAvgM)' if fed.server_momentum > 0 or fed.server_lr != 1.0 else ''}"
+          f"{', SCAFFOLD control variates' if fed.drift_correction == 'scaffold' else ''}"
           f"{f', aggregator {fed.aggregator}' if fed.aggregator != 'mean' else ''}, "
           f"{fed.rounds} rounds x {fed.local_epochs} local epoch(s), DP: {cfg.privacy.mode}"
           f"{' (sites train the heads only)' if finetunes_head(cfg) else ''}; starts from "
@@ -201,8 +202,9 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
                                             else evaluate_aggr_fn(run.classes)))
     audit = MessageAudit(run.out / "audit.jsonl", secure=secure)
     grid = PackingGrid(FastPollGrid(grid))  # FastPollGrid talks to Flower's Grid itself
-    inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()], round_offset=done,
-                          audit=audit, final_round=fed.rounds - done)
+    inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()],
+                          parameter_shapes={k: tuple(p.shape) for k, p in model.named_parameters()},
+                          round_offset=done, audit=audit, final_round=fed.rounds - done)
     strategy = inner
     if cfg.privacy.mode == "site":
         # the coordinator clips each site's update, or, under secure aggregation where it sees only

@@ -144,12 +144,79 @@ class ProximalWeight:
         return super().configure_train(server_round, arrays, config, grid)
 
 
+class ControlVariates:
+    """Mixin between CoordinatorRounds and Flower's FedProx / FedAvg: SCAFFOLD's coordinator side
+    (``federated.drift_correction`` 'scaffold'; a site's side is ccmr_core/drift.py). The coordinator
+    keeps c, the weighted mean of the sites' control variates; sends it with every train request
+    once it has one; and adds to it the weighted mean of the changes the sites return, times the
+    share of the requested sites that returned one (SCAFFOLD's |S|/N). A change whose names or
+    shapes are not the model's parameters', or that is not finite, is left out (with a warning).
+    c lives in the coordinator's memory: a resumed run starts it again, and the sites, receiving
+    none, start theirs again too."""
+
+    def __init__(self, *, parameter_shapes: dict[str, tuple[int, ...]], **kw):
+        super().__init__(**kw)
+        self.parameter_shapes = dict(parameter_shapes)
+        self.control: dict[str, np.ndarray] = {}
+        self.requested = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self.requested = len(msgs)
+        if self.control:
+            for m in msgs:
+                m.content[proto.CONTROL] = ArrayRecord({k: Array(v) for k, v in self.control.items()})
+        return msgs
+
+    def _problem(self, rec: ArrayRecord) -> str | None:
+        for k in rec.keys():
+            if k not in self.parameter_shapes:
+                return f"{k!r} is not a parameter of the model"
+            a = rec[k].numpy()
+            if tuple(a.shape) != tuple(self.parameter_shapes[k]):
+                return f"{k!r} has shape {tuple(a.shape)}, the parameter {tuple(self.parameter_shapes[k])}"
+            if not np.all(np.isfinite(a)):
+                return f"{k!r} is not finite"
+        return None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        changes, weights = [], []
+        for r in replies:
+            if not r.has_content() or proto.CONTROL not in r.content.array_records:
+                continue
+            rec = r.content.array_records[proto.CONTROL]
+            del r.content[proto.CONTROL]  # Flower's mean takes exactly one ArrayRecord per reply
+            problem = self._problem(rec)
+            if problem:
+                warn(log, f"SuperNode {r.metadata.src_node_id}: its control variate left out: {problem}")
+                continue
+            changes.append({k: rec[k].numpy().astype(np.float64) for k in rec.keys()})
+            weights.append(float(proto.reply_metrics(r.content).get(self.weighted_by_key, 0.0)))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and changes and sum(weights) > 0:
+            share = len(changes) / max(self.requested, len(changes))
+            total = sum(weights)
+            for k in set().union(*changes):
+                step = sum(w * ch[k] for ch, w in zip(changes, weights) if k in ch) * (share / total)
+                self.control[k] = np.asarray(self.control[k] + step if k in self.control else step, dtype=np.float32)
+        return arrays, metrics
+
+
 class CCMRFedProx(CoordinatorRounds, FedProx):
     pass
 
 
 class CCMRFedAvg(CoordinatorRounds, FedAvg):
     pass
+
+
+class CCMRScaffoldProx(CoordinatorRounds, ControlVariates, FedProx):
+    """FedProx's mean with SCAFFOLD's control variates."""
+
+
+class CCMRScaffoldAvg(CoordinatorRounds, ControlVariates, FedAvg):
+    """FedAvg's mean with SCAFFOLD's control variates."""
 
 
 class CCMRFedMedian(CoordinatorRounds, ProximalWeight, FedMedian):
@@ -195,8 +262,11 @@ class CCMRFedAvgM(CoordinatorRounds, ProximalWeight, FedAvg):
         return ArrayRecord(out), metrics
 
 
-def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (), **rounds):
-    """The coordinator's strategy for ``fed`` (FederatedConfig), built in one call: FedAvgM when the
+def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (),
+                  parameter_shapes: dict[str, tuple[int, ...]] | None = None, **rounds):
+    """The coordinator's strategy for ``fed`` (FederatedConfig), built in one call: with
+    ``fed.drift_correction`` 'scaffold' the mean with control variates (``parameter_shapes``: the
+    model's trainable parameters by name); FedAvgM when the
     coordinator keeps a momentum or steps with a learning rate other than 1 (``plain_keys``: the
     model's buffers, averaged without it); else by ``fed.aggregator``: Flower's FedMedian or
     FedTrimmedAvg, or for the mean FedProx / FedAvg. ``common``: Flower's strategy arguments;
@@ -207,6 +277,12 @@ def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (), **rounds):
     rounds.setdefault("evaluate_every", fed.evaluate_every)
     rounds.setdefault("validate_on_train", fed.validate_in == "train-reply")
     kw = {**common, **rounds}
+    if fed.drift_correction == "scaffold":
+        if parameter_shapes is None:
+            raise ValueError("drift_correction 'scaffold' needs the model's parameter shapes (parameter_shapes)")
+        if fed.strategy == "fedprox":
+            return CCMRScaffoldProx(proximal_mu=mu, parameter_shapes=parameter_shapes, **kw)
+        return CCMRScaffoldAvg(parameter_shapes=parameter_shapes, **kw)
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
         return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
                            plain_keys=plain_keys, **kw)

@@ -242,3 +242,19 @@ def test_a_site_policy_file_holds_the_sites_rules_and_names_what_is_wrong(tmp_pa
     cmd = " ".join(supernode_command(b, tmp_path, 9094, p))
     # the SuperNode runs no app of its own: the site's worker answers with the site's installed code
     assert "policy-max-epsilon=8.0" in cmd and "--isolation process" in cmd
+
+
+def test_a_control_variate_leaves_only_in_a_scaffold_run_and_only_for_model_parameters():
+    """SCAFFOLD's reply carries a "control" record beside the model: some of the model's names with
+    their shapes and dtypes; outside such a run, or with any other name or shape, it is refused."""
+    content = _reply({"w": torch.ones(4, 3), "b": torch.ones(3)})
+    content["control"] = ArrayRecord({"w": torch.ones(4, 3)})
+    check(content, GLOBAL, 5, 3, control=True)
+    with pytest.raises(EgressRefused, match="'control' in a run without drift correction"):
+        check(content, GLOBAL, 5, 3)
+    content["control"] = ArrayRecord({"w": torch.ones(4, 3), "pixels": torch.ones(64, 64)})
+    with pytest.raises(EgressRefused, match=r"unexpected \['pixels'\]"):
+        check(content, GLOBAL, 5, 3, control=True)
+    content["control"] = ArrayRecord({"w": torch.ones(64, 64)})
+    with pytest.raises(EgressRefused, match=r"array w is float32\(64, 64\)"):
+        check(content, GLOBAL, 5, 3, control=True)

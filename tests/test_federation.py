@@ -178,6 +178,39 @@ def test_each_site_trains_with_the_federations_local_batch_and_its_own_class_pri
         assert f"{n} patients in batches of 1, logits adjusted for its class mix, loss" in line
 
 
+def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, cohort, capsys):
+    """federated.drift_correction 'scaffold': round 1 is plain local training and each site keeps its
+    c_i at the site and sends its change beside the model; from round 2 each train request carries
+    the coordinator's c and every site shifts its gradients by c - c_i (a shift it reports)."""
+    import torch
+
+    server_app, client_app = _apps()
+    out = env / "scaffold"
+    controls = Path(os.environ["CCMR_CACHE"]) / "control"
+    before = set(controls.iterdir()) if controls.is_dir() else set()
+    rc = _run_config(preset="smoke", **{"out-dir": str(out), "data-dir": str(cohort), "num-server-rounds": 2,
+                                        "drift-correction": "scaffold"})
+    run_inprocess(server_app, client_app, 3, rc)
+    rows = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    with_c: dict[tuple, list[bool]] = {}
+    for r in train:
+        with_c.setdefault((r["round"], r["direction"]), []).append(any(k["key"].startswith("control/") for k in r["keys"]))
+    assert not any(with_c[(1, "sent")]) and all(with_c[(2, "sent")])
+    assert all(with_c[(1, "received")]) and all(with_c[(2, "received")])
+    (run,) = set(controls.iterdir()) - before
+    printed = capsys.readouterr().out
+    assert "SCAFFOLD control variates" in printed
+    for site in ("site-a", "site-b", "site-c"):
+        c_i = torch.load(run / f"{site}.pt", weights_only=True)
+        assert c_i and all(bool(torch.isfinite(v).all()) for v in c_i.values())
+        line = printed.split(f"[{site}] round 2 (")[1].split("\n")[0]
+        norm = float(line.split("control variate of norm ")[1].split(",")[0])
+        assert norm > 0
+        assert "control variate" not in printed.split(f"[{site}] round 1 (")[1].split("\n")[0]
+    assert (out / "model.pt").is_file() and "test" in json.loads((out / "metrics.json").read_text())
+
+
 def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort, capsys):
     server_app, client_app = _apps()
     out = env / "dp"

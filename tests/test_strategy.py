@@ -171,3 +171,59 @@ def test_validation_riding_on_the_train_reply_is_pooled_apart_from_the_update():
 def test_validation_on_the_train_reply_with_evaluate_every_is_refused_naming_both_keys():
     with pytest.raises(ValueError, match="validate_in 'train-reply'.*evaluate_every 3"):
         _fed(validate_in="train-reply", evaluate_every=3)
+
+
+def _scaffold_round(strategy, rnd, changes: list[dict], weights=(10.0, 30.0)):
+    """One round of two sites that return the model unchanged and ``changes`` (None: none);
+    returns the control variate each train request carried (None: none)."""
+    sent = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32)), "flag": Array(np.zeros(1, dtype=np.float32))})
+    msgs = list(strategy.configure_train(rnd, sent, ConfigRecord({}), TwoNodes()))
+    carried = [m.content.array_records["control"]["w"].numpy().copy() if "control" in m.content.array_records
+               else None for m in msgs]
+    replies = []
+    for m, ch, n in zip(msgs, changes, weights):
+        rec = {"arrays": ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32)),
+                                      "flag": Array(np.zeros(1, dtype=np.float32))}),
+               "metrics": MetricRecord({"num-examples": n})}
+        if ch is not None:
+            rec["control"] = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in ch.items()})
+        replies.append(Message(RecordDict(rec), reply_to=m))
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    assert set(arrays.keys()) == {"w", "flag"}  # the model's mean, the control variates kept apart
+    return carried
+
+
+def test_scaffold_keeps_the_weighted_mean_of_the_sites_control_variates(caplog):
+    """The coordinator sends nothing in round 1, then c = the num-examples-weighted mean of the
+    changes the sites returned; a change that is not the model's parameters is left out, and the
+    rest counts only for the share of sites that sent one (SCAFFOLD's |S|/N)."""
+    from server.strategy import CCMRScaffoldAvg, CCMRScaffoldProx
+
+    common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    shapes = {"w": (3,)}
+    s = make_strategy(_fed(drift_correction="scaffold"), common, parameter_shapes=shapes)
+    assert type(s) is CCMRScaffoldProx
+    assert type(make_strategy(_fed(drift_correction="scaffold", strategy="fedavg"), common,
+                              parameter_shapes=shapes)) is CCMRScaffoldAvg
+    assert _scaffold_round(s, 1, [{"w": [1.0, 1, 1]}, {"w": [5.0, 5, 5]}]) == [None, None]
+    c = _scaffold_round(s, 2, [{"w": [0.0, 0, 0]}, {"flag": [1.0]}])  # the second is not a parameter
+    assert all(np.allclose(x, 4.0) for x in c)  # (10 x 1 + 30 x 5) / 40
+    assert "not a parameter of the model" in caplog.text
+    # round 2's one good change (0) came from 1 of 2 sites: c moves by half of it, i.e. stays 4
+    c = _scaffold_round(s, 3, [{"w": [2.0, 2, 2]}, None])
+    assert all(np.allclose(x, 4.0) for x in c)
+    c = _scaffold_round(s, 4, [None, None])
+    assert all(np.allclose(x, 5.0) for x in c)  # + (1 of 2 sites) x 2
+
+
+@pytest.mark.parametrize("setting, named", [
+    ({"privacy": {"mode": "sample"}}, "privacy.mode 'sample'"),
+    ({"privacy": {"mode": "site"}}, "privacy.mode 'site'"),
+    ({"secure_aggregation": {"enabled": True}}, "secure_aggregation.enabled"),
+    ({"federated": {"aggregator": "median"}}, "federated.aggregator 'median'"),
+    ({"federated": {"server_momentum": 0.9}}, "federated.server_momentum"),
+])
+def test_scaffold_is_refused_beside_settings_it_would_undermine(setting, named):
+    cfg = {**setting, "federated": {**setting.get("federated", {}), "drift_correction": "scaffold"}}
+    with pytest.raises(ValueError, match=r"drift_correction 'scaffold' cannot be combined with " + named.replace(".", r"\.")):
+        ExperimentConfig.model_validate(cfg)
