@@ -149,6 +149,7 @@ def summarize(path: Path) -> str:
     for run, rs in runs.items():
         total = sum(r["bytes"] for r in rs)
         n_arrays = max((sum(k["key"].startswith("arrays/") for k in r["keys"]) for r in rs), default=0)
+        n_control = max((sum(k["key"].startswith(proto.CONTROL + "/") for k in r["keys"]) for r in rs), default=0)
         eps = [r["privacy"]["epsilon"] for r in rs if (r.get("privacy") or {}).get("epsilon") is not None]
         rounds = [r["round"] for r in rs if r["round"] is not None]
         refused = [r for r in rs if r["refused"]]
@@ -158,6 +159,8 @@ def summarize(path: Path) -> str:
                 + (f", {secure} secure-aggregation" if secure else "") + f"), {total / 1e6:.2f} MB in all; "
                 + (f"model parameter arrays per train reply: {n_arrays}" if n_arrays or not secure else
                    "the model left only masked (secure aggregation)"))
+        if n_control:
+            line += f"; SCAFFOLD control-variate arrays per train reply: {n_control}"
         if rounds:
             line += f"; rounds {min(rounds)}-{max(rounds)}"
         line += f"; largest epsilon spent {max(eps):.2f}" if eps else "; no differential privacy"

@@ -178,12 +178,16 @@ def test_each_site_trains_with_the_federations_local_batch_and_its_own_class_pri
         assert f"{n} patients in batches of 1, logits adjusted for its class mix, loss" in line
 
 
-def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, cohort, capsys):
+def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, cohort, capsys, monkeypatch):
     """federated.drift_correction 'scaffold': round 1 is plain local training and each site keeps its
     c_i at the site and sends its change beside the model; from round 2 each train request carries
-    the coordinator's c and every site shifts its gradients by c - c_i (a shift it reports)."""
+    the coordinator's c and every site shifts its gradients by c - c_i (a shift it reports). The
+    site's audit summary says that control variates left."""
     import torch
 
+    from client.egress import audit_path, summarize
+
+    monkeypatch.setenv("CCMR_AUDIT_DIR", str(env / "audit-scaffold"))
     server_app, client_app = _apps()
     out = env / "scaffold"
     controls = Path(os.environ["CCMR_CACHE"]) / "control"
@@ -209,6 +213,10 @@ def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, co
         assert norm > 0
         assert "control variate" not in printed.split(f"[{site}] round 1 (")[1].split("\n")[0]
     assert (out / "model.pt").is_file() and "test" in json.loads((out / "metrics.json").read_text())
+    n_params = len(dict(torch.load(out / "model.pt", weights_only=False)["state_dict"]))
+    summary = summarize(audit_path("site-a"))
+    n_control = int(summary.split("SCAFFOLD control-variate arrays per train reply: ")[1].split(";")[0])
+    assert 0 < n_control <= n_params
 
 
 def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort, capsys):
