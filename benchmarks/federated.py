@@ -12,7 +12,8 @@ Every federated run drives the real ServerApp and ClientApp in one process (test
 no Ray) with the README main job's settings, so the comparison measures learning, not the
 simulator. The test patients are the same in every row: each site's held-out test patients
 (``train.split_seed``), pooled. Centralised trains one model on the union of the sites' training
-patients for as many epochs as the federation's rounds x local epochs, with the same schedule;
+patients for as many epochs as the federation's rounds x local epochs, with the same schedule
+(``--central-epochs N``: N epochs, for federated rows with more or less local work than pooling);
 site-local trains each site alone and tests it on its own patients. DP rows start from the
 coordinator's public pretraining (a synthetic public cohort with scanners of its own) and the
 sites fine-tune the heads, with patient-level DP-SGD at the target epsilon or without noise.
@@ -168,6 +169,11 @@ def main() -> None:
                          "15x3 compares the same 45 epochs averaged every 5 or every 3, the config's last, which "
                          "the personal fine-tuning row then starts from); all with the same epochs in all, which "
                          "the centralised and site-local rows train")
+    ap.add_argument("--central-epochs", type=int, default=None, metavar="N",
+                    help="the centralised and site-local rows' epochs (default: the federated rows' rounds x local "
+                         "epochs, which must then be the same for every schedule); given, the schedules may differ "
+                         "from it and from each other, e.g. --schedules 15x4 15x3 --central-epochs 45: more local "
+                         "work for the federation than for the pooled run, said in the table's settings")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ccmr-fl-"))
@@ -177,10 +183,13 @@ def main() -> None:
     base = load_config()
     f = base.federated
     schedules = args.schedules or [(f.rounds, f.local_epochs)]
-    epochs = schedules[0][0] * schedules[0][1]
-    if any(r * e != epochs for r, e in schedules):
+    epochs = args.central_epochs or schedules[0][0] * schedules[0][1]
+    if args.central_epochs is not None and args.central_epochs < 1:
+        ap.error(f"--central-epochs {args.central_epochs}: give at least 1")
+    if args.central_epochs is None and any(r * e != epochs for r, e in schedules):
         ap.error(f"--schedules {' '.join(f'{r}x{e}' for r, e in schedules)}: give schedules of the same epochs in all "
-                 "(rounds x local epochs), so that one centralised and one site-local run compare with each")
+                 "(rounds x local epochs), so that one centralised and one site-local run compare with each, "
+                 "or say the pooled runs' epochs with --central-epochs")
     # federated runs are cached per recipe: a run of another recipe in the same work folder is not reused
     recipe = _recipe(f, f.rounds, f.local_epochs)  # the DP rows' (the config's schedule)
     batches = args.local_batches or [f.local_batch_size or base.train.batch_size]
