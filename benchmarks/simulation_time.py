@@ -1,13 +1,16 @@
 """The README's main job, `flwr run .`, over training seeds: wall time and what it ends at.
 
     python -m benchmarks.simulation_time [--seeds 0 1 2] [--presets default] [--cold]
+    python -m benchmarks.simulation_time --seeds 0 --warm-up --run-config "local-epochs=4" --no-block
 
 Each run is the README command (one simulated SuperNode per site) with ``--run-config
 "train-seed=N"``: the cohort and the patients' split stay those of seed 0, the training randomness
 changes. The runs share one fresh FLWR_HOME and cache, so the first run of a preset generates the
 cohort and ingests every site (as a first-time user's run does; its row says "cold") and the
 others find them ready ("warm"), as a user's second run does. ``--cold`` gives every run a fresh
-cache. Run it on a quiet machine: the wall time is the point.
+cache. ``--warm-up`` first makes one untimed run of one round and one local epoch, so that even the
+first timed run finds the cohort ready; ``--run-config`` adds settings to every run's (a recipe
+variant). Run it on a quiet machine: the wall time is the point.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from ccmr_core.flwr_env import child_env
 PORT = "39491"  # the local SuperLink's HTTP API, away from the default so a user's own is not touched
 
 
-def run_once(work: Path, cache: Path, preset: str, seed: int, out: Path) -> tuple[float, dict, int]:
-    """One `flwr run .`; returns its wall time (s), its metrics.json and its rounds."""
+def run_once(work: Path, cache: Path, preset: str, seed: int, out: Path, extra: str = "") -> tuple[float, dict, int]:
+    """One `flwr run .` (``extra``: more run-config settings); returns its wall time (s), its
+    metrics.json and its rounds."""
     env = child_env(clean=True, FLWR_HOME=str(work / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=PORT,
                     CCMR_CACHE=str(cache), RAY_TMPDIR=str(work))
     t = time.perf_counter()
     r = subprocess.run([str(Path(sys.executable).with_name("flwr")), "run", ".", "--stream",
                         "--federation-config", "num-supernodes=3",
-                        "--run-config", f"preset='{preset}' train-seed={seed} out-dir='{out}'"],
+                        "--run-config", f"preset='{preset}' train-seed={seed} out-dir='{out}' {extra}".strip()],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if not (out / "metrics.json").is_file():  # `flwr run` exits 0 when the run failed
@@ -70,6 +74,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cold", action="store_true", help="a fresh cache for every run (each generates and ingests)")
     ap.add_argument("--no-block", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    ap.add_argument("--warm-up", action="store_true",
+                    help="an untimed run of one round of one local epoch first, so every timed run is warm")
+    ap.add_argument("--run-config", default="", help="more run-config settings for every run, e.g. 'local-epochs=4'")
     args = ap.parse_args()
     commit = code_version()
     rows, summary = [], []
@@ -77,10 +84,17 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="ccmr-sim-", dir="/tmp"))
         results = []
         try:
+            if args.warm_up and not args.cold:
+                keep = [kv for kv in args.run_config.split()
+                        if kv.split("=")[0] not in ("num-server-rounds", "local-epochs")]
+                run_once(work, work / "cache", preset, args.seeds[0], work / "warm-up",
+                         " ".join(keep + ["num-server-rounds=1", "local-epochs=1"]))
             for k, seed in enumerate(args.seeds):
                 cache = work / (f"cache-{seed}" if args.cold else "cache")
-                wall, m, rounds = run_once(work, cache, preset, seed, work / f"run-{seed}")
-                rows.append(row(preset, seed, "cold" if args.cold or k == 0 else "warm", wall, rounds, m))
+                wall, m, rounds = run_once(work, cache, preset, seed, work / f"run-{seed}", args.run_config)
+                warm = not args.cold and (k > 0 or args.warm_up)
+                rows.append(row(preset + (f" ({args.run_config})" if args.run_config else ""), seed,
+                                "warm" if warm else "cold", wall, rounds, m))
                 results.append((wall, m["test"]))
                 print(rows[-1], flush=True)
         finally:
