@@ -149,7 +149,8 @@ class ControlVariates:
     (``federated.drift_correction`` 'scaffold'; a site's side is ccmr_core/drift.py). The coordinator
     keeps c, the weighted mean of the sites' control variates; sends it with every train request
     once it has one; and adds to it the weighted mean of the changes the sites return, times the
-    share of the requested sites that returned one (SCAFFOLD's |S|/N). A change whose names or
+    share of the federation's SuperNodes that returned one (SCAFFOLD's |S|/N; N: all SuperNodes
+    connected, not only those sampled this round). A change whose names or
     shapes are not the model's parameters', or that is not finite, is left out (with a warning).
     c lives in the coordinator's memory: a resumed run starts it again, and the sites, receiving
     none, start theirs again too."""
@@ -158,11 +159,11 @@ class ControlVariates:
         super().__init__(**kw)
         self.parameter_shapes = dict(parameter_shapes)
         self.control: dict[str, np.ndarray] = {}
-        self.requested = 0
+        self.population = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         msgs = list(super().configure_train(server_round, arrays, config, grid))
-        self.requested = len(msgs)
+        self.population = max(len(msgs), len(list(grid.get_node_ids())))  # SCAFFOLD's N: all, not the sampled
         if self.control:
             for m in msgs:
                 m.content[proto.CONTROL] = ArrayRecord({k: Array(v) for k, v in self.control.items()})
@@ -195,7 +196,7 @@ class ControlVariates:
             weights.append(float(proto.reply_metrics(r.content).get(self.weighted_by_key, 0.0)))
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and changes and sum(weights) > 0:
-            share = len(changes) / max(self.requested, len(changes))
+            share = len(changes) / max(self.population, len(changes))
             total = sum(weights)
             for k in set().union(*changes):
                 step = sum(w * ch[k] for ch, w in zip(changes, weights) if k in ch) * (share / total)
