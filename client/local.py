@@ -173,58 +173,66 @@ def check_lifetime_budget(site: Site, run_key: str, current: Ledger, round_cost:
                               f"{delta:g}); this site declines to train")
 
 
+def _site_state_path(kind: str, site: Site, run_key: str) -> Path:
+    return default_cache_root() / kind / check_run_key(run_key) / f"{site.name}.pt"
+
+
+def _load_site_state(p: Path):
+    """What a round of this run kept at the site, or None: none yet, or not readable (another
+    model's, a damaged file), in which case the caller starts that state again."""
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, weights_only=True)
+    except (ValueError, RuntimeError, EOFError, AttributeError, pickle.UnpicklingError):
+        return None
+
+
+def _keep_site_state(p: Path, state) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:  # a round stopped half-way leaves the previous state whole
+        torch.save(state, tmp)
+
+
 def optimizer_path(site: Site, run_key: str) -> Path:
     """The site's optimiser state (AdamW moments) between rounds of one run, kept at the site."""
-    return default_cache_root() / "optimizer" / check_run_key(run_key) / f"{site.name}.pt"
+    return _site_state_path("optimizer", site, run_key)
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: int, stage: str) -> bool:
     """Continue the optimiser of the site's previous round (same run, same stage, round rnd-1):
     rebuilding it each round restarts Adam's moment estimates, whose first steps then move every
     weight by about the full learning rate whatever its gradient. Returns whether it continued."""
-    p = optimizer_path(site, run_key)
-    if not p.is_file():
+    saved = _load_site_state(optimizer_path(site, run_key))
+    if not isinstance(saved, dict) or saved.get("round") != rnd - 1 or saved.get("stage") != stage:
         return False
     try:
-        saved = torch.load(p, weights_only=True)
-        if saved["round"] != rnd - 1 or saved["stage"] != stage:
-            return False
         opt.load_state_dict(saved["state"])
-    except (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError):  # another model, a damaged file
+    except (ValueError, KeyError, RuntimeError):  # another model's
         return False
     return True
 
 
 def keep_optimizer(opt: torch.optim.Optimizer, site: Site, run_key: str, rnd: int, stage: str) -> None:
-    p = optimizer_path(site, run_key)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p) as tmp:
-        torch.save({"round": rnd, "stage": stage, "state": opt.state_dict()}, tmp)
+    _keep_site_state(optimizer_path(site, run_key), {"round": rnd, "stage": stage, "state": opt.state_dict()})
 
 
 def control_path(site: Site, run_key: str) -> Path:
     """The site's SCAFFOLD control variate c_i between rounds of one run, kept at the site."""
-    return default_cache_root() / "control" / check_run_key(run_key) / f"{site.name}.pt"
+    return _site_state_path("control", site, run_key)
 
 
 def read_control(site: Site, run_key: str) -> dict[str, torch.Tensor] | None:
     """The site's c_i from its previous round of this run (None: none yet, or not readable, in
     which case the site starts again from zero, as in the first round)."""
-    p = control_path(site, run_key)
-    if not p.is_file():
+    saved = _load_site_state(control_path(site, run_key))
+    if not isinstance(saved, dict):
         return None
-    try:
-        saved = torch.load(p, weights_only=True)
-        return {str(k): v for k, v in saved.items() if isinstance(v, torch.Tensor)}
-    except (ValueError, RuntimeError, EOFError, AttributeError, pickle.UnpicklingError):
-        return None
+    return {str(k): v for k, v in saved.items() if isinstance(v, torch.Tensor)}
 
 
 def keep_control(site: Site, run_key: str, c: dict[str, torch.Tensor]) -> None:
-    p = control_path(site, run_key)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p) as tmp:
-        torch.save(c, tmp)
+    _keep_site_state(control_path(site, run_key), c)
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

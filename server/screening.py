@@ -33,16 +33,20 @@ def _arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in rec.items()}
 
 
-def check_shapes(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
+def check_shapes(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, subset: bool = False
+                 ) -> str | None:
+    """Why ``update`` is not an array set of ``reference``'s names, shapes and dtypes with finite
+    values, or None. ``reference``'s values need only a shape and a dtype; ``subset``: some of its
+    names may be missing (a SCAFFOLD control variate covers the trained parameters only)."""
     missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
-    if missing or extra:
+    if extra or (missing and not subset):
         return (f"parameter names differ from the global model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for k, ref in reference.items():
-        if update[k].shape != ref.shape:
-            return f"parameter {k} has shape {tuple(update[k].shape)}, the global model's is {tuple(ref.shape)}"
-        if update[k].dtype != ref.dtype:
-            return f"parameter {k} has dtype {update[k].dtype}, the global model's is {ref.dtype}"
     for k, v in update.items():
+        ref = reference[k]
+        if v.shape != ref.shape:
+            return f"parameter {k} has shape {tuple(v.shape)}, the global model's is {tuple(ref.shape)}"
+        if v.dtype != ref.dtype:
+            return f"parameter {k} has dtype {v.dtype}, the global model's is {ref.dtype}"
         if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
             return f"parameter {k} holds NaN or Inf"
     return None

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 from ccmr_core.console import warn
 from protocol import messages as proto
 from server.recorder import MessageAudit
-from server.screening import Screening
+from server.screening import Screening, check_shapes
 
 log = logging.getLogger("ccmr.server")
 
@@ -157,7 +157,8 @@ class ControlVariates:
 
     def __init__(self, *, parameter_shapes: dict[str, tuple[int, ...]], **kw):
         super().__init__(**kw)
-        self.parameter_shapes = dict(parameter_shapes)
+        # shape-and-dtype stand-ins of the parameters (no memory) for screening.check_shapes
+        self.parameters = {k: np.broadcast_to(np.float32(0), tuple(shape)) for k, shape in parameter_shapes.items()}
         self.control: dict[str, np.ndarray] = {}
         self.population = 0
 
@@ -169,17 +170,6 @@ class ControlVariates:
                 m.content[proto.CONTROL] = ArrayRecord({k: Array(v) for k, v in self.control.items()})
         return msgs
 
-    def _problem(self, rec: ArrayRecord) -> str | None:
-        for k in rec.keys():
-            if k not in self.parameter_shapes:
-                return f"{k!r} is not a parameter of the model"
-            a = rec[k].numpy()
-            if tuple(a.shape) != tuple(self.parameter_shapes[k]):
-                return f"{k!r} has shape {tuple(a.shape)}, the parameter {tuple(self.parameter_shapes[k])}"
-            if not np.all(np.isfinite(a)):
-                return f"{k!r} is not finite"
-        return None
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         changes, weights = [], []
@@ -188,11 +178,12 @@ class ControlVariates:
                 continue
             rec = r.content.array_records[proto.CONTROL]
             del r.content[proto.CONTROL]  # Flower's mean takes exactly one ArrayRecord per reply
-            problem = self._problem(rec)
+            change = {k: rec[k].numpy() for k in rec.keys()}
+            problem = check_shapes(change, self.parameters, subset=True)
             if problem:
                 warn(log, f"SuperNode {r.metadata.src_node_id}: its control variate left out: {problem}")
                 continue
-            changes.append({k: rec[k].numpy().astype(np.float64) for k in rec.keys()})
+            changes.append({k: v.astype(np.float64) for k, v in change.items()})
             weights.append(float(proto.reply_metrics(r.content).get(self.weighted_by_key, 0.0)))
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and changes and sum(weights) > 0:

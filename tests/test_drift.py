@@ -81,3 +81,23 @@ def test_a_frozen_parameter_is_not_shifted_and_keeps_its_c_i():
 def test_a_hostile_control_variate_is_refused_with_the_parameter_named(bad, match):
     with pytest.raises(ValueError, match=match):
         DriftCorrection(_model(), bad, None)
+
+
+def test_a_sites_c_i_is_kept_per_run_and_a_damaged_one_starts_again(tmp_path, monkeypatch):
+    """c_i stays at the site between rounds of one run (client/local.py); another run does not
+    read it, and a file that is not a state dict reads as none (SCAFFOLD's first round)."""
+    from types import SimpleNamespace
+
+    from client.local import control_path, keep_control, read_control
+
+    monkeypatch.setenv("CCMR_CACHE", str(tmp_path))
+    site = SimpleNamespace(name="site-a")
+    c = {"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3)}
+    keep_control(site, "run-1", c)
+    back = read_control(site, "run-1")
+    assert back.keys() == c.keys() and all(torch.equal(back[k], c[k]) for k in c)
+    assert read_control(site, "run-2") is None
+    control_path(site, "run-1").write_bytes(b"not a torch file")
+    assert read_control(site, "run-1") is None
+    torch.save([1, 2, 3], control_path(site, "run-1"))  # readable, but not a state dict
+    assert read_control(site, "run-1") is None
