@@ -1,7 +1,7 @@
 """The README's main job, `flwr run .`, over training seeds: wall time and what it ends at.
 
     python -m benchmarks.simulation_time [--seeds 0 1 2] [--presets default] [--cold]
-    python -m benchmarks.simulation_time --seeds 0 --warm-up --run-config "local-epochs=4" --no-block
+    python -m benchmarks.simulation_time --seeds 0 --warm-up --run-config "local-epochs=4" --block simulation-15x4
 
 Each run is the README command (one simulated SuperNode per site) with ``--run-config
 "train-seed=N"``: the cohort and the patients' split stay those of seed 0, the training randomness
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -52,7 +53,21 @@ def run_once(work: Path, cache: Path, preset: str, seed: int, out: Path, extra: 
     return wall, m, rounds
 
 
-def row(preset: str, seed: int, cache: str, wall: float, rounds: int, m: dict) -> str:
+def machine_speed() -> float:
+    """Patients/s of CC-CMR teacher-stage steps on a random batch with two torch threads (the step
+    rate of benchmarks.throughput, a few seconds): how fast this shared machine is at the moment.
+    The same run's wall time has varied by half between hours of one day; the reading taken
+    before and after each run says whether a time was a slow or a fast hour's."""
+    import torch
+
+    from benchmarks.throughput import throughput
+    from ccmr_core.config import load_config
+
+    torch.set_num_threads(2)
+    return throughput(load_config(), "teacher")[0]
+
+
+def row(preset: str, seed: int, cache: str, wall: float, rounds: int, m: dict, speed: tuple[float, float]) -> str:
     t, v = m["test"], m.get("server_validation") or {}
     lo, hi = t["accuracy_ci95"]
     errors = t["n"] - round(t["accuracy"] * t["n"])
@@ -62,7 +77,8 @@ def row(preset: str, seed: int, cache: str, wall: float, rounds: int, m: dict) -
     ref = t.get("referral")
     refer = f"{ref['referred']:.0%} / {ref['accuracy_kept']:.3f}" if ref else "-"
     val = f"{v['accuracy']:.3f} / {v['macro_auc']:.3f}" if v else "-"
-    return (f"| {preset} | {seed} | {cache} | {rounds} | {wall / 60:.1f} min | {t['accuracy']:.3f} ({lo:.2f}-{hi:.2f}) "
+    return (f"| {preset} | {seed} | {cache} | {rounds} | {wall / 60:.1f} min | {speed[0]:.1f} / {speed[1]:.1f} "
+            f"| {t['accuracy']:.3f} ({lo:.2f}-{hi:.2f}) "
             f"| {t['macro_auc']:.3f} | {t['ece']:.3f} ({t['ece_floor']:.3f}) | {detect} ({errors} error{'s' * (errors != 1)}) "
             f"| {refer} "
             f"| {m['calibration_temperature']:.2f} | {val} |")
@@ -77,7 +93,12 @@ def main() -> None:
     ap.add_argument("--warm-up", action="store_true",
                     help="an untimed run of one round of one local epoch first, so every timed run is warm")
     ap.add_argument("--run-config", default="", help="more run-config settings for every run, e.g. 'local-epochs=4'")
+    ap.add_argument("--block", default="simulation",
+                    help="the BENCHMARKS.md block to write (default: simulation, the README recipe's)")
     args = ap.parse_args()
+    if args.run_config and args.block == "simulation" and not args.no_block:
+        ap.error(f"--run-config {args.run_config!r} times a variant of the README recipe; the 'simulation' block "
+                 "holds the recipe itself: name a block of its own (--block NAME) or print only (--no-block)")
     commit = code_version()
     rows, summary = [], []
     for preset in args.presets:
@@ -91,10 +112,12 @@ def main() -> None:
                          " ".join(keep + ["num-server-rounds=1", "local-epochs=1"]))
             for k, seed in enumerate(args.seeds):
                 cache = work / (f"cache-{seed}" if args.cold else "cache")
+                before = machine_speed()
                 wall, m, rounds = run_once(work, cache, preset, seed, work / f"run-{seed}", args.run_config)
+                speed = (before, machine_speed())
                 warm = not args.cold and (k > 0 or args.warm_up)
                 rows.append(row(preset + (f" ({args.run_config})" if args.run_config else ""), seed,
-                                "warm" if warm else "cold", wall, rounds, m))
+                                "warm" if warm else "cold", wall, rounds, m, speed))
                 results.append((wall, m["test"]))
                 print(rows[-1], flush=True)
         finally:
@@ -106,19 +129,23 @@ def main() -> None:
                            f"{', '.join(map(str, args.seeds))} (lowest {min(accs):.3f}), macro AUC {min(aucs):.3f}-"
                            f"{max(aucs):.3f}, ECE {min(eces):.3f}-{max(eces):.3f}, wall time {min(walls) / 60:.1f}-"
                            f"{max(walls) / 60:.1f} min")
-    text = f"""## The README's main job (`flwr run .`) over training seeds (`python -m benchmarks.simulation_time`)
+    flags = shlex.join(sys.argv[1:])
+    title = f"`python -m benchmarks.simulation_time {flags}`" if flags else "`python -m benchmarks.simulation_time`"
+    text = f"""## The README's main job (`flwr run .`) over training seeds ({title})
 
 Machine: {machine()}. Code: commit {commit}.
-`flwr run . --stream --federation-config "num-supernodes=3" --run-config "preset='P' train-seed=N"`, one
+`flwr run . --stream --federation-config "num-supernodes=3" --run-config "preset='P' train-seed=N{' ' + args.run_config if args.run_config else ''}"`, one
 simulated SuperNode per site; the cohort and the patients' split are seed 0's in every run. Cache "cold": the
 run generates the cohort and ingests every site (a first run); "warm": they are ready (every later run). Test:
 the held-out patients of every site, pooled; 95% CI: bootstrap over them. ECE in brackets: what a perfectly
 calibrated model with the same confidences would score on this many patients. Error detection: AUROC of the
 epistemic uncertainty / of low confidence for the wrong predictions. Referral: the share of test patients the
 validation-set thresholds refer, and the accuracy of the rest. Coordinator: its own validation patients.
+Machine speed: CC-CMR teacher-stage steps on a random batch, two threads, patients/s, just before / just after
+the run (this shared machine's speed moves by hours: compare wall times at similar readings).
 
-| preset | train seed | cache | rounds | wall time | pooled test accuracy (95% CI) | macro AUC | ECE (calibrated model's) | error detection, uncertainty / confidence | referred / accuracy of the rest | temperature | coordinator validation accuracy / AUC |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| preset | train seed | cache | rounds | wall time | machine speed before / after | pooled test accuracy (95% CI) | macro AUC | ECE (calibrated model's) | error detection, uncertainty / confidence | referred / accuracy of the rest | temperature | coordinator validation accuracy / AUC |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {chr(10).join(summary)}
@@ -127,7 +154,7 @@ Targets (issue 11): the default preset in at most 15 minutes on 2 CPU cores, poo
 macro AUC at least 0.97, ECE at most 0.05.
 """
     if not args.no_block:
-        update_block("simulation", text)
+        update_block(args.block, text)
     print(text)
 
 
