@@ -1,7 +1,8 @@
 """The README's main job, `flwr run .`, over training seeds: wall time and what it ends at.
 
     python -m benchmarks.simulation_time [--seeds 0 1 2] [--presets default] [--cold]
-    python -m benchmarks.simulation_time --seeds 0 --warm-up --run-config "local-epochs=4" --block simulation-15x4
+    python -m benchmarks.simulation_time --seeds 0 --warm-up --run-config "local-epochs=3" "local-epochs=4" \
+        --block simulation-local-epochs
 
 Each run is the README command (one simulated SuperNode per site) with ``--run-config
 "train-seed=N"``: the cohort and the patients' split stay those of seed 0, the training randomness
@@ -10,7 +11,9 @@ cohort and ingests every site (as a first-time user's run does; its row says "co
 others find them ready ("warm"), as a user's second run does. ``--cold`` gives every run a fresh
 cache. ``--warm-up`` first makes one untimed run of one round and one local epoch, so that even the
 first timed run finds the cohort ready; ``--run-config`` adds settings to every run's (a recipe
-variant). Run it on a quiet machine: the wall time is the point.
+variant; several variants run in turns for each seed, side by side). Run it on a quiet machine:
+the wall time is the point, and a reading of the machine's speed before and after each run says
+whether the machine was in a slow or a fast hour.
 """
 
 from __future__ import annotations
@@ -92,49 +95,56 @@ def main() -> None:
     ap.add_argument("--no-block", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     ap.add_argument("--warm-up", action="store_true",
                     help="an untimed run of one round of one local epoch first, so every timed run is warm")
-    ap.add_argument("--run-config", default="", help="more run-config settings for every run, e.g. 'local-epochs=4'")
+    ap.add_argument("--run-config", nargs="+", default=[""], metavar="SETTINGS",
+                    help="more run-config settings for every run, e.g. 'local-epochs=4'; several: recipe variants, "
+                         "run in turns for each seed ('' = the README recipe as it is)")
     ap.add_argument("--block", default="simulation",
                     help="the BENCHMARKS.md block to write (default: simulation, the README recipe's)")
     args = ap.parse_args()
-    if args.run_config and args.block == "simulation" and not args.no_block:
-        ap.error(f"--run-config {args.run_config!r} times a variant of the README recipe; the 'simulation' block "
-                 "holds the recipe itself: name a block of its own (--block NAME) or print only (--no-block)")
+    variants = args.run_config
+    if any(variants) and args.block == "simulation" and not args.no_block:
+        ap.error(f"--run-config {' '.join(map(repr, variants))} times variants of the README recipe; the 'simulation' "
+                 "block holds the recipe itself: name a block of its own (--block NAME) or print only (--no-block)")
     commit = code_version()
     rows, summary = [], []
     for preset in args.presets:
         work = Path(tempfile.mkdtemp(prefix="ccmr-sim-", dir="/tmp"))
-        results = []
+        results: dict[str, list] = {v: [] for v in variants}
         try:
             if args.warm_up and not args.cold:
-                keep = [kv for kv in args.run_config.split()
-                        if kv.split("=")[0] not in ("num-server-rounds", "local-epochs")]
+                keep = [kv for kv in variants[0].split() if kv.split("=")[0] not in ("num-server-rounds", "local-epochs")]
                 run_once(work, work / "cache", preset, args.seeds[0], work / "warm-up",
                          " ".join(keep + ["num-server-rounds=1", "local-epochs=1"]))
-            for k, seed in enumerate(args.seeds):
-                cache = work / (f"cache-{seed}" if args.cold else "cache")
-                before = machine_speed()
-                wall, m, rounds = run_once(work, cache, preset, seed, work / f"run-{seed}", args.run_config)
-                speed = (before, machine_speed())
-                warm = not args.cold and (k > 0 or args.warm_up)
-                rows.append(row(preset + (f" ({args.run_config})" if args.run_config else ""), seed,
-                                "warm" if warm else "cold", wall, rounds, m, speed))
-                results.append((wall, m["test"]))
-                print(rows[-1], flush=True)
+            first = True
+            for seed in args.seeds:
+                for j, variant in enumerate(variants):
+                    cache = work / (f"cache-{seed}-{j}" if args.cold else "cache")
+                    before = machine_speed()
+                    wall, m, rounds = run_once(work, cache, preset, seed, work / f"run-{seed}-{j}", variant)
+                    speed = (before, machine_speed())
+                    warm = not args.cold and (not first or args.warm_up)
+                    first = False
+                    rows.append(row(preset + (f" ({variant})" if variant else ""), seed,
+                                    "warm" if warm else "cold", wall, rounds, m, speed))
+                    results[variant].append((wall, m["test"]))
+                    print(rows[-1], flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if len(results) > 1:
-            walls = [w for w, _ in results]
-            accs, aucs, eces = ([t[k] for _, t in results] for k in ("accuracy", "macro_auc", "ece"))
-            summary.append(f"- {preset}: accuracy {statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} over seeds "
-                           f"{', '.join(map(str, args.seeds))} (lowest {min(accs):.3f}), macro AUC {min(aucs):.3f}-"
-                           f"{max(aucs):.3f}, ECE {min(eces):.3f}-{max(eces):.3f}, wall time {min(walls) / 60:.1f}-"
-                           f"{max(walls) / 60:.1f} min")
+        for variant, runs in results.items():
+            if len(runs) < 2:
+                continue
+            walls = [w for w, _ in runs]
+            accs, aucs, eces = ([t[k] for _, t in runs] for k in ("accuracy", "macro_auc", "ece"))
+            summary.append(f"- {preset}{f' ({variant})' if variant else ''}: accuracy {statistics.mean(accs):.3f} ± "
+                           f"{statistics.stdev(accs):.3f} over seeds {', '.join(map(str, args.seeds))} (lowest "
+                           f"{min(accs):.3f}), macro AUC {min(aucs):.3f}-{max(aucs):.3f}, ECE {min(eces):.3f}-"
+                           f"{max(eces):.3f}, wall time {min(walls) / 60:.1f}-{max(walls) / 60:.1f} min")
     flags = shlex.join(sys.argv[1:])
     title = f"`python -m benchmarks.simulation_time {flags}`" if flags else "`python -m benchmarks.simulation_time`"
     text = f"""## The README's main job (`flwr run .`) over training seeds ({title})
 
 Machine: {machine()}. Code: commit {commit}.
-`flwr run . --stream --federation-config "num-supernodes=3" --run-config "preset='P' train-seed=N{' ' + args.run_config if args.run_config else ''}"`, one
+`flwr run . --stream --federation-config "num-supernodes=3" --run-config "preset='P' train-seed=N"` (and the row's settings), one
 simulated SuperNode per site; the cohort and the patients' split are seed 0's in every run. Cache "cold": the
 run generates the cohort and ingests every site (a first run); "warm": they are ready (every later run). Test:
 the held-out patients of every site, pooled; 95% CI: bootstrap over them. ECE in brackets: what a perfectly
