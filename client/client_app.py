@@ -170,14 +170,14 @@ def train(msg: Message, context: Context) -> Message:
             labels = site.eval.labels
             prior = class_log_prior([labels[i] for i in idx], len(cfg.data.classes))
         drift = None
-        if scaffold:  # without the coordinator's c (first round, resumed run) the site's c_i starts again too
-            drift = DriftCorrection(model, global_c, read_control(site, run_key) if global_c is not None else None)
+        if scaffold:  # without the coordinator's c (first round; a coordinator that lost it) c_i starts again too
+            drift = DriftCorrection(model, global_c, read_control(site, run_key, rnd) if global_c is not None else None)
         for epoch in range(first, first + local):
             res = train_epoch(model, loader, opt, device, lr_at=lambda f, e=epoch: plan.lr_factor(e + f),
                               prox_mu=mu, global_params=global_params, class_log_prior=prior, after_backward=drift)
             train_seconds += res["seconds"]
         if drift is not None:
-            keep_control(site, run_key, drift.new_local())
+            keep_control(site, run_key, rnd, drift.new_local(), drift.previous)
             controls.append(drift.change())
         if dp is not None:
             eps[site.index] = dp.finish()

@@ -222,17 +222,27 @@ def control_path(site: Site, run_key: str) -> Path:
     return _site_state_path("control", site, run_key)
 
 
-def read_control(site: Site, run_key: str) -> dict[str, torch.Tensor] | None:
-    """The site's c_i from its previous round of this run (None: none yet, or not readable, in
-    which case the site starts again from zero, as in the first round)."""
+def read_control(site: Site, run_key: str, rnd: int) -> dict[str, torch.Tensor] | None:
+    """The site's c_i to start round ``rnd`` of this run from: the one it kept after its last round
+    before ``rnd`` (SCAFFOLD keeps c_i through rounds a site is not sampled), or, when round ``rnd``
+    is being done again (a resumed coordinator redoes the round after its last checkpoint), the one
+    it started that round from, so that c_i and the coordinator's checkpointed c agree. None: none
+    yet, or not readable, or kept in a later round; the site then starts again from zero, as in the
+    first round."""
     saved = _load_site_state(control_path(site, run_key))
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("round"), int):
         return None
-    return {str(k): v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    kept = saved.get("c") if saved["round"] < rnd else saved.get("before") if saved["round"] == rnd else None
+    if not isinstance(kept, dict):
+        return None
+    return {str(k): v for k, v in kept.items() if isinstance(v, torch.Tensor)} or None
 
 
-def keep_control(site: Site, run_key: str, c: dict[str, torch.Tensor]) -> None:
-    _keep_site_state(control_path(site, run_key), c)
+def keep_control(site: Site, run_key: str, rnd: int, c: dict[str, torch.Tensor],
+                 before: dict[str, torch.Tensor] | None) -> None:
+    """Keep the site's c_i after round ``rnd`` and the one it started that round from (``before``)."""
+    before = {k: v.detach().cpu() for k, v in (before or {}).items()}
+    _keep_site_state(control_path(site, run_key), {"round": rnd, "c": c, "before": before})
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ccmr_core.checkpoint import save_model
@@ -121,11 +122,12 @@ class RunRecorder:
     # --- every round --------------------------------------------------------------------------
     def record_round(self, rnd: int, state: dict, train: dict | None, federated: dict | None,
                      server: dict | None, privacy: dict | None, validation_follows: bool = False,
-                     average: dict | None = None) -> str:
-        """Checkpoint round ``rnd`` (with the tail average so far, ``average``) and write its
-        metrics line; with ``validation_follows`` the line waits for the sites' validation of this
-        round's model (``complete_round``, when the next round's train replies bring it; a crash
-        before then leaves the line without it)."""
+                     average: dict | None = None, carried: dict | None = None) -> str:
+        """Checkpoint round ``rnd`` (with the tail average so far, ``average``, and what the
+        aggregation carries to the next round, ``carried``: arrays by name) and write its metrics
+        line; with ``validation_follows`` the line waits for the sites' validation of this round's
+        model (``complete_round``, when the next round's train replies bring it; a crash before
+        then leaves the line without it)."""
         row = {"round": rnd, "seconds": round(time.perf_counter() - self.t0, 2), "train": train,
                "federated_validation": federated, "server_validation": server, "privacy": privacy}
         self.flush()  # the round before, complete or not, goes first: metrics.jsonl stays in order
@@ -133,7 +135,9 @@ class RunRecorder:
         with atomic_path(self.out / CHECKPOINT) as tmp:
             torch.save({"round": rnd, "state": state, "row": _clean(row), "model": self.cfg.model.name,
                         "model_kwargs": self.kwargs,
-                        **({"average": average} if average is not None else {})}, tmp)
+                        **({"average": average} if average is not None else {}),
+                        **({"carried": {k: torch.from_numpy(np.array(v)) for k, v in carried.items()}}
+                           if carried else {})}, tmp)
         if validation_follows:
             self._pending = row
         else:

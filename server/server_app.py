@@ -72,6 +72,7 @@ class Run:
     kwargs: dict  # the model's arguments
     recorder: RunRecorder
     tail: TailAverage = field(default_factory=lambda: TailAverage(None))  # federated.average_last (initial_model)
+    carried: dict | None = None  # a resumed run: what the aggregation carried at the checkpoint (initial_model)
 
     @property
     def classes(self) -> list[str]:
@@ -160,6 +161,7 @@ def initial_model(run: Run) -> tuple[torch.nn.Module, int, str | None]:
         raise FileNotFoundError(f"resume: no {run.out}/checkpoint.pt to continue from")
     model.load_state_dict(ck["state"])
     run.tail.restore(ck.get("average"))
+    run.carried = {k: v.numpy() for k, v in (ck.get("carried") or {}).items()}
     print(f"resuming {run.out} after round {int(ck['round'])} of {run.cfg.federated.rounds}", flush=True)
     return model, int(ck["round"]), None
 
@@ -205,6 +207,7 @@ def coordinator(run: Run, grid: Grid, model, done: int, n_nodes: int):
     inner = make_strategy(fed, common, plain_keys=[k for k, _ in model.named_buffers()],
                           parameter_shapes={k: tuple(p.shape) for k, p in model.named_parameters()},
                           round_offset=done, audit=audit, final_round=fed.rounds - done)
+    inner.restore_carried(run.carried)
     strategy = inner
     if cfg.privacy.mode == "site":
         # the coordinator clips each site's update, or, under secure aggregation where it sees only
@@ -251,7 +254,7 @@ def train_rounds(run: Run, strategy, inner, grid: Grid, model, done: int) -> tup
         run.tail.add(rnd, state)
         print(run.recorder.record_round(rnd, state, train, fed, server, privacy,
                                         validation_follows=inner.validated_by_next_train(server_round),
-                                        average=run.tail.snapshot()), flush=True)
+                                        average=run.tail.snapshot(), carried=inner.carried()), flush=True)
         return MetricRecord(server) if server else None
 
     if remaining <= 0:

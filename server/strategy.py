@@ -47,11 +47,18 @@ class CoordinatorRounds:
     (the previous round's) before training on it, and the validation rides on the train reply: one
     message phase per round, an evaluate phase only in ``final_round``. After each round
     ``last_round()`` gives its aggregated train and evaluation metrics, with this round's rejected
-    updates, and ``previous_validation`` the validation carried by this round's train replies."""
+    updates, and ``previous_validation`` the validation carried by this round's train replies.
+    ``parameter_shapes``: the model's trainable parameters by name (what a control variate, a
+    momentum or a checkpoint of them is checked against; None: not checked)."""
 
     def __init__(self, *, round_offset: int = 0, screening: Screening | None = None,
                  audit: MessageAudit | None = None, evaluate_every: int = 1, final_round: int | None = None,
-                 validate_on_train: bool = False, **kw):
+                 validate_on_train: bool = False, parameter_shapes: dict[str, tuple[int, ...]] | None = None,
+                 **kw):
+        # shape-and-dtype stand-ins of the model's trainable parameters (no memory) for screening.check_shapes;
+        # set before the mixins after this one (ControlVariates) are initialised
+        self.parameters = (None if parameter_shapes is None else
+                           {k: np.broadcast_to(np.float32(0), tuple(shape)) for k, shape in parameter_shapes.items()})
         super().__init__(**kw)
         self.round_offset = round_offset
         self.evaluate_every, self.final_round = evaluate_every, final_round
@@ -64,6 +71,33 @@ class CoordinatorRounds:
         self.kept_count = 0  # updates in this round's mean (site-level DP sizes its noise by it)
         self.last_train: MetricRecord | None = None
         self.last_eval: MetricRecord | None = None
+
+    def carried(self) -> dict[str, np.ndarray]:
+        """What the aggregation carries from one round to the next besides the model (SCAFFOLD's c,
+        FedAvgM's momentum), keyed "<what>/<parameter>": the checkpoint keeps it, so that a resumed
+        run goes on with it instead of starting it from zero. A mixin names what it carries in
+        ``carried_names`` (attributes holding dicts of arrays by parameter name)."""
+        return {f"{what}/{k}": v for what in getattr(self, "carried_names", ()) for k, v in getattr(self, what).items()}
+
+    def restore_carried(self, saved: dict[str, np.ndarray] | None) -> None:
+        """Take back what ``carried()`` gave to a checkpoint. Each array is checked against the
+        model's parameters (``parameter_shapes``: name, shape, finite); a checkpoint that carries
+        something this run's aggregation does not keep (another strategy) is left, with a note."""
+        names = tuple(getattr(self, "carried_names", ()))
+        by_what: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in (saved or {}).items():
+            what, _, name = key.partition("/")
+            by_what.setdefault(what, {})[name] = np.asarray(value, dtype=np.float32)
+        for what, arrays in by_what.items():
+            if what not in names:
+                print(f"resume: the checkpoint carries {what!r} of another aggregation than this run's; left "
+                      "unused", flush=True)
+                continue
+            problem = check_shapes(arrays, self.parameters, subset=True) if self.parameters is not None else None
+            if problem:
+                raise ValueError(f"resume: the checkpoint's {what!r} does not fit this model: {problem}; start a "
+                                 "new run folder, or resume with the settings the run was started with")
+            setattr(self, what, arrays)
 
     def _audit(self, server_round: int, direction: str, kind: str, messages) -> None:
         if self.audit is not None:
@@ -152,13 +186,16 @@ class ControlVariates:
     share of the federation's SuperNodes that returned one (SCAFFOLD's |S|/N; N: all SuperNodes
     connected, not only those sampled this round). A change whose names or
     shapes are not the model's parameters', or that is not finite, is left out (with a warning).
-    c lives in the coordinator's memory: a resumed run starts it again, and the sites, receiving
-    none, start theirs again too."""
+    c goes into every round's checkpoint (``carried``): a resumed run goes on with it, and each site
+    with the c_i it had then (client/local.read_control). Needs CoordinatorRounds'
+    ``parameter_shapes``."""
 
-    def __init__(self, *, parameter_shapes: dict[str, tuple[int, ...]], **kw):
+    carried_names = ("control",)
+
+    def __init__(self, **kw):
         super().__init__(**kw)
-        # shape-and-dtype stand-ins of the parameters (no memory) for screening.check_shapes
-        self.parameters = {k: np.broadcast_to(np.float32(0), tuple(shape)) for k, shape in parameter_shapes.items()}
+        if self.parameters is None:
+            raise ValueError("SCAFFOLD's control variates need the model's parameter shapes (parameter_shapes)")
         self.control: dict[str, np.ndarray] = {}
         self.population = 0
 
@@ -227,7 +264,9 @@ class CCMRFedAvgM(CoordinatorRounds, ProximalWeight, FedAvg):
     weights some site changed this round: buffers (``plain_keys``; e.g. CC-CMR's 0/1 flag that the
     student exists, which a momentum would push to 1.5) and the weights frozen in the current stage
     (the student before it starts, the teacher after) take the plain mean, and their momentum is
-    dropped. The momentum lives in the coordinator's memory: a resumed run starts it from zero."""
+    dropped. The momentum goes into every round's checkpoint (``carried``): a resumed run goes on with it."""
+
+    carried_names = ("velocity",)
 
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0,
                  plain_keys: Iterable[str] = (), **kw):
@@ -268,13 +307,11 @@ def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (),
     rounds.setdefault("screening", Screening(fed.max_update_ratio, fed.max_site_weight))
     rounds.setdefault("evaluate_every", fed.evaluate_every)
     rounds.setdefault("validate_on_train", fed.validate_in == "train-reply")
-    kw = {**common, **rounds}
+    kw = {**common, **rounds, "parameter_shapes": parameter_shapes}
     if fed.drift_correction == "scaffold":
         if parameter_shapes is None:
             raise ValueError("drift_correction 'scaffold' needs the model's parameter shapes (parameter_shapes)")
-        if fed.strategy == "fedprox":
-            return CCMRScaffoldProx(proximal_mu=mu, parameter_shapes=parameter_shapes, **kw)
-        return CCMRScaffoldAvg(parameter_shapes=parameter_shapes, **kw)
+        return CCMRScaffoldProx(proximal_mu=mu, **kw) if fed.strategy == "fedprox" else CCMRScaffoldAvg(**kw)
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
         return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
                            plain_keys=plain_keys, **kw)

@@ -84,20 +84,31 @@ def test_a_hostile_control_variate_is_refused_with_the_parameter_named(bad, matc
 
 
 def test_a_sites_c_i_is_kept_per_run_and_a_damaged_one_starts_again(tmp_path, monkeypatch):
-    """c_i stays at the site between rounds of one run (client/local.py); another run does not
-    read it, and a file that is not a state dict reads as none (SCAFFOLD's first round)."""
+    """c_i stays at the site between rounds of one run (client/local.py): a later round reads the
+    c_i kept after the site's last round (also across rounds it was not sampled in), the same round
+    done again (a resumed coordinator) the c_i that round started from, and an earlier round none;
+    another run does not read it, and a file that is not a kept c_i reads as none (SCAFFOLD's first
+    round)."""
     from types import SimpleNamespace
 
     from client.local import control_path, keep_control, read_control
 
     monkeypatch.setenv("CCMR_CACHE", str(tmp_path))
     site = SimpleNamespace(name="site-a")
-    c = {"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3)}
-    keep_control(site, "run-1", c)
-    back = read_control(site, "run-1")
-    assert back.keys() == c.keys() and all(torch.equal(back[k], c[k]) for k in c)
-    assert read_control(site, "run-2") is None
+    c1 = {"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3)}
+    c2 = {k: v + 1 for k, v in c1.items()}
+    keep_control(site, "run-1", 1, c1, None)
+    keep_control(site, "run-1", 2, c2, c1)
+
+    def same(a, b):
+        return a is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+    assert same(read_control(site, "run-1", 3), c2) and same(read_control(site, "run-1", 5), c2)
+    assert same(read_control(site, "run-1", 2), c1)  # round 2 again: what it started from
+    assert read_control(site, "run-1", 1) is None
+    assert read_control(site, "run-2", 3) is None
     control_path(site, "run-1").write_bytes(b"not a torch file")
-    assert read_control(site, "run-1") is None
-    torch.save([1, 2, 3], control_path(site, "run-1"))  # readable, but not a state dict
-    assert read_control(site, "run-1") is None
+    assert read_control(site, "run-1", 3) is None
+    for other in ([1, 2, 3], dict(c1), {"round": "2", "c": c2}):  # readable, but not a kept c_i
+        torch.save(other, control_path(site, "run-1"))
+        assert read_control(site, "run-1", 3) is None

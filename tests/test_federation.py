@@ -182,9 +182,13 @@ def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, co
     """federated.drift_correction 'scaffold': round 1 is plain local training and each site keeps its
     c_i at the site and sends its change beside the model; from round 2 each train request carries
     the coordinator's c and every site shifts its gradients by c - c_i (a shift it reports). The
-    site's audit summary says that control variates left."""
+    site's audit summary says that control variates left. c goes into the checkpoint: a resumed run
+    sends it on, and each site goes on from its own c_i."""
     import torch
+    from flwr.app import MessageType
 
+    import client.client_app
+    import client.local
     from client.egress import audit_path, summarize
 
     monkeypatch.setenv("CCMR_AUDIT_DIR", str(env / "audit-scaffold"))
@@ -206,8 +210,9 @@ def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, co
     printed = capsys.readouterr().out
     assert "SCAFFOLD control variates" in printed
     for site in ("site-a", "site-b", "site-c"):
-        c_i = torch.load(run / f"{site}.pt", weights_only=True)
-        assert c_i and all(bool(torch.isfinite(v).all()) for v in c_i.values())
+        kept = torch.load(run / f"{site}.pt", weights_only=True)
+        assert kept["round"] == 2 and kept["c"] and kept["before"].keys() <= kept["c"].keys()
+        assert all(bool(torch.isfinite(v).all()) for v in kept["c"].values())
         line = printed.split(f"[{site}] round 2 (")[1].split("\n")[0]
         norm = float(line.split("control variate of norm ")[1].split(",")[0])
         assert norm > 0
@@ -217,6 +222,28 @@ def test_scaffold_sends_control_variates_both_ways_from_the_second_round(env, co
     summary = summarize(audit_path("site-a"))
     n_control = int(summary.split("SCAFFOLD control-variate arrays per train reply: ")[1].split(";")[0])
     assert 0 < n_control <= n_params
+    # the checkpoint keeps c; a resumed run sends it on in round 3 instead of starting it again
+    c = torch.load(out / "checkpoint.pt", weights_only=True)["carried"]
+    assert c and all(k.startswith("control/") for k in c)
+    kept = {site: torch.load(run / f"{site}.pt", weights_only=True)["c"] for site in ("site-a", "site-b", "site-c")}
+    read = {}
+
+    def spy(site, run_key, rnd):
+        read[(site.name, rnd)] = got = client.local.read_control(site, run_key, rnd)
+        return got
+
+    monkeypatch.setattr(client.client_app, "read_control", spy)
+    rc.update({"resume": str(out), "num-server-rounds": 3})
+    grid = run_inprocess(server_app, client_app, 3, rc)
+    assert read.keys() == {(site, 3) for site in kept}  # each site went on from its own c_i of round 2
+    for (site, _), c_i in read.items():
+        assert c_i.keys() == kept[site].keys() and all(torch.equal(c_i[k], kept[site][k]) for k in c_i)
+    sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(sent) == 3 and {int(m.content["config"]["global-round"]) for m in sent} == {3}
+    for m in sent:
+        got = m.content.array_records["control"].to_torch_state_dict()
+        assert got.keys() == {k.split("/", 1)[1] for k in c}
+        assert all(torch.equal(got[k.split("/", 1)[1]], v) for k, v in c.items())
 
 
 def test_dp_sample_reports_epsilon_per_site_and_declines_over_budget(env, cohort, capsys):

@@ -216,6 +216,38 @@ def test_scaffold_keeps_the_weighted_mean_of_the_sites_control_variates(caplog):
     assert all(np.allclose(x, 5.0) for x in c)  # + (1 of 2 sites) x 2
 
 
+def test_what_the_aggregation_carries_survives_a_checkpoint_and_a_wrong_one_is_refused(capsys):
+    """SCAFFOLD's c and FedAvgM's momentum go into the checkpoint (``carried``) and a resumed
+    coordinator takes them back: the next round behaves as if the run had not stopped. A carried
+    array that does not fit the model is refused naming it; another aggregation's is left unused."""
+    common = dict(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+    shapes = {"w": (3,)}
+    s = make_strategy(_fed(drift_correction="scaffold"), common, parameter_shapes=shapes)
+    assert s.carried() == {}
+    _scaffold_round(s, 1, [{"w": [1.0, 1, 1]}, {"w": [5.0, 5, 5]}])
+    saved = {k: v.copy() for k, v in s.carried().items()}
+    assert list(saved) == ["control/w"] and np.allclose(saved["control/w"], 4.0)
+    resumed = make_strategy(_fed(drift_correction="scaffold"), common, parameter_shapes=shapes)
+    resumed.restore_carried(saved)
+    assert all(np.allclose(x, 4.0) for x in _scaffold_round(resumed, 2, [None, None]))
+    with pytest.raises(ValueError, match=r"checkpoint's 'control' does not fit this model: parameter w has shape \(4,\)"):
+        make_strategy(_fed(drift_correction="scaffold"), common,
+                      parameter_shapes=shapes).restore_carried({"control/w": np.zeros(4, dtype=np.float32)})
+    with pytest.raises(ValueError, match="parameter w holds NaN or Inf"):
+        make_strategy(_fed(drift_correction="scaffold"), common,
+                      parameter_shapes=shapes).restore_carried({"control/w": np.full(3, np.nan, dtype=np.float32)})
+    # FedAvgM: round 2 after a resume steps with round 1's momentum, as the uninterrupted run does
+    m = make_strategy(_fed(server_momentum=0.5), common, parameter_shapes=shapes)
+    assert _round(m, 1, 0.0, [0.5, 1.5]) == pytest.approx(1.0)
+    again = make_strategy(_fed(server_momentum=0.5), common, parameter_shapes=shapes, round_offset=1)
+    again.restore_carried(m.carried())
+    assert _round(again, 1, 1.0, [1.5, 2.5]) == pytest.approx(2.5)  # 1 + 0.5 x 1, not 1
+    plain = make_strategy(_fed(), common, parameter_shapes=shapes)
+    plain.restore_carried(m.carried())
+    assert "carries 'velocity' of another aggregation than this run's; left unused" in capsys.readouterr().out
+    assert plain.carried() == {}
+
+
 @pytest.mark.parametrize("setting, named", [
     ({"privacy": {"mode": "sample"}}, "privacy.mode 'sample'"),
     ({"privacy": {"mode": "site"}}, "privacy.mode 'site'"),
