@@ -184,9 +184,23 @@ def _pass_probs(m: nn.Module, h, t_cal: float) -> torch.Tensor:
     return F.softmax(m.head(h) / t_cal, dim=-1)[None]
 
 
+@contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """Random draws inside (MC-dropout masks, test-time views) from ``seed``, and the caller's random
+    state as it was afterwards: an evaluation then gives the same answer whatever ran before it in
+    the process (a site's ClientApp answers its requests in whatever order they come). None: the
+    process's own random state, as it is."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0, progress: bool = False,
-            augment: bool = False) -> dict:
+            augment: bool = False, seed: int | None = None) -> dict:
     """Per-patient outputs of the inference path: mean class probabilities over ``mc_samples``
     MC-dropout passes of the head (logits divided by the model's calibration temperature),
     epistemic uncertainty (mutual information between the prediction and the dropout mask, in
@@ -196,7 +210,12 @@ def predict(model: nn.Module, loader, device: torch.device, mc_samples: int = 0,
     (test-time augmentation) each MC pass reads its own random view of the cine
     (``inference_augmentation``), so the mean and the mutual information are over augmented, dropout-perturbed passes; the raw
     logits and measurements stay those of the study as it is. Models that need LGE skip patients
-    without it."""
+    without it. ``seed``: the MC passes drawn from it (``seeded``), not from the process's state."""
+    with seeded(seed, device):
+        return _predict(model, loader, device, mc_samples, progress, augment)
+
+
+def _predict(model: nn.Module, loader, device: torch.device, mc_samples: int, progress: bool, augment: bool) -> dict:
     m = core(model)
     t_cal = float(getattr(m, "calibration", torch.ones(())))
     views = inference_augmentation() if augment and mc_samples > 1 else None

@@ -269,8 +269,9 @@ def _evaluation(cfg, c, sites, n_sites: int, model, split: str, mc: int, context
             print(f"[{site.name}] evaluation of the {split} split: {len(idx)} patient(s), fewer than this site's "
                   f"minimum {floor}; no statistics sent for it", flush=True)
             continue
+        # the MC passes seeded per site: the same answer whichever order the sites' requests came in
         out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc,
-                      augment=cfg.model.test_time_augmentation)
+                      augment=cfg.model.test_time_augmentation, seed=cfg.train.seed * 1000 + 500 + site.index)
         if len(out["labels"]) == 0:
             continue
         stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"],

@@ -99,6 +99,28 @@ def test_mc_dropout_gives_epistemic_uncertainty():
     assert m.training  # predict restores the mode it found
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_seeded_mc_passes_do_not_depend_on_what_ran_before_and_leave_the_random_state(augment):
+    """A site answers the coordinator's requests in whatever order they come: with a seed the MC
+    passes (dropout masks, test-time views) are the same whatever the process drew before, and the
+    process's random state after the call is what it was before it."""
+    m = _model()
+    dl = DataLoader(Toy(8), batch_size=4)
+    runs = []
+    for before in (0, 99):
+        torch.manual_seed(before)
+        state = torch.get_rng_state()
+        runs.append(predict(m, dl, torch.device("cpu"), mc_samples=6, augment=augment, seed=7))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(runs[0]["probs"], runs[1]["probs"])
+    assert np.array_equal(runs[0]["uncertainty"], runs[1]["uncertainty"])
+    other = predict(m, dl, torch.device("cpu"), mc_samples=6, augment=augment, seed=8)
+    assert not np.allclose(other["probs"], runs[0]["probs"], atol=1e-6)
+    torch.manual_seed(99)
+    unseeded = predict(m, dl, torch.device("cpu"), mc_samples=6, augment=augment)  # the process's own draws
+    assert not np.allclose(unseeded["probs"], runs[0]["probs"], atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["cc-cmr", "cine-only"])
 def test_test_time_augmentation_passes_read_augmented_cine_only(name):
     """Without dropout, plain MC passes agree exactly; augmented passes each read another view of
