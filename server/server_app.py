@@ -161,7 +161,7 @@ def initial_model(run: Run) -> tuple[torch.nn.Module, int, str | None]:
         raise FileNotFoundError(f"resume: no {run.out}/checkpoint.pt to continue from")
     model.load_state_dict(ck["state"])
     run.tail.restore(ck.get("average"))
-    run.carried = {k: v.numpy() for k, v in (ck.get("carried") or {}).items()}
+    run.carried = ck.get("carried")
     print(f"resuming {run.out} after round {int(ck['round'])} of {run.cfg.federated.rounds}", flush=True)
     return model, int(ck["round"]), None
 

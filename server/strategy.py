@@ -79,10 +79,11 @@ class CoordinatorRounds:
         ``carried_names`` (attributes holding dicts of arrays by parameter name)."""
         return {f"{what}/{k}": v for what in getattr(self, "carried_names", ()) for k, v in getattr(self, what).items()}
 
-    def restore_carried(self, saved: dict[str, np.ndarray] | None) -> None:
-        """Take back what ``carried()`` gave to a checkpoint. Each array is checked against the
-        model's parameters (``parameter_shapes``: name, shape, finite); a checkpoint that carries
-        something this run's aggregation does not keep (another strategy) is left, with a note."""
+    def restore_carried(self, saved: dict | None) -> None:
+        """Take back what ``carried()`` gave to a checkpoint (arrays or CPU tensors by name, as the
+        checkpoint holds them). Each array is checked against the model's parameters
+        (``parameter_shapes``: name, shape, finite); a checkpoint that carries something this run's
+        aggregation does not keep (another strategy) is left, with a note."""
         names = tuple(getattr(self, "carried_names", ()))
         by_what: dict[str, dict[str, np.ndarray]] = {}
         for key, value in (saved or {}).items():
@@ -195,7 +196,7 @@ class ControlVariates:
     def __init__(self, **kw):
         super().__init__(**kw)
         if self.parameters is None:
-            raise ValueError("SCAFFOLD's control variates need the model's parameter shapes (parameter_shapes)")
+            raise ValueError("drift_correction 'scaffold' needs the model's parameter shapes (parameter_shapes)")
         self.control: dict[str, np.ndarray] = {}
         self.population = 0
 
@@ -308,9 +309,7 @@ def make_strategy(fed, common: dict, plain_keys: Iterable[str] = (),
     rounds.setdefault("evaluate_every", fed.evaluate_every)
     rounds.setdefault("validate_on_train", fed.validate_in == "train-reply")
     kw = {**common, **rounds, "parameter_shapes": parameter_shapes}
-    if fed.drift_correction == "scaffold":
-        if parameter_shapes is None:
-            raise ValueError("drift_correction 'scaffold' needs the model's parameter shapes (parameter_shapes)")
+    if fed.drift_correction == "scaffold":  # ControlVariates refuses to start without parameter_shapes
         return CCMRScaffoldProx(proximal_mu=mu, **kw) if fed.strategy == "fedprox" else CCMRScaffoldAvg(**kw)
     if fed.server_momentum > 0 or fed.server_lr != 1.0:
         return CCMRFedAvgM(proximal_mu=mu, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum,
