@@ -34,7 +34,8 @@ COLUMNS = {"full report": "report", "no diagnosis word": "report_without_diagnos
            "no diagnosis word, negation marks": "report_without_diagnosis",
            "no diagnosis word, best validation epoch": "report_without_diagnosis",
            "no diagnosis word, attention pooling": "report_without_diagnosis",
-           "no diagnosis word, learnt temperature": "report_without_diagnosis"}
+           "no diagnosis word, learnt temperature": "report_without_diagnosis",
+           "no diagnosis word, report measurements": "report_without_diagnosis"}
 # what a column changes besides the report column, the suffix of its run folders, and what its
 # paired difference with "no diagnosis word" is called
 RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_sampling=0.5"], "-sent0.5",
@@ -46,7 +47,9 @@ RECIPES = {"no diagnosis word, sentence sampling 0.5": (["train.sentence_samplin
            "no diagnosis word, attention pooling": (["model.text_pool=attention"], "-attn",
                                                     "attention pooling minus the mean (the default)"),
            "no diagnosis word, learnt temperature": (["model.learn_temperature=true"], "-learnt",
-                                                     "learnt temperature minus fixed (the default)")}
+                                                     "learnt temperature minus fixed (the default)"),
+           "no diagnosis word, report measurements": (["model.report_measurements=true"], "-meas",
+                                                      "report measurements minus none (the default)")}
 FEDERATED = "no diagnosis word, federated (2 sites)"
 
 

@@ -114,6 +114,10 @@ class ModelConfig(_Section):
         "mean", description="CMR-CLIP: how the text encoder makes one vector of a report: the mean over its byte "
         "groups (as CMR-CLIP pools its BERT), or one learned query attending over them (attentional pooling; "
         "measured worse: zero-shot LGE +4 points, wall motion -17, probes lower: BENCHMARKS cmrclip-attn)")
+    report_measurements: bool = Field(
+        False, description="CMR-CLIP: the study encoder also estimates the report's measurements (data.measurements, "
+        "labels.csv columns: EF, volumes, wall thickness), a second per-patient loss beside the contrastive one; "
+        "still no diagnosis label")
     use_lge: bool = Field(True, description="CC-CMR: learn from LGE during training (false: the same cine model "
                           "with every LGE term off, the ablation)")
     teacher_share: float = Field(0.5, gt=0.0, lt=1.0, description="CC-CMR: share of the epochs (rounds) spent "

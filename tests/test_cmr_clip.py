@@ -532,3 +532,33 @@ def test_learnt_temperature_is_off_by_default_for_cmr_clip_and_learns_when_set()
     assert m.logit_scale.v.grad is not None and float(m.logit_scale.v.grad) != 0.0
     opt.step()
     assert m.temperature != pytest.approx(0.1, abs=1e-6)
+
+
+def test_report_measurements_supervise_the_study_side_only_where_the_report_states_them():
+    from ccmr_core.config import load_config
+    from ccmr_core.models.registry import build_model, model_kwargs
+
+    plain = build_model("cmr-clip", **model_kwargs(load_config(preset="cmr-clip"), 1))
+    assert plain.measure is None and not any(k.startswith("measure") for k in plain.state_dict())  # old files load
+    cfg = load_config(preset="cmr-clip", overrides=["model.report_measurements=true", "model.width=4", "model.dim=16"])
+    torch.manual_seed(0)
+    m = build_model("cmr-clip", **model_kwargs(cfg, 1))
+    n = len(cfg.data.measurements)
+    assert m.measure.out_features == n
+    cine = torch.rand(3, cfg.data.ingest.slices, 4, 32, 32)
+    batch = {"cine": cine, "report": encode(["a b", "c d", "e f"], 32), "meas": torch.zeros(3, n),
+             "has_meas": torch.tensor([[True] * n, [False] * n, [True] + [False] * (n - 1)])}
+    out = m(batch["cine"], batch["report"])
+    loss, parts = m.losses(out, batch)
+    assert set(parts) == {"clip", "measure"} and loss.shape == (3,)
+    assert parts["measure"][1] == 0  # a report that states no value adds nothing
+    assert torch.allclose(loss, parts["clip"] + parts["measure"])
+    expected = torch.nn.functional.smooth_l1_loss(out["measure"][0], batch["meas"][0])
+    assert torch.isclose(parts["measure"][0], expected)
+    # the estimate reads the study: its gradient reaches the cine encoder, not the text side
+    m.zero_grad()
+    parts["measure"].sum().backward()
+    assert m.cine.proj[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.text.parameters())
+    # inference is the embedding alone, the same with or without the head's output
+    assert torch.equal(m.embed_video(cine), out["video"])

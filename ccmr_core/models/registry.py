@@ -30,7 +30,7 @@ def model_kwargs(cfg, bio_channels: int = 4) -> dict:
     return dict(**own, n_classes=len(cfg.data.classes), slices=cfg.data.ingest.slices, width=m.width, dim=m.dim,
                 proj=m.proj, dropout=m.dropout, alignment=cfg.alignment, temperature=m.temperature,
                 use_lge=m.use_lge, region_pool=m.region_pool,
-                text_negation=m.text_negation, text_pool=m.text_pool,
+                text_negation=m.text_negation, text_pool=m.text_pool, report_measurements=m.report_measurements,
                 n_measurements=len(cfg.data.measurements), bio_channels=bio_channels, bio_length=m.bio_length)
 
 
