@@ -380,6 +380,14 @@ class ExperimentConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _report_measurements_need_measurements(self) -> "ExperimentConfig":
+        if self.model.report_measurements and not self.data.measurements:
+            raise ValueError(
+                "model.report_measurements needs the measurements to estimate: data.measurements is empty; list the "
+                "labels.csv columns (e.g. [lvef, lvedv_ml]) or set model.report_measurements to false")
+        return self
+
+    @model_validator(mode="after")
     def _dp_needs_per_patient_losses(self) -> "ExperimentConfig":
         if self.privacy.mode == "sample" and self.model.name == "cc-cmr" and self.model.alignment == "bank":
             raise ValueError(

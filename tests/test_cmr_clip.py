@@ -538,6 +538,10 @@ def test_report_measurements_supervise_the_study_side_only_where_the_report_stat
     from ccmr_core.config import load_config
     from ccmr_core.models.registry import build_model, model_kwargs
 
+    from ccmr_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.report_measurements needs.*data.measurements is empty"):
+        load_config(preset="cmr-clip", overrides=["model.report_measurements=true", "data.measurements=[]"])
     plain = build_model("cmr-clip", **model_kwargs(load_config(preset="cmr-clip"), 1))
     assert plain.measure is None and not any(k.startswith("measure") for k in plain.state_dict())  # old files load
     cfg = load_config(preset="cmr-clip", overrides=["model.report_measurements=true", "model.width=4", "model.dim=16"])
