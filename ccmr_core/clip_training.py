@@ -123,14 +123,16 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
             tr = train_epoch(model, loader, opt, torch.device("cpu"), lr_at=lambda x, e=epoch: plan.lr_factor(e + x),
                              progress=progress, desc=f"epoch {epoch + 1}")
             va = validation_loss(model, val)
-            # batches are full (drop_last); a patient without a report would lower it
-            tr["chance_loss"] = float(np.log(cfg.train.batch_size))
+            if "measure" not in tr:  # the contrastive loss alone is what chance compares with
+                # batches are full (drop_last); a patient without a report would lower it
+                tr["chance_loss"] = float(np.log(cfg.train.batch_size))
             f.write(json.dumps({"epoch": epoch + 1, "train": tr, "val": va}) + "\n")
             f.flush()
             if va and va["loss"] < best["loss"]:
                 best = {"loss": va["loss"], "epoch": epoch + 1,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            log.info("epoch %d/%d: contrastive loss %.3f (train)%s", epoch + 1, plan.epochs, tr["loss"],
+            log.info("epoch %d/%d: contrastive loss %.3f%s (train)%s", epoch + 1, plan.epochs,
+                     tr.get("clip", tr["loss"]), f" + measurements {tr['measure']:.3f}" if "measure" in tr else "",
                      f", {va['loss']:.3f} (validation, {va['gallery']} patients; chance {va['chance_loss']:.3f})"
                      if va else "")
     kept = plan.epochs
