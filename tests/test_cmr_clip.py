@@ -566,3 +566,16 @@ def test_report_measurements_supervise_the_study_side_only_where_the_report_stat
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.text.parameters())
     # inference is the embedding alone, the same with or without the head's output
     assert torch.equal(m.embed_video(cine), out["video"])
+
+
+def test_training_with_report_measurements_logs_both_losses_and_no_chance_line_for_their_sum(cohort, tmp_path):
+    from ccmr_core.clip_training import train_clip
+    from ccmr_core.config import load_config
+
+    cfg = load_config(preset="smoke", overrides=["model.name=cmr-clip", "train.epochs=1", "train.batch_size=4",
+                                                 "train.threads=1", "model.report_measurements=true"])
+    model, _ = train_clip(cohort, tmp_path / "run", cfg, "site-c", cache_root=tmp_path / "cache")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert model.measure is not None and row["train"]["measure"] > 0  # the cohort's reports state measurements
+    assert row["train"]["loss"] == pytest.approx(row["train"]["clip"] + row["train"]["measure"], rel=1e-5)
+    assert "chance_loss" not in row["train"] and row["val"]["chance_loss"] > 0  # validation: contrastive alone
