@@ -462,9 +462,12 @@ def test_the_coordinator_leaves_out_retrieval_counts_no_gallery_produces():
     assert out["n"] == 6 and out["site_n"] == [6, 0]  # the hostile and the inconsistent replies left out
 
 
-def test_federated_cmr_clip_rounds_evaluate_retrieval_at_each_site(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("measurements", [False, True], ids=["contrastive", "with report measurements"])
+def test_federated_cmr_clip_rounds_evaluate_retrieval_at_each_site(tmp_path, monkeypatch, capsys, measurements):
     """`flwr run .` with model cmr-clip: reports stay at the sites, which train the contrastive
-    model and answer evaluations with allow-listed retrieval counts over their own galleries."""
+    model and answer evaluations with allow-listed retrieval counts over their own galleries (also
+    with the report's measurements as a second loss, read from each site's own labels)."""
+    import ccmr_core.models.cmr_clip as cmr_clip_module
     from ccmr_core.checkpoint import load_clip
     from client.client_app import app as client_app
     from server.server_app import app as server_app
@@ -483,12 +486,24 @@ def test_federated_cmr_clip_rounds_evaluate_retrieval_at_each_site(tmp_path, mon
             for pid in sorted(p.stem for p in (site / "studies").glob("*.npz")):
                 ef = rng.integers(55, 70) if "-NOR-" in pid else rng.integers(10, 30)
                 w.writerow([pid, f"LVEF {ef}%. " + ("Normal LV size." if "-NOR-" in pid else "Severely dilated LV.")])
+        if measurements:  # the report's EF as the site's labels state it
+            manifest = json.loads((site / "manifest.json").read_text())
+            for study in manifest["studies"]:
+                study["measurements"] = {"lvef": 60.0 if "-NOR-" in study["patient_id"] else 20.0}
+            (site / "manifest.json").write_text(json.dumps(manifest))
     cfgfile = tmp_path / "clip.yaml"
-    cfgfile.write_text("data: {classes: [NOR, DCM], measurements: []}\ntrain: {batch_size: 3}\n"
-                       "federated: {rounds: 2, local_epochs: 2, validation_patients: 0}\n")
+    lines = (["data: {classes: [NOR, DCM], measurements: [lvef]}", "model: {report_measurements: true}"] if measurements
+             else ["data: {classes: [NOR, DCM], measurements: []}"])
+    cfgfile.write_text("\n".join(lines + ["train: {batch_size: 3}",
+                                          "federated: {rounds: 2, local_epochs: 2, validation_patients: 0}"]) + "\n")
+    stated = []  # how many measurements each training batch at the sites held
+    real_loss = cmr_clip_module.measurement_loss
+    monkeypatch.setattr(cmr_clip_module, "measurement_loss", lambda pred, target, present:
+                        stated.append(int(present.sum())) or real_loss(pred, target, present))
     out = tmp_path / "run"
     grid = run_inprocess(server_app, client_app, 3, _run_config(
         preset="smoke", model="cmr-clip", config=str(cfgfile), **{"out-dir": str(out), "data-dir": str(cohort)}))
+    assert (sum(stated) > 0) == measurements  # the sites trained on their own labels' EF
     printed = capsys.readouterr().out
     assert "report->study R@5" in printed and "each site retrieves within its own gallery" in printed
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -499,8 +514,9 @@ def test_federated_cmr_clip_rounds_evaluate_retrieval_at_each_site(tmp_path, mon
     assert test["n"] == 12 and test["galleries"] == 3 and test["site_n"] == [4, 4, 4]
     assert test["retrieval"]["chance"]["R@1"] == 0.25 and 1 <= test["retrieval"]["report_to_video"]["mean_rank"] <= 4
     assert 0 <= test["zero_shot_accuracy"] <= 1 and test["class_precision@5"] == 0.5  # 4 studies, 2 per class
-    _, blob = load_clip(out / "model.pt", "this test needs")
+    model, blob = load_clip(out / "model.pt", "this test needs")
     assert blob["model"] == "cmr-clip" and blob["info"]["federated"]
+    assert (model.measure is not None) == measurements
     assert "own test gallery (3 sites" in (out / "report.html").read_text()
     # what left the sites: retrieval statistics only (no arrays, no text) in every evaluation reply
     evals = [r for r in grid.received if r.has_content() and not r.content.array_records]
