@@ -305,7 +305,9 @@ then cosine; tested on all of **site-c** ({n} patients: another scanner, case mi
 template). Seeds {seeds}; mean ± sd over seeds. Projection {cfg.model.proj}-d,
 temperature {cfg.model.temperature} (fixed; learnt from there in a column so named). Text side: a byte-level transformer from random initialisation; in a
 column named "negation marks" the bytes a negation covers ("No late gadolinium enhancement", "DE: none") also carry
-one learned vector (`model.text_negation`, NegEx rules, a993f35; off by default). Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
+one learned vector (`model.text_negation`, NegEx rules, a993f35; off by default). In a column named "report measurements"
+the study encoder also estimates the values the report states (`model.report_measurements`: the `data.measurements`
+labels.csv columns, a per-patient smooth-L1 loss beside the contrastive one; off by default). Retrieval within site-c's gallery of {n}. Zero-shot findings: mean
 cosine similarity to a few positive prompts (`ccmr_core/retrieval.py`), AUC against the phantom's ground truth
 (LV dysfunction EF < 50%, LV dilation EDV > 150 mL, hypertrophy max wall >= 15 mm, LGE present among patients
 given contrast, RV dysfunction RVEF < 45%, regional wall-motion abnormality); in brackets positives of patients.
