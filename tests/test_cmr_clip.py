@@ -551,10 +551,8 @@ def test_learnt_temperature_is_off_by_default_for_cmr_clip_and_learns_when_set()
 
 
 def test_report_measurements_supervise_the_study_side_only_where_the_report_states_them():
-    from ccmr_core.config import load_config
+    from ccmr_core.config import ConfigError, load_config
     from ccmr_core.models.registry import build_model, model_kwargs
-
-    from ccmr_core.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.report_measurements needs.*data.measurements is empty"):
         load_config(preset="cmr-clip", overrides=["model.report_measurements=true", "data.measurements=[]"])

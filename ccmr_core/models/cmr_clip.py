@@ -79,9 +79,8 @@ class CMRCLIP(nn.Module):
         has = batch.get("has_report", torch.ones(len(out["video"]), dtype=torch.bool, device=out["video"].device))
         v, t = out["video"][has], out["text"][has]
         if len(v) < 2:  # no negatives: nothing to learn from this batch
-            z = out["video"].sum() * 0.0
-            parts = {"clip": z.reshape(1)[:0]} | ({"measure": z.reshape(1)[:0]} if "measure" in out else {})
-            return z.reshape(1)[:0], parts
+            none = (out["video"].sum() * 0.0).reshape(1)[:0]
+            return none, {"clip": none, **({"measure": none} if "measure" in out else {})}
         loss = clip_loss(v, t, self._tau())
         parts = {"clip": loss}
         if "measure" in out:
