@@ -97,7 +97,6 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     and the split's rows (``kept_epoch``: the epoch of the model returned; ``best``: the state and
     epoch of the lowest validation loss)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -118,6 +117,7 @@ def train_clip(data: str | Path, out: str | Path, cfg: ExperimentConfig, test_si
     log.info("CMR-CLIP on %d patients' studies and reports (test site %s), %d epochs", len(idx["train"]), test_site,
              plan.epochs)
     best: dict = {"loss": float("inf"), "epoch": None, "state": None}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused for its data leaves no folder
     with open(out / "metrics.jsonl", "w") as f:
         for epoch in range(plan.epochs):
             tr = train_epoch(model, loader, opt, torch.device("cpu"), lr_at=lambda x, e=epoch: plan.lr_factor(e + x),

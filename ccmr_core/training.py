@@ -73,7 +73,6 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     out = Path(out)
     if (out / "model.pt").exists():
         raise FileExistsError(f"{out} already holds a trained model; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -98,6 +97,7 @@ def train_central(data: str | Path, out: str | Path, cfg: ExperimentConfig, test
     train_loader = loader(Subset(train_ds, idx["train"]), cfg, shuffle=True, seed=cfg.train.seed)
     val_loader = loader(Subset(ds, idx["val"]), cfg, shuffle=False)
     plan = plan_for(model, cfg.train.epochs, cfg.model.teacher_share, pretrained=start_from is not None)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused for its data or settings leaves no folder
     (out / "config.yaml").write_text(dump_config(cfg))
     log.info("training %s on %d patients (validation %d, test %d) from %s; %s", cfg.model.name, len(idx["train"]),
              len(idx["val"]), len(idx["test"]), ", ".join(ds.site_names),

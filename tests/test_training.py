@@ -67,6 +67,19 @@ def test_existing_run_is_not_overwritten(run, cohort):
         train_central(cohort, out, load_config(preset="smoke"), progress=False)
 
 
+@pytest.mark.parametrize("preset", ["smoke", "cmr-clip"])
+def test_a_run_refused_for_its_data_leaves_no_run_folder(tmp_path, preset):
+    from ccmr_core.clip_training import train_clip_run
+    empty = tmp_path / "export"  # a hospital export folder that holds nothing usable
+    empty.mkdir()
+    out = tmp_path / "runs" / "r1"
+    cfg = load_config(preset=preset, overrides=["train.epochs=1"])
+    run = train_central if preset == "smoke" else train_clip_run
+    with pytest.raises(Exception, match=f"{empty}: not a site folder"):
+        run(empty, out, cfg, test_site="site-c", progress=False, cache_root=tmp_path / "cache")
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
 def test_not_a_model_file(tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"weights": 1}, p)
