@@ -241,7 +241,8 @@ rate ({peak / 1e9:.0f} GFLOP/s, 1024 x 1024 products, best of 5 timings, measure
 """
 
 
-def efficiency_table(work: Path, fractions: list[float], variants: list[str], eff_seeds: list[int]) -> str:
+def efficiency_table(work: Path, fractions: list[float], variants: list[str], eff_seeds: list[int],
+                     command: str = "python -m benchmarks.paper_table --efficiency-only") -> str:
     """The label-efficiency curve: site-c accuracy of CC-CMR and its LGE-off ablation per labelled share."""
 
     def preds(v: str, frac: float, only: list[int]) -> list[dict[str, dict]]:
@@ -255,26 +256,25 @@ def efficiency_table(work: Path, fractions: list[float], variants: list[str], ef
         if not have:
             continue
         cells = []
-        accs = {}
+        tables = {}  # (seeds, patients) correctness per variant
         for v in shown:
             p = preds(v, frac, only=have)
-            patients = sorted(p[0])
-            accs[v] = _correct(p, patients).mean(0)
-            lo, hi = _ci(accs[v])
-            cells.append(f"{accs[v].mean():.3f} ({lo:.2f}-{hi:.2f})")
-        if len(accs) == 2:
-            d = accs[EFFICIENCY[0]] - accs[EFFICIENCY[1]]
-            lo, hi = _ci(d)
-            cells.append(f"{100 * d.mean():+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})")
+            tables[v] = _correct(p, sorted(p[0]))
+            cells.append("{:.3f} ({:.2f}-{:.2f} / {:.2f}-{:.2f})".format(tables[v].mean(), *_cis(tables[v])))
+        if len(tables) == 2:
+            d = tables[EFFICIENCY[0]] - tables[EFFICIENCY[1]]
+            cells.append("{:+.1f} ({:+.1f} to {:+.1f} / {:+.1f} to {:+.1f})".format(*(100 * x for x in (d.mean(), *_cis(d)))))
         n_lab = json.loads((run_dir(work, shown[0], frac, have[0]) / "metrics.json").read_text())
         eff.append(f"| {frac:.0%} ({n_lab['n_train_labelled']}) | {', '.join(map(str, have))} | " + " | ".join(cells) + " |")
-    return f"""## Label efficiency: CC-CMR and its ablation with part of the labels (`python -m benchmarks.paper_table --efficiency-only`)
+    return f"""## Label efficiency: CC-CMR and its ablation with part of the labels (`{command}`)
 
 Machine: {machine()}. The default cohort and config of the table above, tested on site-c; seeds as listed per row.
 The diagnosis is known for a stratified share of the training patients (number in brackets); the others still
 contribute cine, LGE (CC-CMR's alignment) and report measurements, but no diagnosis: CC-CMR's student distils its
-teacher only for the patients whose diagnosis is known. Accuracy (95% percentile bootstrap over test patients of the seed-averaged
-correctness); difference: paired, the same patients and seeds.
+teacher only for the patients whose diagnosis is known. Accuracy with 95% percentile bootstrap intervals: over test patients of the
+seed-averaged correctness, which holds these runs fixed / over seeds and patients (`bootstrap_seeds_patients_ci`), which
+asks what other runs of the same recipe would give; difference: paired, the same patients and seeds, with the same two
+intervals (a gain of the LGE terms is claimed only where the second excludes 0).
 
 | labelled share | seeds | {' | '.join(shown)} | difference |
 |---|---|---|---|---|
@@ -366,8 +366,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
     ap.add_argument("--efficiency-only", action="store_true", help="only the label-efficiency runs (--fractions "
                     "and 100%% for --efficiency-seeds) and their table")
-    ap.add_argument("--block", default="paper", help="the BENCHMARKS.md block of the paper table (another name: "
-                    "a table of its own, e.g. variants piloted in another work folder, headed by its command)")
+    ap.add_argument("--block", default="paper", help="the BENCHMARKS.md block of the paper table, or with "
+                    "--efficiency-only of the curve (another name: a table of its own, e.g. variants piloted or more "
+                    "seeds run in another work folder, headed by its command)")
     ap.add_argument("--ensemble-size", type=int, default=3, help="members of each ensemble (--tables ensembles)")
     ap.add_argument("--tables", nargs="+", default=["paper", "efficiency"], choices=["paper", "efficiency", "ensembles"],
                     help="which blocks to write (e.g. --summarise-only --tables paper while the curve's runs are "
@@ -383,7 +384,12 @@ def main() -> None:
     tables = ["efficiency"] if args.efficiency_only else args.tables
     texts = {}
     if "efficiency" in tables:
-        texts["efficiency"] = efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds)
+        if args.efficiency_only and args.block != "paper":  # e.g. more seeds of the curve, beside the first block
+            command = (f"python -m benchmarks.paper_table --summarise-only --efficiency-only --block {args.block} "
+                       f"--efficiency-seeds {' '.join(map(str, args.efficiency_seeds))}")
+            texts[args.block] = efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds, command)
+        else:
+            texts["efficiency"] = efficiency_table(work, args.fractions, args.variants, args.efficiency_seeds)
     if "paper" in tables:
         if args.block == "paper":
             texts["paper"] = summarise(work, args.seeds, args.variants)
