@@ -1,13 +1,15 @@
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from ccmr_core.checkpoint import load_model
+from ccmr_core.clip_training import train_clip_run
 from ccmr_core.config import load_config
 from ccmr_core.data.splits import stratified_split
-from ccmr_core.data.sources import MultiSite, prepare
+from ccmr_core.data.sources import MultiSite, SourceError, prepare
 from ccmr_core.training import evaluate_saved, train_central, unstated_measurements
 
 
@@ -69,13 +71,12 @@ def test_existing_run_is_not_overwritten(run, cohort):
 
 @pytest.mark.parametrize("preset", ["smoke", "cmr-clip"])
 def test_a_run_refused_for_its_data_leaves_no_run_folder(tmp_path, preset):
-    from ccmr_core.clip_training import train_clip_run
     empty = tmp_path / "export"  # a hospital export folder that holds nothing usable
     empty.mkdir()
     out = tmp_path / "runs" / "r1"
     cfg = load_config(preset=preset, overrides=["train.epochs=1"])
     run = train_central if preset == "smoke" else train_clip_run
-    with pytest.raises(Exception, match=f"{empty}: not a site folder"):
+    with pytest.raises(SourceError, match=re.escape(f"{empty}: not a site folder")):
         run(empty, out, cfg, test_site="site-c", progress=False, cache_root=tmp_path / "cache")
     assert not out.exists() and not (tmp_path / "runs").exists()
 
