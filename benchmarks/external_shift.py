@@ -21,11 +21,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import machine, update_block
-from benchmarks.paper_table import SLUG, _ci, _cis, _read, run_dir
+from benchmarks.paper_table import SLUG, _ci, _cis, _correct, _read, quality_cells, run_dir, verdict
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.synth.external import ANATOMY_FACTORS, SHIFT_FACTORS
 from ccmr_core.training import evaluate_saved
@@ -65,7 +64,8 @@ def _read_text(path: Path) -> str | None:
 
 
 def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int, cohorts: list[str]) -> dict:
-    """(cohort, column) -> (models, patients) 0/1 correctness, in the cohorts' patient order."""
+    """(cohort, column) -> the evaluation folders of the column's models (predictions.csv, metrics.json),
+    in --seeds order."""
     out = {}
     jobs = [(c, col, m) for c in cohorts for col, models in columns.items() for m in models]
     bar = tqdm(total=len(jobs), desc="evaluating", unit="model")
@@ -75,7 +75,7 @@ def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int, co
         generate_cohort(data, sites=1, patients=patients, seed=seed, progress=False, kind="external",
                         external_without=without)
         for col, models in columns.items():
-            rows = []
+            evals = []
             for m in models:
                 ev = work / "eval" / _slug(cohort) / _slug(col) / m.parent.name
                 source = f"{m.resolve()} {m.stat().st_mtime_ns}"  # an evaluation is reused for this model file only
@@ -83,12 +83,42 @@ def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int, co
                     shutil.rmtree(ev, ignore_errors=True)
                     evaluate_saved(m, data / "site-x", ev, progress=False, cache_root=work / "cache")
                     (ev / "model.txt").write_text(source)
-                preds = _read(ev / "predictions.csv")
-                rows.append([float(preds[k]["label"] == preds[k]["predicted"]) for k in sorted(preds)])
+                evals.append(ev)
                 bar.update()
-            out[(cohort, col)] = np.array(rows)
+            out[(cohort, col)] = evals
     bar.close()
     return out
+
+
+def correctness(evals: dict) -> dict:
+    """(cohort, column) -> (models, patients) 0/1 correctness, in the cohorts' patient order."""
+    out = {}
+    for key, folders in evals.items():
+        preds = [_read(ev / "predictions.csv") for ev in folders]
+        out[key] = _correct(preds, sorted(preds[0]))
+    return out
+
+
+def quality(evals: dict, columns: list[str]) -> str:
+    """Each column on the full shift as the paper table shows a model on a test site: accuracy over
+    seeds with its two intervals, macro AUC, ECE, error detection and referral."""
+    rows = []
+    for col in columns:
+        folders = evals[("full shift", col)]
+        preds = [_read(ev / "predictions.csv") for ev in folders]
+        ms = [json.loads((ev / "metrics.json").read_text())["test"] for ev in folders]
+        rows.append(f"| {col} | {' | '.join(quality_cells(preds, ms))} | {len(preds[0])} |")
+    return f"""
+Each column's models on it (accuracy: mean ± sd over the seeds; 95% intervals over patients of the seed-averaged
+correctness, which holds these runs fixed / over seeds and patients, which asks what other runs of the recipe would
+give; ECE: 20 bins, mean over seeds, in brackets a perfectly calibrated model's with the same confidences; error
+detection: AUROC of the epistemic uncertainty / of low confidence for the wrong predictions, pooled over seeds;
+referral: the run's validation thresholds):
+
+| model | accuracy (mean ± sd over seeds) | 95% CI, patients / seeds and patients | macro AUC | ECE (calibrated model's) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest | n |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
 
 
 def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: list[int],
@@ -113,11 +143,13 @@ def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: li
 {factors}. Difference: against the full shift, paired over the column's models and the patients (95% percentile
 bootstrap over patients of the model-averaged difference); a positive difference is what that factor costs."""
              if len(cohorts) > 1 else "is (no factor reverted): one more external site for the columns' models.")
+    which = ("the paper table's site-x" if (seed, patients) == (100, 40) else
+             "not site-x of the paper table, seed 100")
     return f"""## {heading}
 
 Machine: {machine()}. The models of `benchmarks.paper_table` work folders (default cohort and config, trained on
 site-a + site-b with every label; seeds {', '.join(map(str, seeds))}), each column averaging its models. The external
-phantom (`ccmr synth --external`) is drawn with seed {seed} ({patients} patients; not site-x of the paper table, seed 100) as it
+phantom (`ccmr synth --external`) is drawn with seed {seed} ({patients} patients; {which}) as it
 {drawn}
 
 {chr(10).join(lines)}
@@ -135,13 +167,13 @@ def _against_first(correct: dict, columns: list[str]) -> str:
         d = correct[("full shift", col)] - first  # (seeds, patients), paired
         lo, hi, slo, shi = _cis(d)
         rows.append(f"| {col} minus {columns[0]} | {100 * d.mean():+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} "
-                    f"| {100 * slo:+.1f} to {100 * shi:+.1f} |")
+                    f"| {100 * slo:+.1f} to {100 * shi:+.1f} | {verdict(lo, hi, slo, shi)} |")
     return f"""
 Columns against the first, full shift (paired: the same seeds and patients; 95% intervals over patients of the
 seed-averaged difference / over seeds and patients):
 
-| comparison | difference (points) | 95% CI, patients | 95% CI, seeds and patients |
-|---|---|---|---|
+| comparison | difference (points) | 95% CI, patients | 95% CI, seeds and patients | |
+|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 
@@ -164,13 +196,15 @@ def main() -> None:
         raise SystemExit("--cohorts: include 'full shift' (every other draw is compared with it)")
     columns = _runs(args.runs, args.variants, args.seeds)
     work = Path(args.workdir)
-    correct = run(work, columns, args.patients, args.seed, args.cohorts)
+    evals = run(work, columns, args.patients, args.seed, args.cohorts)
+    correct = correctness(evals)
     if args.cohorts == ["full shift"]:
         command = ("python -m benchmarks.external_shift --cohorts 'full shift' --seed "
-                   f"{args.seed} --seeds {' '.join(map(str, args.seeds))} --variants {' '.join(repr(v) for v in args.variants)}"
+                   f"{args.seed}{f' --patients {args.patients}' if args.patients != 80 else ''} --seeds {' '.join(map(str, args.seeds))} --variants {' '.join(repr(v) for v in args.variants)}"
                    f" --block {args.block}")
         text = table(correct, list(columns), args.patients, args.seed, args.seeds,
                      f"Variants on one more draw of the external phantom, seed {args.seed} (`{command}`)")
+        text += quality(evals, list(columns))
     else:
         text = table(correct, list(columns), args.patients, args.seed, args.seeds)
     (work / "correct.json").write_text(json.dumps({f"{c} | {col}": v.tolist() for (c, col), v in correct.items()}))

@@ -117,6 +117,29 @@ def _detection_cells(unc: np.ndarray, conf: np.ndarray, wrong: np.ndarray) -> st
     return f"{cell(unc)} / {cell(-conf)}, {n}"
 
 
+def verdict(lo: float, hi: float, slo: float, shi: float) -> str:
+    """What a paired difference's two intervals (patients; seeds and patients) allow one to claim."""
+    return ("gain" if slo > 0 else "loss" if shi < 0 else
+            "for these runs only" if lo > 0 or hi < 0 else "no difference shown")
+
+
+def quality_cells(preds: list[dict[str, dict]], ms: list[dict]) -> list[str]:
+    """A model's cells on one test set, from its seeds' prediction files and metrics (the same seeds, in
+    order): accuracy mean ± sd over seeds, its two 95% intervals, macro AUC, ECE (a perfectly
+    calibrated model's), error detection, referral."""
+    acc = _correct(preds, sorted(preds[0]))
+    per_seed = acc.mean(1)
+    ref = [m.get("referral") or {} for m in ms]
+    return [f"{per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f}",
+            "{:.2f}-{:.2f} / {:.2f}-{:.2f}".format(*_cis(acc)),
+            f"{statistics.mean(m['macro_auc'] for m in ms):.3f}",
+            f"{statistics.mean(m['ece'] for m in ms):.3f} "
+            f"({statistics.mean(m.get('ece_floor', float('nan')) for m in ms):.3f})",
+            _detection(preds),
+            f"{statistics.mean(r.get('referred', float('nan')) for r in ref):.0%} / "
+            f"{statistics.mean(r.get('accuracy_kept', float('nan')) for r in ref):.3f}"]
+
+
 def run_all(work: Path, seeds: list[int], fractions: list[float], variants: list[str], preset: str = "default",
             efficiency_seeds: list[int] | None = None, threads: int = 0, efficiency_only: bool = False) -> dict:
     cohort, external = work / "cohort", work / "external"
@@ -167,23 +190,13 @@ def summarise(work: Path, seeds: list[int], variants: list[str],
     rows = []
     for v in variants:
         p, ms = preds(v), metrics(v)
-        patients = sorted(p[0])
-        acc = _correct(p, patients)
-        ref = [m.get("referral") or {} for m in ms]
         ext = "n/a (needs LGE)"
         if VARIANTS[v][1] != "LGE":
             ep = preds(v, external=True)
             ec = _correct(ep, sorted(ep[0]))
             ea = ec.mean(1)
             ext = f"{ea.mean():.3f} ± {ea.std(ddof=1) if len(ea) > 1 else 0:.3f} ({interval(ec)})"
-        per_seed = acc.mean(1)
-        rows.append(
-            f"| {v} | {VARIANTS[v][1]} | {per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(seeds) > 1 else 0:.3f} "
-            f"| {interval(acc)} | {statistics.mean(m['macro_auc'] for m in ms):.3f} "
-            f"| {statistics.mean(m['ece'] for m in ms):.3f} ({statistics.mean(m.get('ece_floor', float('nan')) for m in ms):.3f}) "
-            f"| {_detection(p)} "
-            f"| {statistics.mean(r.get('referred', float('nan')) for r in ref):.0%} / "
-            f"{statistics.mean(r.get('accuracy_kept', float('nan')) for r in ref):.3f} | {ext} | {len(patients)} |")
+        rows.append(f"| {v} | {VARIANTS[v][1]} | {' | '.join(quality_cells(p, ms))} | {ext} | {len(p[0])} |")
     diffs = []
     for a, b in PAIRS:
         if a not in variants or b not in variants:
@@ -193,10 +206,8 @@ def summarise(work: Path, seeds: list[int], variants: list[str],
             patients = sorted(pa[0])
             table = _correct(pa, patients) - _correct(pb, patients)  # (seeds, patients), paired
             lo, hi, slo, shi = _cis(table)
-            verdict = ("gain" if slo > 0 else "loss" if shi < 0 else
-                       "for these runs only" if lo > 0 or hi < 0 else "no difference shown")
             diffs.append(f"| {a} minus {b} | {label} | {100 * table.mean():+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} "
-                         f"| {100 * slo:+.1f} to {100 * shi:+.1f} | {verdict} |")
+                         f"| {100 * slo:+.1f} to {100 * shi:+.1f} | {verdict(lo, hi, slo, shi)} |")
     peak = matmul_flops()
     tp = []
     for v in variants:
