@@ -10,6 +10,14 @@ Refused: DP-SGD with in-batch contrastive negatives. With in-batch InfoNCE, chan
 changes every other patient's per-sample gradient, so Opacus' epsilon would not hold (see
 DESIGN.md, Privacy rules). Use ``model.alignment: slice`` (negatives from the patient's own
 slices) or site-level DP.
+
+The randomness that makes DP-SGD private, which patients a step samples and the Gaussian noise,
+comes from generators seeded from the operating system's entropy at the site (``secret_generator``),
+never from the run config: the coordinator chooses ``train.seed`` and knows the site's index, so noise
+drawn from the seeded global generator could be replayed by the coordinator and subtracted from the
+update, leaving no privacy at all. The noise is also drawn the floating-point-safe way (Opacus'
+``secure_mode`` sampling, four draws per value; Holohan et al. 2021), though from torch's Mersenne
+Twister rather than a cryptographic generator (torchcsprng does not exist for this torch).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,6 +33,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -90,12 +100,23 @@ def plan_noise(cfg: ExperimentConfig, n_patients: int) -> tuple[float, float, in
     return float(sigma), q, steps_per_epoch
 
 
-class PrivateTraining:
-    """Wrap a model, optimiser and loader for one round of patient-level DP-SGD."""
+def secret_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
+    """A generator on ``device`` seeded from the operating system's entropy, so that nobody outside
+    this process, the coordinator included, can predict what it draws. ``seed``: tests only."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+    return g
 
-    def __init__(self, cfg: ExperimentConfig, ledger: Ledger, n_patients: int):
+
+class PrivateTraining:
+    """Wrap a model, optimiser and loader for one round of patient-level DP-SGD. ``noise_seed``
+    repeats the sampling and the noise (tests only: a federation's site leaves it None, and nothing
+    the coordinator sends can set it)."""
+
+    def __init__(self, cfg: ExperimentConfig, ledger: Ledger, n_patients: int, noise_seed: int | None = None):
         check_dp_compatible(cfg)
         self.cfg = cfg
+        self.noise_seed = noise_seed
         self.ledger = ledger
         sigma, self.q, self.steps_per_epoch = plan_noise(cfg, n_patients)
         if ledger.noise_multiplier is None:
@@ -118,9 +139,17 @@ class PrivateTraining:
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
         self.engine = PrivacyEngine(accountant="rdp")
         self.engine.accountant.history = list(self.ledger.history)
+        device = next(model.parameters()).device
         model, optimizer, dp_loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.ledger.noise_multiplier,
-            max_grad_norm=self.cfg.privacy.max_grad_norm, poisson_sampling=True)
+            max_grad_norm=self.cfg.privacy.max_grad_norm, poisson_sampling=True,
+            noise_generator=secret_generator(device, self.noise_seed))
+        # Opacus gives its Poisson sampler the generator of secure_mode only (None here: the global one,
+        # which the round seeds from the run config); the sample must be as secret as the noise
+        assert isinstance(dp_loader.batch_sampler, UniformWithReplacementSampler), type(dp_loader.batch_sampler)
+        dp_loader.batch_sampler.generator = secret_generator("cpu", None if self.noise_seed is None
+                                                             else self.noise_seed + 1)
+        optimizer.secure_mode = True  # the noise only: sum of four draws / 2, robust to floating-point attacks
         # Poisson sampling can draw an empty first batch; Opacus then needs the batch structure (a
         # dict of tensors here) to build one, which it otherwise learns from a first non-empty batch.
         # Only the shapes and dtypes of this collated sample are used, with a batch size of 0.

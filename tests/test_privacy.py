@@ -122,7 +122,7 @@ def test_dp_round_trains_reports_epsilon_and_keeps_prox():
         model = build_model("cc-cmr", 2, S, width=4, dim=16, proj=8, alignment="slice")
         g = [p.detach().clone() for p in model.parameters()]
         led = Ledger()
-        dp = PrivateTraining(cfg, led, len(ds))
+        dp = PrivateTraining(cfg, led, len(ds), noise_seed=0)  # the same noise with and without prox
         dp.check_budget()
         opt = make_optimizer(model, cfg.train)
         pm, popt, pdl = dp.wrap(model, opt, DataLoader(ds, batch_size=4))
@@ -133,6 +133,35 @@ def test_dp_round_trains_reports_epsilon_and_keeps_prox():
         final[mu] = float(sum(((p - q) ** 2).sum() for p, q in zip(pm._module.parameters(), g)))  # distance to global
     assert eps[0] > 0 and eps[0] == pytest.approx(eps[1])
     assert final[0.3] < 0.9 * final[0.0]  # the proximal step still acts under DP-SGD: pulled toward the global model
+
+
+def _dp_epoch(cfg, noise_seed=None):
+    """One DP-SGD epoch as a site trains it, after the round's seed from the run config (which the
+    coordinator knows): the update and the patients each step sampled."""
+    torch.manual_seed(1234)
+    model = build_model("cine-only", 2, S, width=4, dim=16)
+    start = [p.detach().clone() for p in model.parameters()]
+    dp = PrivateTraining(cfg, Ledger(), 16, noise_seed=noise_seed)
+    pm, popt, pdl = dp.wrap(model, make_optimizer(model, cfg.train), DataLoader(Toy(16), batch_size=4))
+    torch.manual_seed(1234)
+    sampled = [tuple(idx) for idx in pdl.batch_sampler]
+    torch.manual_seed(1234)
+    train_epoch(pm, pdl, popt, torch.device("cpu"))
+    update = torch.cat([(p.detach() - s).flatten() for p, s in zip(pm._module.parameters(), start)])
+    return update, sampled
+
+
+def test_a_coordinator_that_knows_the_run_config_cannot_replay_the_noise_or_the_sample():
+    """The coordinator sets train.seed and knows the site's index, so anything drawn from the global
+    generator it seeds is replayable: noise it can subtract, a sample it can name. Two rounds
+    identical in everything the coordinator knows must differ in both; with the same (test-only)
+    noise seed they are identical, so the secret generators are the only difference."""
+    cfg = _dp_cfg()
+    (u1, s1), (u2, s2) = _dp_epoch(cfg), _dp_epoch(cfg)
+    assert s1 != s2  # 4 Poisson steps over 16 patients: the same draw by chance has probability 2**-64
+    assert (u1 - u2).norm() > 0.1 * u1.norm()
+    (r1, t1), (r2, t2) = _dp_epoch(cfg, noise_seed=7), _dp_epoch(cfg, noise_seed=7)
+    assert t1 == t2 and torch.equal(r1, r2)
 
 
 def test_the_ledger_records_what_the_accountant_spent_in_a_real_round():
