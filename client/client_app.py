@@ -32,6 +32,7 @@ from ccmr_core.drift import DriftCorrection
 from client.local import (RUN_KEY, average_states, check_lifetime_budget, head_views, hosted_sites, keep_control,
                           keep_optimizer, load_sites, read_control, read_ledger, restore_optimizer, write_ledger)
 from client.secure_aggregation import is_secure, secure_aggregation_mod
+from client.seeds import site_seed
 from protocol import messages as proto
 from protocol.packing import PackingError, pack, unpack
 
@@ -131,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
     eps = np.zeros(n_sites)
     declined = np.zeros(n_sites)
     for site in sites:
-        torch.manual_seed(cfg.train.seed * 1000 + rnd * 31 + site.index)
+        torch.manual_seed(site_seed(cfg.train.seed, "train", rnd, site.index))
         model = _model(cfg, kwargs, msg.content["arrays"], device)
         # the run's schedule: this round is epochs (rnd-1)*local ... rnd*local-1 of it
         plan = federated_plan(model, cfg)
@@ -271,7 +272,8 @@ def _evaluation(cfg, c, sites, n_sites: int, model, split: str, mc: int, context
             continue
         # the MC passes seeded per site: the same answer whichever order the sites' requests came in
         out = predict(model, DataLoader(Subset(site.eval, idx), batch_size=cfg.train.batch_size), device, mc,
-                      augment=cfg.model.test_time_augmentation, seed=cfg.train.seed * 1000 + 500 + site.index)
+                      augment=cfg.model.test_time_augmentation,
+                      seed=site_seed(cfg.train.seed, "evaluate", 0, site.index))
         if len(out["labels"]) == 0:
             continue
         stats = EvalStats.from_outputs(out["probs"], out["labels"].astype(int), out["loss"],

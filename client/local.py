@@ -30,6 +30,7 @@ from ccmr_core.data.splits import stratified_split
 from ccmr_core.data.transforms import default_augmentation
 from ccmr_core.models.registry import reads_reports
 from ccmr_core.privacy import BudgetExhausted, Ledger
+from client.seeds import site_seed
 
 
 @dataclass
@@ -108,7 +109,8 @@ def head_views(site: Site, model: torch.nn.Module, cfg: ExperimentConfig, device
         return kept[1]
     t0 = time.perf_counter()
     views = FrozenViews(model, Subset(site.train, idx), cfg.privacy.finetune_views, device,
-                        seed=cfg.train.seed * 1000 + site.index, per_step=cfg.privacy.finetune_multiplicity)
+                        seed=site_seed(cfg.train.seed, "views", 0, site.index),
+                        per_step=cfg.privacy.finetune_multiplicity)
     _VIEWS[site.name] = (spec, views)
     print(f"[{site.name}] {cfg.privacy.finetune_views} augmented views of {len(idx)} training patients through the "
           f"frozen encoders in {time.perf_counter() - t0:.1f} s (kept while the encoders stay frozen; the heads "
