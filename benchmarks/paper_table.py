@@ -33,7 +33,7 @@ from benchmarks.common import machine, update_block
 from benchmarks.throughput import matmul_flops, throughput
 from ccmr_core.config import load_config
 from ccmr_core.ensemble import make_ensemble
-from ccmr_core.metrics import bootstrap_accuracy_ci, bootstrap_auroc_ci, bootstrap_seeds_patients_ci, roc_auc
+from ccmr_core.metrics import bootstrap_accuracy_ci, bootstrap_auroc_patients_ci, bootstrap_seeds_patients_ci, roc_auc
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.training import evaluate_saved, train_central
 
@@ -86,13 +86,20 @@ def _correct(preds: list[dict[str, dict]], patients: list[str]) -> np.ndarray:
 
 
 def _detection(preds: list[dict[str, dict]]) -> str:
-    """AUROC of epistemic uncertainty and of low confidence for the errors, pooled over seeds, each
-    with its 95% stratified bootstrap interval and the number of errors."""
+    """'AUROC (95% CI) / AUROC (95% CI), N errors' of high epistemic uncertainty and of low confidence
+    for the errors, pooled over the prediction files (seeds) of the same patients; the intervals
+    resample the patients, each with all its predictions (``bootstrap_auroc_patients_ci``)."""
     rows = [r for p in preds for r in p.values()]
     wrong = np.array([r["label"] != r["predicted"] for r in rows])
+    n = f"{int(wrong.sum())} error{'' if wrong.sum() == 1 else 's'}"
+    if not 0 < wrong.sum() < len(wrong):
+        return f"n/a ({n})"
+    patients = np.array([r["patient_id"] for r in rows])
+    cell = lambda s: "{:.2f} ({:.2f}-{:.2f})".format(  # noqa: E731
+        roc_auc(s, wrong), *bootstrap_auroc_patients_ci(s, wrong, patients))
     unc = np.array([float(r["uncertainty"]) for r in rows])
     conf = np.array([float(r["confidence"]) for r in rows])
-    return _detection_cells(unc, conf, wrong)
+    return f"{cell(unc)} / {cell(-conf)}, {n}"
 
 
 def _referral(preds: list[dict[str, dict]]) -> str:
@@ -106,15 +113,6 @@ def _cis(table: np.ndarray) -> tuple[float, float, float, float]:
     """95% intervals of the mean of a (seeds, patients) table: over patients of the seed-averaged row
     (these runs fixed), then over seeds and patients (what other runs of the recipe would give)."""
     return (*_ci(table.mean(0)), *bootstrap_seeds_patients_ci(table))
-
-
-def _detection_cells(unc: np.ndarray, conf: np.ndarray, wrong: np.ndarray) -> str:
-    """'AUROC (95% CI) / AUROC (95% CI), N errors' of high uncertainty and of low confidence."""
-    n = f"{int(wrong.sum())} error{'' if wrong.sum() == 1 else 's'}"
-    if not 0 < wrong.sum() < len(wrong):
-        return f"n/a ({n})"
-    cell = lambda s: "{:.2f} ({:.2f}-{:.2f})".format(roc_auc(s, wrong), *bootstrap_auroc_ci(s, wrong))  # noqa: E731
-    return f"{cell(unc)} / {cell(-conf)}, {n}"
 
 
 def verdict(lo: float, hi: float, slo: float, shi: float) -> str:

@@ -119,6 +119,29 @@ def bootstrap_auroc_ci(scores: np.ndarray, positive: np.ndarray, n_boot: int = 2
     return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
+def bootstrap_auroc_patients_ci(scores: np.ndarray, positive: np.ndarray, patients: np.ndarray, n_boot: int = 2000,
+                                seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``roc_auc`` over predictions pooled from several models (seeds) of
+    the same test patients, resampling the patients: each resample draws patients with replacement
+    and keeps every prediction of each (``patients`` names a prediction's patient). A patient that
+    every seed gets wrong is one hard case, not five independent errors, so the pooled predictions'
+    own bootstrap (``bootstrap_auroc_ci``) would be too narrow. Resamples without an error (or
+    without a right answer) are skipped."""
+    scores, positive = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
+    ids, which = np.unique(np.asarray(patients), return_inverse=True)
+    if positive.all() or not positive.any():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    out = []
+    for counts in rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=n_boot):
+        w = counts[which]
+        if w[positive].sum() == 0 or w[~positive].sum() == 0:
+            continue
+        out.append(roc_auc_score(positive, scores, sample_weight=w))
+    lo, hi = np.percentile(out, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def per_class(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
     out = {}
     total = cm.sum()

@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, bootstrap_auroc_ci, bootstrap_seeds_patients_ci, classification_metrics, ece_floor,
+from ccmr_core.metrics import (EvalStats, bootstrap_accuracy_ci, bootstrap_auroc_ci, bootstrap_auroc_patients_ci,
+                               bootstrap_seeds_patients_ci, classification_metrics, ece_floor,
                                expected_calibration_error, metrics_from_stats, per_class, roc_auc)
 
 CLASSES = ["NOR", "MINF", "DCM"]
@@ -92,6 +93,26 @@ def test_auroc_interval_brackets_the_estimate_and_narrows_with_more_errors():
     lo, hi = bootstrap_auroc_ci(score, one)
     assert lo < roc_auc(score, one) < hi and 0.8 < lo and hi < 0.96
     assert bootstrap_auroc_ci(-score, ~one) == pytest.approx((lo, hi))  # one right answer among errors: the same
+
+
+def test_auroc_interval_over_patients_counts_a_patient_every_seed_gets_wrong_once():
+    """Five seeds' predictions of the same 60 patients: when every seed makes the same errors on the
+    same patients with the same scores, the pooled predictions hold 60 patients' worth of evidence,
+    not 300, and the patients' interval is as wide as one seed's; the pooled predictions' own
+    bootstrap is narrower than it should be."""
+    rng = np.random.default_rng(1)
+    wrong = rng.random(60) < 0.3
+    score = wrong + rng.normal(0, 0.8, 60)
+    seeds = 5
+    pooled_w, pooled_s, ids = np.tile(wrong, seeds), np.tile(score, seeds), np.tile(np.arange(60), seeds)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    one_seed = bootstrap_auroc_patients_ci(score, wrong, np.arange(60))
+    clustered = bootstrap_auroc_patients_ci(pooled_s, pooled_w, ids)
+    naive = bootstrap_auroc_ci(pooled_s, pooled_w)
+    assert clustered[0] < roc_auc(pooled_s, pooled_w) < clustered[1]
+    assert width(clustered) == pytest.approx(width(one_seed), rel=0.15)
+    assert width(naive) < 0.6 * width(clustered)
+    assert all(np.isnan(bootstrap_auroc_patients_ci(np.ones(5), np.zeros(5, bool), np.arange(5))))
 
 
 def test_per_class_from_known_confusion():
