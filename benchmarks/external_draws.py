@@ -96,12 +96,18 @@ rows put the draws' patients together as one site (draws looked at when a recipe
 | external draw | model | accuracy (mean ± sd over seeds) | 95% CI, patients / seeds and patients | macro AUC | ECE (calibrated model's) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest | n |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+{_differences(diffs)}"""
 
+
+def _differences(rows: list[str]) -> str:
+    if not rows:
+        return ""
+    return f"""
 Paired differences (accuracy points; the same seeds and patients):
 
 | external draw | comparison | difference | 95% CI, patients | 95% CI, seeds and patients | |
 |---|---|---|---|---|---|
-{chr(10).join(diffs)}
+{chr(10).join(rows)}
 """
 
 
