@@ -146,7 +146,9 @@ class PrivateTraining:
             noise_generator=secret_generator(device, self.noise_seed))
         # Opacus gives its Poisson sampler the generator of secure_mode only (None here: the global one,
         # which the round seeds from the run config); the sample must be as secret as the noise
-        assert isinstance(dp_loader.batch_sampler, UniformWithReplacementSampler), type(dp_loader.batch_sampler)
+        if not isinstance(dp_loader.batch_sampler, UniformWithReplacementSampler):  # another Opacus: refuse, not leak
+            raise RuntimeError(f"Opacus' Poisson sampler is {type(dp_loader.batch_sampler).__name__}, not "
+                               "UniformWithReplacementSampler: its generator cannot be made secret; DP-SGD refused")
         dp_loader.batch_sampler.generator = secret_generator("cpu", None if self.noise_seed is None
                                                              else self.noise_seed + 1)
         optimizer.secure_mode = True  # the noise only: sum of four draws / 2, robust to floating-point attacks
