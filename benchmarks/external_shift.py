@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks.common import machine, update_block
-from benchmarks.paper_table import SLUG, _ci, _cis, _correct, _read, quality_cells, run_dir, verdict
+from benchmarks.paper_table import SLUG, _ci, _cis, _correct, _read, run_dir, verdict
 from ccmr_core.synth.cohort import generate_cohort
 from ccmr_core.synth.external import ANATOMY_FACTORS, SHIFT_FACTORS
 from ccmr_core.training import evaluate_saved
@@ -65,7 +65,7 @@ def _read_text(path: Path) -> str | None:
 
 def run(work: Path, columns: dict[str, list[Path]], patients: int, seed: int, cohorts: list[str]) -> dict:
     """(cohort, column) -> the evaluation folders of the column's models (predictions.csv, metrics.json),
-    in --seeds order."""
+    in --seeds order (``benchmarks.external_draws`` reads them for its quality rows)."""
     out = {}
     jobs = [(c, col, m) for c in cohorts for col, models in columns.items() for m in models]
     bar = tqdm(total=len(jobs), desc="evaluating", unit="model")
@@ -97,28 +97,6 @@ def correctness(evals: dict) -> dict:
         preds = [_read(ev / "predictions.csv") for ev in folders]
         out[key] = _correct(preds, sorted(preds[0]))
     return out
-
-
-def quality(evals: dict, columns: list[str]) -> str:
-    """Each column on the full shift as the paper table shows a model on a test site: accuracy over
-    seeds with its two intervals, macro AUC, ECE, error detection and referral."""
-    rows = []
-    for col in columns:
-        folders = evals[("full shift", col)]
-        preds = [_read(ev / "predictions.csv") for ev in folders]
-        ms = [json.loads((ev / "metrics.json").read_text())["test"] for ev in folders]
-        rows.append(f"| {col} | {' | '.join(quality_cells(preds, ms))} | {len(preds[0])} |")
-    return f"""
-Each column's models on it (accuracy: mean ± sd over the seeds; 95% intervals over patients of the seed-averaged
-correctness, which holds these runs fixed / over seeds and patients, which asks what other runs of the recipe would
-give; ECE: 20 bins, mean over seeds, in brackets a perfectly calibrated model's with the same confidences; error
-detection: AUROC of the epistemic uncertainty / of low confidence for the wrong predictions, pooled over seeds;
-referral: the run's validation thresholds):
-
-| model | accuracy (mean ± sd over seeds) | 95% CI, patients / seeds and patients | macro AUC | ECE (calibrated model's) | error-detection AUROC (95% CI), uncertainty / confidence | referred / accuracy of the rest | n |
-|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-"""
 
 
 def table(correct: dict, columns: list[str], patients: int, seed: int, seeds: list[int],
@@ -204,7 +182,6 @@ def main() -> None:
                    f" --block {args.block}")
         text = table(correct, list(columns), args.patients, args.seed, args.seeds,
                      f"Variants on one more draw of the external phantom, seed {args.seed} (`{command}`)")
-        text += quality(evals, list(columns))
     else:
         text = table(correct, list(columns), args.patients, args.seed, args.seeds)
     (work / "correct.json").write_text(json.dumps({f"{c} | {col}": v.tolist() for (c, col), v in correct.items()}))
