@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.common import machine, update_block
 from benchmarks.external_shift import _runs
 from benchmarks.external_shift import run as evaluate
-from benchmarks.paper_table import SLUG, _cis, _correct, _read, quality_cells, verdict
+from benchmarks.paper_table import SLUG, _cis, _correct, _read, quality_cells, referral_figures, verdict
 from ccmr_core.metrics import classification_metrics
 
 
@@ -46,11 +46,7 @@ def _metrics(pred: dict[str, dict]) -> dict:
     classes = [k[2:] for k in rows[0] if k.startswith("p_")]
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
     labels = np.array([classes.index(r["label"]) for r in rows])
-    m = classification_metrics(probs, labels, classes)
-    kept = [r for r in rows if r["referred"] == "0"]
-    m["referral"] = {"referred": 1 - len(kept) / len(rows),
-                     "accuracy_kept": float(np.mean([r["label"] == r["predicted"] for r in kept])) if kept else np.nan}
-    return m
+    return {**classification_metrics(probs, labels, classes), "referral": referral_figures([pred])}
 
 
 def _pool(per_draw: list[list[dict[str, dict]]], draws: list[tuple[int, int]]) -> list[dict[str, dict]]:

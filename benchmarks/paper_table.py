@@ -102,11 +102,19 @@ def _detection(preds: list[dict[str, dict]]) -> str:
     return f"{cell(unc)} / {cell(-conf)}, {n}"
 
 
-def _referral(preds: list[dict[str, dict]]) -> str:
-    """'referred share / accuracy of the rest', pooled over the prediction files."""
+def referral_figures(preds: list[dict[str, dict]]) -> dict[str, float]:
+    """What the runs' referral thresholds did, from the prediction files' ``referred`` column, pooled:
+    the share referred and the accuracy of the rest (as metrics.json's ``referral``)."""
     rows = [r for p in preds for r in p.values()]
     kept = [r for r in rows if r["referred"] == "0"]
-    return f"{1 - len(kept) / len(rows):.0%} / {np.mean([r['label'] == r['predicted'] for r in kept]):.3f}"
+    return {"referred": 1 - len(kept) / len(rows),
+            "accuracy_kept": float(np.mean([r["label"] == r["predicted"] for r in kept])) if kept else float("nan")}
+
+
+def _referral(preds: list[dict[str, dict]]) -> str:
+    """'referred share / accuracy of the rest', pooled over the prediction files."""
+    f = referral_figures(preds)
+    return f"{f['referred']:.0%} / {f['accuracy_kept']:.3f}"
 
 
 def _cis(table: np.ndarray) -> tuple[float, float, float, float]:
